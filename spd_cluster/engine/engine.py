@@ -1,0 +1,318 @@
+"""The SpD engine: prompts in, ``CloudAI100ExecInfo`` out, over the device-session contract.
+
+Continuous batching over ``full_batch_size`` slots: a prompt takes a free slot, is prefilled in
+``prefill_seq_len`` chunks (that gives its first token), then decodes with the others. Each step
+the proposer offers up to k tokens per row, the target scores ``[last, d1..dm]`` at positions
+``p..p+m`` in one forward, and the verifier keeps the agreeing prefix plus the target's own
+token. A finished row frees its slot for the next prompt at once.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from time import perf_counter
+from typing import Sequence
+
+import numpy as np
+
+from ..sessions.base import DeviceSession
+from .metrics import CloudAI100ExecInfo, PromptResult, SpDPerfMetrics
+from .proposers import DraftProposer, MultiProjProposer, NoProposer, PromptLookupProposer, Proposer
+from .settings import MODES, SpDSettings
+from .verifier import greedy_accept
+
+
+class PromptError(ValueError):
+    """A prompt that cannot run; it becomes an error result, the others go on."""
+
+
+@dataclass
+class _Row:
+    result: PromptResult
+    slot: int
+    buf: np.ndarray  # prompt + generated tokens, preallocated to ctx_len
+    n: int  # tokens in buf
+
+    @property
+    def seq(self) -> np.ndarray:
+        return self.buf[: self.n]
+
+
+class _Clock:
+    def __init__(self):
+        self.prefill = self.draft = self.target = 0.0
+        self.iterations = self.target_forwards = self.row_steps = self.decode_tokens = 0
+
+
+class SpDEngine:
+    def __init__(
+        self,
+        mode: str,
+        target: DeviceSession,
+        tokenizer=None,
+        settings: SpDSettings | None = None,
+        *,
+        draft: DeviceSession | None = None,
+        proposer: Proposer | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+        target_name: str = "",
+        draft_name: str = "",
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.mode, self.target, self.tokenizer = mode, target, tokenizer
+        self.settings = settings = settings or SpDSettings()
+        self.k = settings.num_speculative_tokens
+        self.target_name, self.draft_name = target_name, draft_name
+        if target.ctx_len < settings.ctx_len or target.full_batch_size < settings.full_batch_size:
+            raise ValueError(
+                f"target session has ctx_len={target.ctx_len}, full_batch_size={target.full_batch_size}; "
+                f"settings need {settings.ctx_len}, {settings.full_batch_size}"
+            )
+        if proposer is None:
+            proposer = self._default_proposer(mode, draft)
+        if mode == "multiproj":
+            self.k = min(self.k, target.num_heads)
+        self.proposer = proposer
+        if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos_token_ids = [tokenizer.eos_token_id]
+        self.eos = np.array(sorted(set(eos_token_ids or [])), dtype=np.int64)
+
+    def _default_proposer(self, mode: str, draft: DeviceSession | None) -> Proposer:
+        s = self.settings
+        if mode == "draft":
+            if draft is None:
+                raise ValueError("draft mode needs a draft session (or a proposer)")
+            if draft.vocab_size != self.target.vocab_size:
+                raise ValueError(
+                    f"draft and target vocabularies differ: {draft.vocab_size} vs {self.target.vocab_size} tokens"
+                )
+            return DraftProposer(draft, s.prefill_seq_len, s.num_speculative_tokens)
+        if mode == "pld":
+            return PromptLookupProposer(s.max_ngram_size, s.num_speculative_tokens)
+        if mode == "multiproj":
+            if self.target.num_heads < 1:
+                raise ValueError("multiproj needs projection heads: none were found for the target model "
+                                 "(give speculator_path, or train them with `spd-cluster train-heads`)")
+            return MultiProjProposer(self.target.num_heads)
+        return NoProposer()
+
+    # -- prompts ---------------------------------------------------------------------------
+
+    def encode(self, prompt) -> np.ndarray:
+        """Token ids of one prompt: ``tokenizer(prompt)`` like the seed, or the chat template with
+        ``add_generation_prompt=True``. A list of ints is taken as already tokenized."""
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
+        elif not isinstance(prompt, str):
+            raise PromptError(f"prompt is not a string (got {type(prompt).__name__})")
+        elif not prompt.strip():
+            raise PromptError("prompt is empty or whitespace")
+        elif self.tokenizer is None:
+            raise PromptError("a text prompt needs a tokenizer")
+        elif self.settings.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+        else:
+            ids = np.asarray(self.tokenizer(prompt)["input_ids"], dtype=np.int64)
+        if ids.size == 0:
+            raise PromptError("prompt has no tokens")
+        if ids.size >= self.settings.ctx_len:
+            raise PromptError(
+                f"prompt has {ids.size} tokens; ctx_len={self.settings.ctx_len} leaves no room to generate"
+            )
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence, prompt_ids: Sequence | None = None) -> CloudAI100ExecInfo:
+        s = self.settings
+        results = [
+            PromptResult(index=i, prompt=p if isinstance(p, str) else repr(p),
+                         prompt_id=prompt_ids[i] if prompt_ids is not None else i)
+            for i, p in enumerate(prompts)
+        ]
+        queue: deque[tuple[PromptResult, np.ndarray]] = deque()
+        for r, p in zip(results, prompts):
+            try:
+                ids = self.encode(p)
+            except PromptError as e:
+                r.finish_reason, r.error = "error", str(e)
+                continue
+            r.num_prompt_tokens = int(ids.size)
+            queue.append((r, ids))
+
+        clock = _Clock()
+        self._proposed = np.zeros(self.k, dtype=np.int64)
+        self._accepted = np.zeros(self.k, dtype=np.int64)
+        free = list(range(s.full_batch_size))
+        active: list[_Row] = []
+        start = perf_counter()
+        batch_ttft = None
+        while queue or active:
+            while free and queue:
+                row = self._prefill(free.pop(0), *queue.popleft(), clock)
+                if row.result.finish_reason is None:
+                    active.append(row)
+                else:
+                    free.append(row.slot)
+            if batch_ttft is None:
+                batch_ttft = perf_counter() - start
+            if not active:
+                continue
+            done = self._step(active, clock)
+            for row in done:
+                active.remove(row)
+                free.append(row.slot)
+        e2e = perf_counter() - start
+        for r in results:
+            r.generated_text = self.decode(r.generated_ids) if r.finish_reason != "error" else ""
+        return self._exec_info(prompts, results, clock, e2e, batch_ttft or 0.0)
+
+    def _prefill(self, slot: int, result: PromptResult, ids: np.ndarray, clock: _Clock) -> _Row:
+        t0 = perf_counter()
+        chunk = self.settings.prefill_seq_len
+        for c in range(0, ids.size, chunk):
+            part = ids[c : c + chunk]
+            pad = chunk - part.size
+            out = self.target.run({
+                "input_ids": np.pad(part, (0, pad))[None],
+                "position_ids": np.pad(np.arange(c, c + part.size), (0, pad), constant_values=-1)[None],
+                "batch_index": np.array([[slot]], dtype=np.int64),
+                "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
+            })["logits"]
+            clock.target_forwards += 1
+        self.proposer.start(slot, ids)
+        tokens = out[0, -1].argmax(-1)  # [] or [H + 1]
+        if isinstance(self.proposer, MultiProjProposer):
+            self.proposer.remember(slot, tokens[1:])
+            tokens = tokens[0]
+        buf = np.zeros(self.settings.ctx_len, dtype=np.int64)
+        buf[: ids.size] = ids
+        row = _Row(result, slot, buf, int(ids.size))
+        result.finish_reason = None
+        self._append(row, [int(tokens)])
+        result.ttft_s = perf_counter() - t0
+        clock.prefill += result.ttft_s
+        return row
+
+    def _append(self, row: _Row, tokens) -> None:
+        """Append emitted tokens, stopping at EOS, max_new_tokens or the end of the context."""
+        s, r = self.settings, row.result
+        for t in tokens:
+            row.buf[row.n] = t
+            row.n += 1
+            r.generated_ids.append(int(t))
+            if not s.ignore_eos and t in self.eos:
+                r.finish_reason = "eos"
+            elif len(r.generated_ids) >= s.max_new_tokens:
+                r.finish_reason = "length"
+            elif row.n >= s.ctx_len:
+                r.finish_reason = "ctx_len"
+            if r.finish_reason is not None:
+                return
+
+    def _limit(self, row: _Row) -> int:
+        """Proposals worth verifying: no more than the row may still emit, minus the target's own
+        token, and none past the end of the context."""
+        remaining = self.settings.max_new_tokens - len(row.result.generated_ids)
+        return max(0, min(self.k, remaining - 1, self.settings.ctx_len - row.n - 1))
+
+    def _step(self, rows: list[_Row], clock: _Clock) -> list[_Row]:
+        limits = [self._limit(r) for r in rows]
+        t0 = perf_counter()
+        proposals = self.proposer.propose([r.slot for r in rows], [r.seq for r in rows], limits)
+        t1 = perf_counter()
+        counts = np.array([min(len(p), lim) for p, lim in zip(proposals, limits)], dtype=np.int64)
+        width = int(counts.max()) + 1
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        pos = np.full((len(rows), width), -1, dtype=np.int64)
+        for i, (row, p, m) in enumerate(zip(rows, proposals, counts)):
+            ids[i, 0] = row.buf[row.n - 1]
+            ids[i, 1 : 1 + m] = p[:m]
+            pos[i, : 1 + m] = np.arange(row.n - 1, row.n + m)
+        logits = self.target.run({
+            "input_ids": ids,
+            "position_ids": pos,
+            "batch_index": np.array([[r.slot] for r in rows], dtype=np.int64),
+            "num_logits_to_keep": np.arange(width, dtype=np.int64).reshape(-1, 1),
+        })["logits"]
+        tokens = logits.argmax(-1)  # [B, W] or [B, W, H + 1]
+        t2 = perf_counter()
+        clock.draft += t1 - t0
+        clock.target += t2 - t1
+        clock.iterations += 1
+        clock.target_forwards += 1
+        target_tokens = tokens[..., 0] if tokens.ndim == 3 else tokens
+        accepted = greedy_accept(ids[:, 1:], counts, target_tokens)
+        done = []
+        for i, row in enumerate(rows):
+            n_acc, m = int(accepted[i]), int(counts[i])
+            self._proposed[:m] += 1
+            self._accepted[:n_acc] += 1
+            row.result.accepted_per_step.append(n_acc + 1)
+            row.result.num_decode_iterations += 1
+            before = len(row.result.generated_ids)
+            self._append(row, target_tokens[i, : n_acc + 1])
+            clock.decode_tokens += len(row.result.generated_ids) - before
+            clock.row_steps += 1
+            if row.result.finish_reason is not None:
+                done.append(row)
+            elif tokens.ndim == 3:
+                self.proposer.remember(row.slot, tokens[i, n_acc, 1:])
+        return done
+
+    def _exec_info(self, prompts, results, clock: _Clock, e2e: float, batch_ttft: float) -> CloudAI100ExecInfo:
+        s = self.settings
+        ran = [r for r in results if r.finish_reason != "error"]
+        gen = [r.num_generated_tokens for r in results]
+        total = sum(gen)
+        decode_time = max(e2e - clock.prefill, 0.0)
+        steps = [a for r in ran for a in r.accepted_per_step]
+        metrics = SpDPerfMetrics(
+            mean_ttft=float(np.mean([r.ttft_s for r in ran])) if ran else 0.0,
+            batch_ttft=batch_ttft,
+            decode_throughput=clock.decode_tokens / decode_time if decode_time > 0 else 0.0,
+            e2e_throughput=total / e2e if e2e > 0 else 0.0,
+            mean_num_accepted_tokens=float(np.mean(steps)) if steps else 0.0,
+            max_gen_len=max(gen, default=0),
+            generated_tokens_per_prompt=gen,
+            e2e_time=e2e,
+            decode_time=decode_time,
+            decode_draft_time=clock.draft,
+            decode_target_time=clock.target,
+            decode_iterations=clock.iterations,
+            prefill_time=clock.prefill,
+            num_generated_tokens=total,
+            num_decode_tokens=clock.decode_tokens,
+            num_row_steps=clock.row_steps,
+            target_forwards=clock.target_forwards,
+            ttft_per_prompt=[r.ttft_s for r in results],
+            num_accepted_tokens_per_prompt=[r.mean_num_accepted_tokens for r in results],
+            proposed_per_position=self._proposed.tolist(),
+            accepted_per_position=self._accepted.tolist(),
+        )
+        return CloudAI100ExecInfo(
+            prompts=[r.prompt for r in results],
+            batch_size=s.full_batch_size,
+            generated_texts=[r.generated_text for r in results],
+            generated_ids=[np.asarray(r.generated_ids, dtype=np.int64) for r in results],
+            perf_metrics=metrics,
+            num_speculative_tokens=self.k,
+            prefill_seq_len=s.prefill_seq_len,
+            ctx_len=s.ctx_len,
+            prefill_bsz=1,
+            draft_model_name=self.draft_name,
+            target_model_name=self.target_name,
+            full_batch_size=s.full_batch_size,
+            mode=self.mode,
+            results=results,
+        )

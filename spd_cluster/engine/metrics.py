@@ -1,0 +1,123 @@
+"""The seed's metric dataclasses, with the definitions written down.
+
+Definitions (per engine run; the Ray layer reduces runs with the rules in cluster/reduce.py):
+  ttft (per prompt)         seconds from the start of a prompt's prefill to its first token.
+  mean_ttft                 mean of the per-prompt TTFTs.
+  batch_ttft                seconds from the run's start until every slot of the first batch
+                            (the first min(full_batch_size, n_prompts) prompts) had its first token.
+  e2e_time                  wall seconds of the whole run.
+  decode_time               e2e_time minus the time spent in prefill.
+  decode_draft_time         seconds spent in the proposer (draft forwards, n-gram lookup).
+  decode_target_time        seconds spent in target verify forwards.
+  decode_iterations         speculative steps: one target verify forward over the active slots.
+  num_generated_tokens      tokens generated for a prompt, the one from prefill included
+                            (HF `generate` counts the same way; the seed added one more).
+  generated_tokens_per_prompt  num_generated_tokens of each prompt.
+  decode_throughput         tokens emitted by decode steps / decode_time.
+  e2e_throughput            all generated tokens / e2e_time.
+  accepted tokens per step  tokens a row emits in one step: the accepted proposals plus the
+                            target's own token (the bonus token counts, as in the seed), so a
+                            step emits between 1 and k + 1.
+  mean_num_accepted_tokens  mean of accepted tokens per step over all (row, step) pairs.
+  acceptance_rate_per_position[i]  of the steps that proposed a token at speculative position
+                            i + 1, the fraction whose token at i + 1 was accepted.
+  max_gen_len               the largest num_generated_tokens of any prompt.
+  target_forwards           every target session call: prefill chunks plus verify steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+FINISH_REASONS = ("eos", "length", "ctx_len", "error")
+
+
+@dataclass
+class PromptResult:
+    """What one prompt produced."""
+
+    index: int
+    prompt: str
+    prompt_id: object = None
+    generated_ids: list[int] = field(default_factory=list)
+    generated_text: str = ""
+    num_prompt_tokens: int = 0
+    finish_reason: str = "length"  # eos | length | ctx_len | error
+    error: Optional[str] = None
+    ttft_s: float = 0.0
+    num_decode_iterations: int = 0
+    accepted_per_step: list[int] = field(default_factory=list)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return len(self.generated_ids)
+
+    @property
+    def mean_num_accepted_tokens(self) -> float:
+        steps = self.accepted_per_step
+        return float(sum(steps) / len(steps)) if steps else 0.0
+
+
+@dataclass
+class SpDPerfMetrics:
+    mean_ttft: float
+    batch_ttft: float
+    decode_throughput: float
+    e2e_throughput: float
+    mean_num_accepted_tokens: float
+    max_gen_len: int
+    generated_tokens_per_prompt: list[int]
+    e2e_time: float
+    decode_time: float
+    decode_draft_time: float
+    decode_target_time: float
+    decode_iterations: int
+    # added for analytics
+    prefill_time: float = 0.0
+    num_generated_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_row_steps: int = 0
+    target_forwards: int = 0
+    ttft_per_prompt: list[float] = field(default_factory=list)
+    num_accepted_tokens_per_prompt: list[float] = field(default_factory=list)
+    proposed_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate_per_position(self) -> list[float]:
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_per_position, self.proposed_per_position)]
+
+
+@dataclass
+class CloudAI100ExecInfo:
+    prompts: list[str]
+    batch_size: int
+    generated_texts: list[str]
+    generated_ids: list[np.ndarray]
+    perf_metrics: SpDPerfMetrics
+    num_speculative_tokens: int
+    prefill_seq_len: int
+    ctx_len: int
+    prefill_bsz: int
+    draft_model_name: str
+    target_model_name: str
+    full_batch_size: Optional[int]
+    mode: str = "draft"
+    results: list[PromptResult] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        m = self.perf_metrics
+        return (
+            f"Avg TLM+DLM TTFT = {round(m.mean_ttft, 2)}\n"
+            f"Total TLM+DLM Batch TTFT = {round(m.batch_ttft, 2)}\n"
+            f"Decode Throughput = {round(m.decode_throughput, 2)}\n"
+            f"E2E Throughput = {round(m.e2e_throughput, 2)}\n"
+            f"Avg number of accepted tokens = {round(m.mean_num_accepted_tokens, 2)}\n"
+            f"Max generation len = {m.max_gen_len}\n"
+            f"Total Generated Tokens per Prompt: = {m.generated_tokens_per_prompt}"
+        )
+
+    __str__ = __repr__

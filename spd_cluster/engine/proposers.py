@@ -1,0 +1,174 @@
+"""Proposers: where the k speculative tokens of a step come from.
+
+One interface for every mode. The engine owns each row's token sequence (prompt + generated);
+a proposer sees it read-only and returns up to ``k`` tokens per row. Nothing else flows back:
+a proposer that keeps a KV cache (the draft model) works out for itself how much of what it fed
+is still valid by comparing with the sequence it is shown, so the same object works in-process
+and behind a Ray actor (one round trip per step).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ..sessions.base import DeviceSession
+
+EMPTY = np.zeros(0, dtype=np.int64)
+
+
+class Proposer(Protocol):
+    def start(self, slot: int, prompt_ids: np.ndarray) -> None:
+        """A new prompt takes ``slot``."""
+
+    def propose(self, slots: Sequence[int], seqs: Sequence[np.ndarray], limits: Sequence[int]) -> list[np.ndarray]:
+        """For each row, at most ``limits[i]`` tokens that should follow ``seqs[i]``."""
+
+
+class NoProposer:
+    """Baseline: the target decodes one token per step."""
+
+    def start(self, slot: int, prompt_ids: np.ndarray) -> None:
+        pass
+
+    def propose(self, slots, seqs, limits):
+        return [EMPTY for _ in slots]
+
+
+class PromptLookupProposer:
+    """Prompt lookup decoding: find the longest suffix n-gram (max_ngram_size down to 1) that
+    occurred earlier in the row's own tokens and propose what followed its most recent earlier
+    occurrence. Vectorised with numpy per row; no match proposes nothing, so the step costs a
+    one-token decode, not a verify of junk."""
+
+    def __init__(self, max_ngram_size: int = 3, num_speculative_tokens: int = 4):
+        if max_ngram_size < 1:
+            raise ValueError(f"max_ngram_size must be >= 1, got {max_ngram_size}")
+        self.max_ngram_size = max_ngram_size
+        self.k = num_speculative_tokens
+
+    def start(self, slot, prompt_ids):
+        pass
+
+    def propose(self, slots, seqs, limits):
+        return [self.lookup(np.asarray(s), min(self.k, lim)) for s, lim in zip(seqs, limits)]
+
+    def lookup(self, seq: np.ndarray, k: int) -> np.ndarray:
+        n_tokens = seq.shape[0]
+        if k <= 0 or n_tokens < 2:
+            return EMPTY
+        for n in range(min(self.max_ngram_size, n_tokens - 1), 0, -1):
+            suffix = seq[n_tokens - n :]
+            # candidate starts 0 .. n_tokens - n - 1: every window that ends before the suffix's end
+            windows = np.lib.stride_tricks.sliding_window_view(seq[: n_tokens - 1], n)
+            hits = np.flatnonzero((windows == suffix).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return seq[start : start + k].astype(np.int64, copy=True)
+        return EMPTY
+
+
+class DraftProposer:
+    """A small draft model proposes k tokens greedily, one draft forward per token.
+
+    Per slot it remembers the tokens it has fed into its KV cache. At each step it keeps the
+    longest prefix of those that still agrees with the row's sequence, feeds the rest (one token
+    usually; two when all k proposals were accepted last step: the seed's bonus-token case) and
+    then runs k - 1 more one-token forwards. Writes go by position, so rejected tokens need no
+    rollback."""
+
+    def __init__(self, session: DeviceSession, prefill_seq_len: int, num_speculative_tokens: int):
+        self.session = session
+        self.prefill_seq_len = prefill_seq_len
+        self.k = num_speculative_tokens
+        self.fed: dict[int, np.ndarray] = {}
+
+    def start(self, slot, prompt_ids):
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+        # Feed all but the last prompt token; propose() feeds the rest with the first token.
+        head = prompt_ids[:-1]
+        chunk = self.prefill_seq_len
+        for s in range(0, head.shape[0], chunk):
+            ids = head[s : s + chunk]
+            pos = np.arange(s, s + ids.shape[0], dtype=np.int64)
+            pad = chunk - ids.shape[0]
+            ids = np.pad(ids, (0, pad))[None]
+            pos = np.pad(pos, (0, pad), constant_values=-1)[None]
+            self.session.run({
+                "input_ids": ids,
+                "position_ids": pos,
+                "batch_index": np.array([[slot]], dtype=np.int64),
+                "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
+            })
+        self.fed[slot] = head.copy()
+
+    def _valid_prefix(self, slot: int, seq: np.ndarray) -> int:
+        fed = self.fed.get(slot, EMPTY)
+        n = min(fed.shape[0], seq.shape[0])
+        diff = np.flatnonzero(fed[:n] != seq[:n])
+        return int(diff[0]) if diff.size else n
+
+    def propose(self, slots, seqs, limits):
+        rows = [i for i, lim in enumerate(limits) if lim > 0]
+        out = [EMPTY for _ in slots]
+        if not rows:
+            return out
+        steps = min(self.k, max(limits[i] for i in rows))
+        # First forward: the pending tail of each row (1 token, or 2 in the bonus case).
+        tails, starts = [], []
+        for i in rows:
+            seq = np.asarray(seqs[i], dtype=np.int64)
+            valid = self._valid_prefix(slots[i], seq)
+            valid = min(valid, seq.shape[0] - 1)  # the last token is always fed here
+            tails.append(seq[valid:])
+            starts.append(valid)
+        width = max(t.shape[0] for t in tails)
+        ids = np.zeros((len(rows), width), dtype=np.int64)
+        pos = np.full((len(rows), width), -1, dtype=np.int64)
+        for r, (t, s) in enumerate(zip(tails, starts)):
+            ids[r, : t.shape[0]] = t
+            pos[r, : t.shape[0]] = np.arange(s, s + t.shape[0])
+        batch_index = np.array([[slots[i]] for i in rows], dtype=np.int64)
+        row_limits = np.array([min(limits[i], steps) for i in rows])
+        proposals = np.zeros((len(rows), steps), dtype=np.int64)
+        last_pos = pos.max(axis=1)
+        for j in range(steps):
+            logits = self.session.run({
+                "input_ids": ids, "position_ids": pos, "batch_index": batch_index,
+                "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
+            })["logits"]
+            tok = logits[:, -1].argmax(-1).astype(np.int64)
+            proposals[:, j] = tok
+            if j + 1 < steps:
+                # rows that need no more proposals ride along as padding (no KV write)
+                last_pos = last_pos + 1
+                ids, pos = tok[:, None], np.where(j + 1 < row_limits, last_pos, -1)[:, None]
+        for r, i in enumerate(rows):
+            seq = np.asarray(seqs[i], dtype=np.int64)
+            n = int(row_limits[r])
+            out[i] = proposals[r, :n].copy()
+            # KV now holds seq plus the first n - 1 proposals (the last one was never fed).
+            self.fed[slots[i]] = np.concatenate([seq, proposals[r, : n - 1]])
+        return out
+
+
+class MultiProjProposer:
+    """Turbo/Medusa heads: the target's own verify forward also returns, at every position, the
+    heads' guesses for the tokens after it. The engine hands the guesses at the last accepted
+    position to ``remember``; the next step proposes them. Costs no forward of its own."""
+
+    def __init__(self, num_heads: int):
+        if num_heads < 1:
+            raise ValueError("multiproj needs a target session with projection heads (num_heads >= 1)")
+        self.num_heads = num_heads
+        self.next: dict[int, np.ndarray] = {}
+
+    def start(self, slot, prompt_ids):
+        self.next[slot] = EMPTY
+
+    def remember(self, slot: int, head_tokens: np.ndarray) -> None:
+        self.next[slot] = np.asarray(head_tokens, dtype=np.int64)
+
+    def propose(self, slots, seqs, limits):
+        return [self.next.get(s, EMPTY)[:lim] for s, lim in zip(slots, limits)]

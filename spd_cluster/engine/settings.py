@@ -1,0 +1,33 @@
+"""Settings of one SpD run, validated before any model work."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Mode = Literal["draft", "pld", "multiproj", "baseline"]
+MODES: tuple[str, ...] = ("draft", "pld", "multiproj", "baseline")
+
+
+class SpDSettings(BaseModel):
+    """The `spd:` section of a job config; the seed scripts' flags map onto it one to one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_speculative_tokens: int = Field(4, ge=1, description="k: tokens proposed per step")
+    max_ngram_size: int = Field(3, ge=1, description="pld: longest n-gram looked up")
+    prefill_seq_len: int = Field(32, ge=1, description="prefill chunk length")
+    ctx_len: int = Field(1024, ge=2, description="KV positions per slot (prompt + generation)")
+    max_new_tokens: int = Field(128, ge=1, description="generated tokens per prompt, the prefill one included")
+    full_batch_size: int = Field(4, ge=1, description="KV slots decoded together (continuous batching)")
+    ignore_eos: bool = False
+    chat_template: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "SpDSettings":
+        if self.ctx_len < self.prefill_seq_len:
+            raise ValueError(
+                f"ctx_len ({self.ctx_len}) must be >= prefill_seq_len ({self.prefill_seq_len})"
+            )
+        return self

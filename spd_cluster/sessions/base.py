@@ -1,0 +1,100 @@
+"""The device-session contract every backend implements.
+
+It has the shape of QEfficient's ``QAICInferenceSession.run``: a dict of numpy arrays in, a dict
+of numpy arrays out, with the KV cache living on the device between calls.
+
+Inputs of ``run``:
+  input_ids           [B, S] int64
+  position_ids        [B, S] int64; -1 marks padding (no KV write, output ignored)
+  batch_index         [B, 1] int64; the KV slot of each row (0 <= slot < full_batch_size)
+  num_logits_to_keep  how many positions of each row return logits. As in QEfficient's compiled
+                      specialisations, an array counts by its first dimension (``np.arange(n)
+                      .reshape(-1, 1)`` keeps n); a plain int keeps that many. The kept window
+                      ends at the row's last valid (largest-position) token, so with right
+                      padding ``logits[:, j]`` belongs to input column ``j`` as long as the
+                      row's valid length is <= n.
+
+Output:
+  logits  [B, n, vocab] float32, or [B, n, heads + 1, vocab] for a session with projection heads
+          (index 0 is the base model; head h predicts the token h + 1 further on).
+
+Cache semantics: slot s holds ``ctx_len`` positions. Writing position p replaces what was there;
+a query at position p attends to keys at positions <= p of its own slot only. Rejected
+speculative tokens therefore need no rollback and rows may sit at different positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+class SessionInputError(ValueError):
+    """Inputs that break the session contract (shapes, slots, positions)."""
+
+
+@runtime_checkable
+class DeviceSession(Protocol):
+    full_batch_size: int
+    ctx_len: int
+    vocab_size: int
+    num_heads: int  # projection heads; 0 for a plain session
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    batch_index: np.ndarray  # [B]
+    num_logits: int
+
+
+def logits_to_keep(value, seq_len: int) -> int:
+    if value is None:
+        return 1
+    if isinstance(value, np.ndarray):
+        n = int(value.shape[0]) if value.ndim else int(value)
+    else:
+        n = int(value)
+    if not 1 <= n:
+        raise SessionInputError(f"num_logits_to_keep must be >= 1, got {n}")
+    return min(n, seq_len)
+
+
+def check_inputs(inputs: dict[str, np.ndarray], full_batch_size: int, ctx_len: int) -> CheckedInputs:
+    """Validate a ``run`` input dict against the contract; raise SessionInputError naming the field."""
+    for key in ("input_ids", "position_ids", "batch_index"):
+        if key not in inputs:
+            raise SessionInputError(f"missing input '{key}'")
+    ids = np.asarray(inputs["input_ids"])
+    pos = np.asarray(inputs["position_ids"])
+    slots = np.asarray(inputs["batch_index"])
+    if ids.ndim != 2:
+        raise SessionInputError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+    if pos.shape != ids.shape:
+        raise SessionInputError(f"position_ids shape {pos.shape} != input_ids shape {ids.shape}")
+    if slots.size != ids.shape[0] or slots.ndim not in (1, 2):
+        raise SessionInputError(f"batch_index must be [batch, 1] with batch={ids.shape[0]}, got shape {slots.shape}")
+    slots = slots.reshape(-1).astype(np.int64)
+    if slots.size and (slots.min() < 0 or slots.max() >= full_batch_size):
+        raise SessionInputError(f"batch_index {slots.tolist()} out of range for full_batch_size={full_batch_size}")
+    if len(set(slots.tolist())) != slots.size:
+        raise SessionInputError(f"batch_index {slots.tolist()} names a slot twice in one call")
+    if pos.size and pos.max() >= ctx_len:
+        raise SessionInputError(f"position {int(pos.max())} >= ctx_len={ctx_len}")
+    if pos.size and pos.min() < -1:
+        raise SessionInputError(f"position {int(pos.min())} < -1 (only -1 marks padding)")
+    n = logits_to_keep(inputs.get("num_logits_to_keep"), ids.shape[1])
+    return CheckedInputs(ids.astype(np.int64, copy=False), pos.astype(np.int64, copy=False), slots, n)
+
+
+def keep_index(position_ids: np.ndarray, n: int) -> np.ndarray:
+    """Column indices [B, n] of the kept logits: a window of n columns ending at each row's
+    largest-position column (QEfficient's gather rule)."""
+    last = position_ids.argmax(axis=1)
+    lower = np.where(last < n, 0, last + 1 - n)
+    return lower[:, None] + np.arange(n)[None, :]

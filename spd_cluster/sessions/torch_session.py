@@ -1,0 +1,131 @@
+"""PyTorch backend of the device-session contract, over any HF causal LM.
+
+Route: a transformers ``Cache`` subclass (``SlotCache``) whose ``update`` scatters each row's new
+keys/values at that row's positions into its slot, a 4-D mask built from ``position_ids`` and
+per-row ``position_ids`` for RoPE. The model's own attention code runs unchanged, so every
+architecture transformers implements with the standard cache call (llama, qwen2, gemma3,
+mistral, ...) works without a forward of our own. Attention reads only the first
+``max(position) + 1`` positions of each slot, not the whole ``ctx_len``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache
+
+from .base import SessionInputError, check_inputs, keep_index
+from .heads import TurboHeads
+
+
+class SlotCache(Cache):
+    """KV cache of ``slots`` rows of ``ctx_len`` positions per layer, written by absolute
+    position. Tensors are allocated at the first write of each layer (their shape comes from
+    the model's own key states, so GQA, head_dim and per-layer sizes need no config parsing)."""
+
+    def __init__(self, slots: int, ctx_len: int):
+        super().__init__(layers=[])
+        self.slots, self.ctx_len = slots, ctx_len
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def bind(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
+        """Set where this call's rows write and how far attention reads."""
+        b, t = torch.nonzero(positions >= 0, as_tuple=True)
+        self._rows, self._cols = b, t
+        self._slot_w, self._pos_w = slots[b], positions[b, t]
+        self._kv_len = kv_len
+        first = int(slots[0])
+        contiguous = bool((slots == torch.arange(first, first + slots.numel(), device=slots.device)).all())
+        self._read = slice(first, first + slots.numel()) if contiguous else slots
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx not in self.keys:
+            shape = (self.slots, key_states.shape[1], self.ctx_len, key_states.shape[3])
+            self.keys[layer_idx] = key_states.new_zeros(shape)
+            self.values[layer_idx] = value_states.new_zeros(shape[:3] + (value_states.shape[3],))
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        # [B, H, S, D] -> [N, H, D] for the valid (row, column) pairs, written at (slot, :, position)
+        k[self._slot_w, :, self._pos_w] = key_states.permute(0, 2, 1, 3)[self._rows, self._cols]
+        v[self._slot_w, :, self._pos_w] = value_states.permute(0, 2, 1, 3)[self._rows, self._cols]
+        return k[self._read, :, : self._kv_len], v[self._read, :, : self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+    def reset(self) -> None:
+        self.keys.clear()
+        self.values.clear()
+
+
+def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None = None) -> torch.Tensor:
+    """[B, 1, S, kv_len] bool: a query at position p sees keys at positions <= p (and > p - window
+    for sliding layers). Padding queries (-1) see key 0 only, so softmax never meets an empty row;
+    their outputs are ignored and they wrote nothing."""
+    keys = torch.arange(kv_len, device=positions.device)
+    q = positions.clamp(min=0)[:, None, :, None]
+    mask = keys <= q
+    if window:
+        mask &= keys > q - window
+    return mask
+
+
+class TorchSession:
+    """One model on one torch device with ``full_batch_size`` KV slots of ``ctx_len`` positions."""
+
+    def __init__(self, model, full_batch_size: int, ctx_len: int, heads: TurboHeads | None = None):
+        self.model = model.eval()
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.full_batch_size, self.ctx_len = full_batch_size, ctx_len
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.heads = heads
+        if heads is not None:
+            if heads.hidden_size != self.config.hidden_size:
+                raise ValueError(
+                    f"projection heads have hidden size {heads.hidden_size}, the model has {self.config.hidden_size}"
+                )
+            self.heads = heads.to(device=self.device, dtype=next(model.parameters()).dtype).eval()
+        self.num_heads = heads.num_heads if heads is not None else 0
+        self.cache = SlotCache(full_batch_size, ctx_len)
+        self.layer_types = sorted(set(getattr(self.config, "layer_types", None) or []))
+        self.window = getattr(self.config, "sliding_window", None)
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
+
+    def _mask(self, positions: torch.Tensor, kv_len: int):
+        if not self.layer_types:
+            return attention_mask(positions, kv_len)
+        full = attention_mask(positions, kv_len)
+        return {
+            t: attention_mask(positions, kv_len, self.window) if t == "sliding_attention" else full
+            for t in self.layer_types
+        }
+
+    @torch.inference_mode()
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = check_inputs(inputs, self.full_batch_size, self.ctx_len)
+        valid_cols = np.flatnonzero((x.position_ids >= 0).any(axis=0))
+        if valid_cols.size == 0:
+            raise SessionInputError("every position is padding (-1): nothing to run")
+        width = int(valid_cols[-1]) + 1  # trailing all-padding columns cost nothing
+        kept = keep_index(x.position_ids, x.num_logits).clip(max=width - 1)
+        ids = torch.from_numpy(np.ascontiguousarray(x.input_ids[:, :width])).to(self.device)
+        pos = torch.from_numpy(np.ascontiguousarray(x.position_ids[:, :width])).to(self.device)
+        slots = torch.from_numpy(x.batch_index).to(self.device)
+        kv_len = int(x.position_ids.max()) + 1
+        self.cache.bind(slots, pos, kv_len)
+        hidden = self.model.base_model(
+            input_ids=ids,
+            position_ids=pos.clamp(min=0),
+            attention_mask=self._mask(pos, kv_len),
+            cache=self.cache,
+            use_cache=True,
+        ).last_hidden_state
+        idx = torch.from_numpy(kept).to(self.device)
+        hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, n, D]
+        if self.heads is not None:
+            hidden = self.heads(hidden)  # [B, n, H + 1, D]
+        logits = self.model.lm_head(hidden)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return {"logits": logits.float().cpu().numpy()}
