@@ -1,0 +1,95 @@
+"""Build a session from a model name (store alias, directory, .gguf file or HF id)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _resolve(model: str) -> str:
+    from ..store import resolve_model  # the store converts packaged GGUF models once
+
+    return resolve_model(model)
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def load_model(model: str, dtype: str = "float32", device: str = "cpu"):
+    from transformers import AutoModelForCausalLM
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA device here")
+    path = _resolve(model)
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), attn_implementation="sdpa")
+    return m.to(device).eval()
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_resolve(model))
+
+
+def eos_token_ids(model_or_config, tokenizer=None) -> list[int]:
+    """The ids that end generation, as HF ``generate`` sees them: the generation config's
+    ``eos_token_id`` (an int or a list), else the tokenizer's."""
+    gen = getattr(model_or_config, "generation_config", None)
+    ids = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def load_session(
+    model: str,
+    *,
+    role: str = "target",
+    device: str = "cpu",
+    dtype: str = "float32",
+    full_batch_size: int,
+    ctx_len: int,
+    prefill_seq_len: int = 32,
+    num_speculative_tokens: int = 4,
+    with_heads: bool = False,
+    speculator_path: str | None = None,
+    device_ids: list[int] | None = None,
+):
+    """A session for ``model`` in ``role`` (target | draft) on ``device`` (cpu | cuda[:N] | qaic).
+    ``with_heads`` attaches multi-projection heads (multiproj targets): from ``speculator_path``,
+    else from the model directory. The session carries ``eos_token_ids`` for the engine."""
+    if device == "qaic":
+        from .qaic import load_qaic_session
+
+        return load_qaic_session(
+            model, role, full_batch_size=full_batch_size, ctx_len=ctx_len, prefill_seq_len=prefill_seq_len,
+            num_speculative_tokens=num_speculative_tokens, device_ids=device_ids or [0],
+            speculator_path=speculator_path if with_heads else None,
+        )
+    from .heads import TurboHeads
+    from .torch_session import TorchSession
+
+    if device == "cuda" and device_ids:
+        device = f"cuda:{device_ids[0]}"
+    m = load_model(model, dtype, device)
+    heads = None
+    if with_heads:
+        where = TurboHeads.find(_resolve(model), speculator_path)
+        if where is None:
+            raise FileNotFoundError(
+                f"multiproj needs projection heads for {model!r}: none in the model directory and no "
+                "speculator_path given (train some with `spd-cluster train-heads`)"
+            )
+        heads = TurboHeads.load(where, hidden_size=m.config.hidden_size)
+    session = TorchSession(m, full_batch_size, ctx_len, heads=heads)
+    session.eos_token_ids = eos_token_ids(m)
+    return session

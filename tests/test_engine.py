@@ -1,0 +1,188 @@
+"""Every mode is token-identical to the target's own greedy HF `generate` (float32), with
+continuous batching over 1..4 slots and k in {1, 3, 5}; plus acceptance, finish reasons, errors."""
+
+import numpy as np
+import pytest
+import torch
+from tiny import VOCAB, tiny_model
+
+from spd_cluster.engine import SpDEngine, SpDSettings
+from spd_cluster.sessions.heads import TurboHeads
+from spd_cluster.sessions.torch_session import TorchSession
+
+EOS = 2
+TARGET = tiny_model("llama", seed=0)
+DRAFT = tiny_model("llama", seed=1, layers=1)  # a different, smaller model: low acceptance
+MAX_NEW = 24
+
+
+def make_prompts():
+    g = np.random.default_rng(7)
+    prompts = [g.integers(3, VOCAB, size=n).tolist() for n in (5, 17, 9, 3, 12, 26, 7)]
+    prompts.append(prompts[1][:6] * 4)  # repeats itself: prompt lookup has something to find
+    return prompts
+
+
+PROMPTS = make_prompts()
+
+
+def hf_greedy(model, prompt, max_new=MAX_NEW, eos=EOS):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                             eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+REFERENCE = [hf_greedy(TARGET, p) for p in PROMPTS]
+
+
+def random_heads(num_heads=4, layers=1, seed=3):
+    torch.manual_seed(seed)
+    heads = TurboHeads(TARGET.config.hidden_size, num_heads, layers)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return heads
+
+
+def engine(mode, k, fbs, ctx_len=128, target=TARGET, draft=DRAFT, **kw):
+    settings = SpDSettings(num_speculative_tokens=k, prefill_seq_len=8, ctx_len=ctx_len,
+                           max_new_tokens=kw.pop("max_new_tokens", MAX_NEW), full_batch_size=fbs, **kw)
+    heads = random_heads() if mode == "multiproj" else None
+    t = TorchSession(target, fbs, ctx_len, heads=heads)
+    d = TorchSession(draft, fbs, ctx_len) if mode == "draft" else None
+    return SpDEngine(mode, t, None, settings, draft=d, eos_token_ids=[EOS])
+
+
+@pytest.mark.parametrize("mode", ["baseline", "draft", "pld", "multiproj"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("fbs", [1, 2, 3, 4])
+def test_lossless_against_hf_generate(mode, k, fbs):
+    info = engine(mode, k, fbs).generate(PROMPTS)
+    assert [ids.tolist() for ids in info.generated_ids] == REFERENCE
+    for r, ref in zip(info.results, REFERENCE):
+        assert r.finish_reason == ("eos" if ref[-1] == EOS else "length")
+
+
+def test_lossless_on_qwen2():
+    target = tiny_model("qwen2", seed=4)
+    draft = tiny_model("qwen2", seed=5, layers=1)
+    ref = [hf_greedy(target, p) for p in PROMPTS]
+    for mode in ("draft", "pld"):
+        info = engine(mode, 3, 3, target=target, draft=draft).generate(PROMPTS)
+        assert [ids.tolist() for ids in info.generated_ids] == ref
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_draft_equal_to_target_accepts_everything(k):
+    steps = 4
+    info = engine("draft", k, 2, draft=TARGET, ignore_eos=True,
+                  max_new_tokens=1 + steps * (k + 1)).generate(PROMPTS[:3])
+    m = info.perf_metrics
+    assert m.mean_num_accepted_tokens == k + 1
+    assert m.acceptance_rate_per_position == [1.0] * k
+    assert m.generated_tokens_per_prompt == [1 + steps * (k + 1)] * 3
+
+
+def test_prompt_lookup_accepts_more_than_one_on_repetition():
+    model = tiny_model("llama", seed=11)
+    loop = [5, 9, 14, 33, 40, 41, 7]
+    prompt = loop * 6
+    ref = hf_greedy(model, prompt, max_new=30)
+    info = engine("pld", 4, 1, target=model, max_new_tokens=30).generate([prompt])
+    assert info.generated_ids[0].tolist() == ref
+    # a random model continuing a loop it saw keeps copying it only if its own greedy output does;
+    # what matters here: wherever the text repeats, lookup saves target steps
+    r = info.results[0]
+    assert r.mean_num_accepted_tokens > 1.0
+    assert info.perf_metrics.decode_iterations < len(ref) - 1
+
+
+def test_prompt_lookup_proposes_nothing_without_a_match():
+    from spd_cluster.engine import PromptLookupProposer
+
+    p = PromptLookupProposer(max_ngram_size=3, num_speculative_tokens=4)
+    assert p.lookup(np.array([1, 2, 3, 4, 5]), 4).size == 0
+    assert p.lookup(np.array([1, 2, 3, 9, 1, 2]), 4).tolist() == [3, 9, 1, 2]
+    # the longest n-gram wins over a more recent shorter one
+    assert p.lookup(np.array([7, 1, 2, 8, 2, 5, 1, 2]), 2).tolist() == [8, 2]
+
+
+def test_multiproj_proposes_from_the_heads():
+    info = engine("multiproj", 4, 2).generate(PROMPTS)
+    assert info.perf_metrics.proposed_per_position[0] > 0
+    assert info.num_speculative_tokens == 4
+
+
+def test_ctx_len_and_length_finish_reasons():
+    prompt = PROMPTS[5]  # 26 tokens
+    info = engine("pld", 3, 1, ctx_len=32, ignore_eos=True).generate([prompt, PROMPTS[0]])
+    a, b = info.results
+    assert a.finish_reason == "ctx_len" and a.num_prompt_tokens + a.num_generated_tokens == 32
+    assert b.finish_reason == "length" and b.num_generated_tokens == MAX_NEW
+
+
+def test_too_long_prompt_is_an_error_row_and_the_rest_go_on():
+    long = list(range(3, 3 + 40))
+    info = engine("pld", 3, 2, ctx_len=36).generate([PROMPTS[0], long, PROMPTS[2]])
+    assert info.results[1].finish_reason == "error"
+    assert "40 tokens" in info.results[1].error and "ctx_len=36" in info.results[1].error
+    assert info.generated_ids[0].tolist() == REFERENCE[0]
+    assert info.generated_ids[2].tolist() == REFERENCE[2]
+
+
+def test_bad_prompts_are_error_rows():
+    class Tok:
+        eos_token_id = EOS
+
+        def __call__(self, text, **kw):
+            return {"input_ids": [3 + (ord(c) % 50) for c in text]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    settings = SpDSettings(prefill_seq_len=8, ctx_len=64, max_new_tokens=5, full_batch_size=2)
+    eng = SpDEngine("pld", TorchSession(TARGET, 2, 64), Tok(), settings)
+    info = eng.generate(["hello world", "   ", 42, "again"], prompt_ids=["a", "b", "c", "d"])
+    reasons = [r.finish_reason for r in info.results]
+    assert reasons[1] == reasons[2] == "error"
+    assert "empty" in info.results[1].error and "not a string" in info.results[2].error
+    assert reasons[0] != "error" and reasons[3] != "error"
+    assert info.results[3].generated_text and info.results[3].prompt_id == "d"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_speculative_tokens=0), "num_speculative_tokens"),
+        (dict(ctx_len=16, prefill_seq_len=32), "ctx_len"),
+        (dict(max_ngram_size=0), "max_ngram_size"),
+    ],
+)
+def test_settings_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpDSettings(**kwargs)
+
+
+def test_draft_with_another_vocabulary_is_refused():
+    other = tiny_model("llama", seed=1, vocab=VOCAB + 10)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        engine("draft", 3, 1, draft=other)
+
+
+def test_multiproj_without_heads_is_refused():
+    settings = SpDSettings(prefill_seq_len=8, ctx_len=64, full_batch_size=1)
+    with pytest.raises(ValueError, match="projection heads"):
+        SpDEngine("multiproj", TorchSession(TARGET, 1, 64), None, settings)
+
+
+def test_printed_form_is_the_seeds():
+    info = engine("pld", 3, 2).generate(PROMPTS[:2])
+    text = repr(info)
+    for line in ("Avg TLM+DLM TTFT = ", "Total TLM+DLM Batch TTFT = ", "Decode Throughput = ",
+                 "E2E Throughput = ", "Avg number of accepted tokens = ", "Max generation len = ",
+                 "Total Generated Tokens per Prompt: = "):
+        assert line in text
+    m = info.perf_metrics
+    assert m.num_generated_tokens == sum(m.generated_tokens_per_prompt) == sum(len(r) for r in REFERENCE[:2])
+    assert m.target_forwards == m.decode_iterations + sum(-(-len(p) // 8) for p in PROMPTS[:2])
+    assert m.decode_time <= m.e2e_time and m.decode_target_time > 0
