@@ -73,7 +73,7 @@ def load_session(
         return load_qaic_session(
             model, role, full_batch_size=full_batch_size, ctx_len=ctx_len, prefill_seq_len=prefill_seq_len,
             num_speculative_tokens=num_speculative_tokens, device_ids=device_ids or [0],
-            speculator_path=speculator_path if with_heads else None,
+            speculator_path=(speculator_path or model) if with_heads else None,
         )
     from .heads import TurboHeads
     from .torch_session import TorchSession

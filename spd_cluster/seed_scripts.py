@@ -1,0 +1,77 @@
+"""Shared shell of the seed-compatible scripts in scripts/ (draft, pld, multiproj).
+
+They take the QEfficient examples' flags, build the same engine the Ray actors run, print the
+ExecInfo, then one line per prompt as the seed does: ``print(f"{prompt=} {generation=}")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .engine import SpDSettings, build_engine
+
+DEFAULT_PROMPTS = ["My name is"]
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def comma_separated_ints(x: str) -> list[int]:
+    return [int(q) for q in x.split(",")]
+
+
+def optional_int(x: str | None) -> int | None:
+    return None if x in (None, "None", "none", "") else int(x)
+
+
+def parser(mode: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=f"{mode} speculative decoding (spd_cluster engine)")
+    p.add_argument("--prompts", action="append", default=None, help="input prompt (repeatable)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4 if mode != "pld" else 3)
+    p.add_argument("--prefill-seq-len", type=int, default=32)
+    p.add_argument("--ctx-len", type=int, default=128 if mode != "pld" else 1024)
+    p.add_argument("--prefill-bsz", type=int, default=1, help="accepted for compatibility; prefill runs one prompt at a time")
+    p.add_argument("--full-batch-size", type=optional_int, default=None,
+                   help="KV slots decoded together (continuous batching); default: 1")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: up to ctx_len")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | qaic")
+    p.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    p.add_argument("--ignore-eos-token", action="store_true")
+    p.add_argument("--target-device-group", type=comma_separated_ints, default=[0])
+    if mode == "draft":
+        p.add_argument("--draft-model-name", default=DEFAULT_MODEL)
+        p.add_argument("--target-model-name", default=DEFAULT_MODEL)
+        p.add_argument("--draft-device-group", type=comma_separated_ints, default=[0])
+        p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    elif mode == "pld":
+        p.add_argument("--target-model-name", default=DEFAULT_MODEL)
+        p.add_argument("--max-ngram-size", type=int, default=3)
+    else:
+        p.add_argument("--pretrained-model-name-or-path", default=DEFAULT_MODEL, help="target model")
+        p.add_argument("--speculator-path", default=None, help="heads directory, if not in the model directory")
+    return p
+
+
+def main(mode: str, argv: list[str] | None = None) -> None:
+    args = parser(mode).parse_args(argv)
+    prompts = args.prompts or DEFAULT_PROMPTS
+    target = getattr(args, "target_model_name", None) or args.pretrained_model_name_or_path
+    settings = SpDSettings(
+        num_speculative_tokens=args.num_speculative_tokens,
+        max_ngram_size=getattr(args, "max_ngram_size", 3),
+        prefill_seq_len=args.prefill_seq_len,
+        ctx_len=args.ctx_len,
+        max_new_tokens=args.max_new_tokens or args.ctx_len,
+        full_batch_size=args.full_batch_size or 1,
+        ignore_eos=args.ignore_eos_token,
+        chat_template=args.chat_template,
+    )
+    engine = build_engine(
+        mode, settings, target, dtype=args.dtype, device=args.device,
+        draft_model=getattr(args, "draft_model_name", None), draft_dtype=getattr(args, "draft_dtype", None),
+        speculator_path=getattr(args, "speculator_path", None),
+        target_device_ids=args.target_device_group, draft_device_ids=getattr(args, "draft_device_group", None),
+    )
+    exec_info = engine.generate(prompts)
+    print(exec_info)
+    for prompt, generation in zip(exec_info.prompts, exec_info.generated_texts):
+        print(f"{prompt=} {generation=}")

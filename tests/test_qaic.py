@@ -1,0 +1,276 @@
+"""QAIC adapter: lazy import, the clear error without QEfficient, and — against a fake QEfficient
+that enforces the compiled specialisations — the calls it makes and the contract it keeps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spd_cluster.sessions.base import SessionInputError, keep_index
+
+V = 101  # fake vocab
+
+
+def token_of(tok: int, pos: int, head: int = 0) -> int:
+    """The argmax the fake device puts at a kept column: a function of what sits there."""
+    return (tok * 31 + pos * 7 + head) % V
+
+
+class FakeQpcSession:
+    """Behaves like QAICInferenceSession on a continuous-batching QPC: refuses any input or
+    logits-buffer shape outside the compiled specialisations and records KV writes."""
+
+    instances: list["FakeQpcSession"] = []
+
+    def __init__(self, qpc_path, device_ids=None):
+        self.qpc_path, self.device_ids = qpc_path, device_ids
+        cfg = json.loads(Path(qpc_path).read_text())
+        self.is_tlm, self.heads, self.fbs = cfg["is_tlm"], cfg["heads"], cfg["full_batch_size"]
+        k1 = cfg["k"] + 1
+        p = cfg["prefill_seq_len"]
+        # (batch, seq_len, logits kept) as QEfficient builds them for CB
+        self.specs = [(1, p, 1), (self.fbs, k1 if self.is_tlm else 1, k1 if self.is_tlm else 1)]
+        self.input_names = ["input_ids", "position_ids", "batch_index", "past_key.0", "past_value.0"]
+        if self.is_tlm:
+            self.input_names.append("num_logits_to_keep")
+        self.output_names = ["logits", "past_key.0_RetainedState", "past_value.0_RetainedState"]
+        self.skipped: set[str] = set()
+        self.logits_shape = None
+        self.runs: list[tuple[int, int]] = []
+        self.writes: dict[tuple[int, int], int] = {}
+        FakeQpcSession.instances.append(self)
+
+    def skip_buffers(self, names):
+        self.skipped |= set(names)
+
+    def set_buffers(self, buffers):
+        self.logits_shape = buffers["logits"].shape
+
+    def run(self, inputs):
+        ids, pos, slots = inputs["input_ids"], inputs["position_ids"], inputs["batch_index"]
+        b, s = ids.shape
+        spec = next((sp for sp in self.specs if sp[:2] == (b, s)), None)
+        assert spec is not None, f"no specialisation for {ids.shape}"
+        assert set(inputs) <= set(self.input_names) - self.skipped, set(inputs)
+        if self.is_tlm:
+            assert inputs["num_logits_to_keep"].shape == (spec[2], 1)
+        keep = spec[2]
+        out_shape = (b, keep) + ((self.heads + 1,) if self.heads else ()) + (V,)
+        assert self.logits_shape == out_shape, (self.logits_shape, out_shape)
+        assert slots.shape == (b, 1) and len(set(slots.ravel().tolist())) == b
+        self.runs.append((b, s))
+        for r in range(b):
+            for j in range(s):
+                if pos[r, j] >= 0:
+                    self.writes[(int(slots[r, 0]), int(pos[r, j]))] = int(ids[r, j])
+        logits = np.zeros(out_shape, np.float32)
+        last = pos.argmax(1)
+        for r in range(b):
+            lower = max(0, last[r] + 1 - keep)
+            for j in range(keep):
+                c = min(lower + j, s - 1)
+                for h in range(self.heads + 1 if self.heads else 1):
+                    idx = (r, j, h) if self.heads else (r, j)
+                    logits[idx + (token_of(ids[r, c], pos[r, c], h),)] = 1.0
+        return {"logits": logits, "past_key.0_RetainedState": np.zeros(1)}
+
+
+class FakeQEFFModel:
+    calls: list[dict] = []
+
+    def __init__(self, name, kwargs):
+        self.name, self.kwargs = name, kwargs
+        qc = kwargs.get("qaic_config") or {}
+        spec_cfg = {"num_speculative_tokens": 2} if qc.get("speculative_model_type") == "turbo" else None
+        cfg = types.SimpleNamespace(vocab_size=V, speculative_config=spec_cfg)
+        self.model = types.SimpleNamespace(config=cfg, generation_config=types.SimpleNamespace(eos_token_id=[7, 9]))
+
+    @classmethod
+    def from_pretrained(cls, name, **kwargs):
+        FakeQEFFModel.calls.append({"from_pretrained": (name, kwargs)})
+        return cls(name, kwargs)
+
+    def compile(self, **kwargs):
+        FakeQEFFModel.calls.append({"compile": kwargs})
+        qc = self.kwargs.get("qaic_config") or {}
+        heads = self.model.config.speculative_config["num_speculative_tokens"] if self.model.config.speculative_config else 0
+        out = Path(kwargs["_qpc_dir"]) / f"qpc-{len(FakeQEFFModel.calls)}.json"
+        out.write_text(json.dumps({
+            "is_tlm": qc.get("speculative_model_type") in ("target", "turbo"), "heads": heads,
+            "k": heads or kwargs.get("num_speculative_tokens") or 0, "full_batch_size": kwargs["full_batch_size"],
+            "prefill_seq_len": kwargs["prefill_seq_len"],
+        }))
+        return str(out)
+
+
+@pytest.fixture
+def fake_qeff(monkeypatch, tmp_path):
+    """Inject a fake QEfficient package into sys.modules."""
+    FakeQEFFModel.calls.clear()
+    FakeQpcSession.instances.clear()
+    qpc_dir = tmp_path / "qpcs"
+    qpc_dir.mkdir()
+    orig_compile = FakeQEFFModel.compile
+
+    def compile_(self, **kw):
+        return orig_compile(self, _qpc_dir=qpc_dir, **kw)
+
+    monkeypatch.setattr(FakeQEFFModel, "compile", compile_)
+    root = types.ModuleType("QEfficient")
+    root.QEFFAutoModelForCausalLM = FakeQEFFModel
+    gen = types.ModuleType("QEfficient.generation")
+    ci = types.ModuleType("QEfficient.generation.cloud_infer")
+    ci.QAICInferenceSession = FakeQpcSession
+    for name, mod in {"QEfficient": root, "QEfficient.generation": gen, "QEfficient.generation.cloud_infer": ci}.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setenv("SPD_CLUSTER_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    return model_dir
+
+
+def test_import_does_not_import_qefficient():
+    code = "import sys, spd_cluster.sessions.qaic as q; print('QEfficient' in sys.modules, q.QaicSession.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "QaicSession"]
+
+
+def test_missing_qefficient_raises_clear_error(monkeypatch):
+    from spd_cluster.sessions.qaic import QaicUnavailableError, load_qaic_session
+
+    monkeypatch.setitem(sys.modules, "QEfficient", None)  # makes `import QEfficient` fail
+    with pytest.raises(QaicUnavailableError) as e:
+        load_qaic_session("any/model", "target", full_batch_size=2, ctx_len=64, prefill_seq_len=8,
+                          num_speculative_tokens=3, device_ids=[0])
+    msg = str(e.value)
+    assert "pip install git+https://github.com/quic/efficient-transformers" in msg
+    assert "platform SDK" in msg and "device: cpu" in msg
+    assert isinstance(e.value, RuntimeError)
+
+
+def test_bad_role_rejected():
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    with pytest.raises(ValueError, match="role"):
+        load_qaic_session("x/y", "verifier", full_batch_size=1, ctx_len=8, prefill_seq_len=4,
+                          num_speculative_tokens=1, device_ids=[0])
+
+
+def test_target_calls(fake_qeff):
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    s = load_qaic_session(str(fake_qeff), "target", full_batch_size=4, ctx_len=64, prefill_seq_len=8,
+                          num_speculative_tokens=3, device_ids=[2, 3], num_cores=14)
+    fp, cp = FakeQEFFModel.calls[0]["from_pretrained"], FakeQEFFModel.calls[1]["compile"]
+    assert fp == (str(fake_qeff.resolve()), {"continuous_batching": True, "qaic_config": {"speculative_model_type": "target"}})
+    cp = {k: v for k, v in cp.items() if k != "_qpc_dir"}
+    assert cp == {"num_cores": 14, "num_devices": 2, "prefill_seq_len": 8, "ctx_len": 64, "full_batch_size": 4,
+                  "num_speculative_tokens": 3, "aic_enable_depth_first": True}
+    qpc = FakeQpcSession.instances[0]
+    assert qpc.device_ids == [2, 3]
+    assert qpc.skipped == {"past_key.0", "past_value.0", "past_key.0_RetainedState", "past_value.0_RetainedState"}
+    assert (s.full_batch_size, s.ctx_len, s.vocab_size, s.num_heads, s.eos_token_ids) == (4, 64, V, 0, [7, 9])
+
+
+def test_draft_calls(fake_qeff):
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    load_qaic_session(str(fake_qeff), "draft", full_batch_size=4, ctx_len=64, prefill_seq_len=8,
+                      num_speculative_tokens=3, device_ids=[0])
+    name, kw = FakeQEFFModel.calls[0]["from_pretrained"]
+    assert kw == {"continuous_batching": True, "qaic_config": None}
+    assert "num_speculative_tokens" not in FakeQEFFModel.calls[1]["compile"]
+
+
+def test_turbo_joins_speculator_dir(fake_qeff, tmp_path):
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    heads = tmp_path / "heads"
+    heads.mkdir()
+    (heads / "speculator_config.json").write_text("{}")
+    (heads / "speculator.safetensors").write_bytes(b"x")
+    s = load_qaic_session(str(fake_qeff), "target", full_batch_size=2, ctx_len=64, prefill_seq_len=8,
+                          num_speculative_tokens=5, device_ids=[0], speculator_path=str(heads))
+    name, kw = FakeQEFFModel.calls[0]["from_pretrained"]
+    assert kw["qaic_config"] == {"speculative_model_type": "turbo"}
+    joined = Path(name)
+    assert sorted(p.name for p in joined.iterdir()) == ["config.json", "speculator.safetensors", "speculator_config.json"]
+    assert (joined / "speculator.safetensors").resolve() == (heads / "speculator.safetensors").resolve()
+    assert "num_speculative_tokens" not in FakeQEFFModel.calls[1]["compile"]  # fixed by the heads
+    assert s.num_heads == 2
+
+
+def _expected(ids, pos, n, heads=0):
+    want = keep_index(pos, n)
+    return np.array([[[token_of(ids[r, c], pos[r, c], h) for h in range(heads + 1)] for c in want[r]]
+                     for r in range(ids.shape[0])])
+
+
+def _check(s, ids, pos, slots, n, heads=0):
+    out = s.run({"input_ids": ids, "position_ids": pos, "batch_index": np.array(slots).reshape(-1, 1),
+                 "num_logits_to_keep": np.zeros((n, 1), np.int64)})["logits"]
+    assert out.shape == (ids.shape[0], min(n, ids.shape[1])) + ((heads + 1,) if heads else ()) + (V,)
+    got = out.argmax(-1)
+    exp = _expected(ids, pos, min(n, ids.shape[1]), heads)
+    valid = (pos >= 0).any(1)
+    np.testing.assert_array_equal(got[valid].reshape(exp[valid].shape), exp[valid])
+    return out
+
+
+def _positions(starts, valid, width):
+    return np.array([[st + j if j < v else -1 for j in range(width)] for st, v in zip(starts, valid)], np.int64)
+
+
+@pytest.mark.parametrize("role", ["target", "draft"])
+def test_run_maps_calls_onto_specialisations(fake_qeff, role):
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    rng = np.random.default_rng(0)
+    s = load_qaic_session(str(fake_qeff), role, full_batch_size=4, ctx_len=64, prefill_seq_len=8,
+                          num_speculative_tokens=3, device_ids=[0])
+    qpc = FakeQpcSession.instances[0]
+    expected_writes = {}
+
+    def call(slots, starts, valid, width, n):
+        ids = rng.integers(0, 1000, (len(slots), width))
+        pos = _positions(starts, valid, width)
+        _check(s, ids, pos, slots, n)
+        for r, sl in enumerate(slots):
+            for j in range(width):
+                if pos[r, j] >= 0:
+                    expected_writes[(sl, int(pos[r, j]))] = int(ids[r, j])
+
+    call([2], [0], [13], 20, 1)  # long prompt: chunked prefill, right padding
+    call([0, 3], [0, 0], [5, 17], 17, 1)  # two prompts of different lengths: one prefill each
+    call([0, 1, 2, 3], [5, 17, 13, 0], [1, 1, 1, 0], 1, 1)  # plain decode, one row all padding
+    call([1, 3, 2], [5, 9, 20], [2, 1, 2], 2, 1)  # bonus-token step, row padding to full batch
+    if role == "target":
+        call([0, 1, 2, 3], [6, 18, 14, 30], [4, 4, 2, 3], 4, 4)  # verify k+1 tokens
+        call([2, 0], [40, 50], [3, 4], 4, 3)  # fewer rows than compiled, narrower window
+    else:
+        with pytest.raises(SessionInputError, match="num_logits_to_keep"):
+            s.run({"input_ids": np.zeros((1, 2), np.int64), "position_ids": np.array([[0, 1]]),
+                   "batch_index": np.array([[0]]), "num_logits_to_keep": np.zeros((2, 1), np.int64)})
+    assert qpc.writes == expected_writes  # padding rows and columns never wrote the KV
+    assert set(qpc.runs) <= {(1, 8), (4, 4 if role == "target" else 1)}
+
+
+def test_turbo_run_returns_head_logits(fake_qeff, tmp_path):
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    (fake_qeff / "speculator_config.json").write_text("{}")
+    (fake_qeff / "speculator.safetensors").write_bytes(b"x")
+    s = load_qaic_session(str(fake_qeff), "target", full_batch_size=2, ctx_len=64, prefill_seq_len=4,
+                          num_speculative_tokens=2, device_ids=[0], speculator_path=str(fake_qeff))
+    assert FakeQEFFModel.calls[0]["from_pretrained"][0] == str(fake_qeff.resolve())  # used in place
+    ids = np.arange(6).reshape(1, 6)
+    _check(s, ids, _positions([0], [6], 6), [1], 1, heads=2)
+    ids = np.array([[5, 6, 7], [8, 9, 10]])
+    _check(s, ids, _positions([6, 3], [3, 2], 3), [1, 0], 3, heads=2)
