@@ -37,6 +37,10 @@ def parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--ignore-eos-token", action="store_true")
     p.add_argument("--target-device-group", type=comma_separated_ints, default=[0])
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0, help="with the prompt's index, seeds its random stream")
     if mode == "draft":
         p.add_argument("--draft-model-name", default=DEFAULT_MODEL)
         p.add_argument("--target-model-name", default=DEFAULT_MODEL)
@@ -64,6 +68,10 @@ def main(mode: str, argv: list[str] | None = None) -> None:
         full_batch_size=args.full_batch_size or 1,
         ignore_eos=args.ignore_eos_token,
         chat_template=args.chat_template,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
     )
     engine = build_engine(
         mode, settings, target, dtype=args.dtype, device=args.device,

@@ -20,6 +20,7 @@ from ..sessions.base import DeviceSession
 from .metrics import CloudAI100ExecInfo, PromptResult, SpDPerfMetrics
 from .proposers import DraftProposer, MultiProjProposer, NoProposer, PromptLookupProposer, Proposer
 from .settings import MODES, SpDSettings
+from .sampling import row_rng, sample, speculative_sample, warp
 from .verifier import greedy_accept
 
 
@@ -33,6 +34,7 @@ class _Row:
     slot: int
     buf: np.ndarray  # prompt + generated tokens, preallocated to ctx_len
     n: int  # tokens in buf
+    rng: np.random.Generator | None = None  # sampling only: this prompt's own stream
 
     @property
     def seq(self) -> np.ndarray:
@@ -88,7 +90,7 @@ class SpDEngine:
                 raise ValueError(
                     f"draft and target vocabularies differ: {draft.vocab_size} vs {self.target.vocab_size} tokens"
                 )
-            return DraftProposer(draft, s.prefill_seq_len, s.num_speculative_tokens)
+            return DraftProposer(draft, s.prefill_seq_len, s.num_speculative_tokens, sampling=s)
         if mode == "pld":
             return PromptLookupProposer(s.max_ngram_size, s.num_speculative_tokens)
         if mode == "multiproj":
@@ -190,16 +192,22 @@ class SpDEngine:
                 "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
             })["logits"]
             clock.target_forwards += 1
-        self.proposer.start(slot, ids)
-        tokens = out[0, -1].argmax(-1)  # [] or [H + 1]
+        self.proposer.start(slot, ids, key=result.prompt_id)
+        s = self.settings
+        last = out[0, -1]  # [V] or [H + 1, V]
         if isinstance(self.proposer, MultiProjProposer):
-            self.proposer.remember(slot, tokens[1:])
-            tokens = tokens[0]
-        buf = np.zeros(self.settings.ctx_len, dtype=np.int64)
+            self.proposer.remember(slot, last[1:].argmax(-1))
+            last = last[0]
+        buf = np.zeros(s.ctx_len, dtype=np.int64)
         buf[: ids.size] = ids
         row = _Row(result, slot, buf, int(ids.size))
+        if s.sampling:
+            row.rng = row_rng(s.seed, result.prompt_id)
+            first = sample(warp(last, s.temperature, s.top_k, s.top_p), row.rng)
+        else:
+            first = int(last.argmax())
         result.finish_reason = None
-        self._append(row, [int(tokens)])
+        self._append(row, [first])
         result.ttft_s = perf_counter() - t0
         clock.prefill += result.ttft_s
         return row
@@ -252,7 +260,11 @@ class SpDEngine:
         clock.iterations += 1
         clock.target_forwards += 1
         target_tokens = tokens[..., 0] if tokens.ndim == 3 else tokens
-        accepted = greedy_accept(ids[:, 1:], counts, target_tokens)
+        if self.settings.sampling:
+            base = logits[:, :, 0] if logits.ndim == 4 else logits
+            accepted, target_tokens = self._sample_accept(rows, ids, counts, base)
+        else:
+            accepted = greedy_accept(ids[:, 1:], counts, target_tokens)
         done = []
         for i, row in enumerate(rows):
             n_acc, m = int(accepted[i]), int(counts[i])
@@ -269,6 +281,23 @@ class SpDEngine:
             elif tokens.ndim == 3:
                 self.proposer.remember(row.slot, tokens[i, n_acc, 1:])
         return done
+
+    def _sample_accept(self, rows, ids, counts, base):
+        """Speculative sampling per row; returns accepted counts and, per row, the tokens it
+        emits laid out like greedy's target tokens (accepted proposals, then the sampled one)."""
+        s = self.settings
+        q_of = getattr(self.proposer, "draft_probs", None)
+        accepted = np.zeros(len(rows), dtype=np.int64)
+        emitted = ids[:, 1:].copy()
+        emitted = np.concatenate([emitted, np.zeros((len(rows), 1), dtype=np.int64)], axis=1)
+        for i, row in enumerate(rows):
+            m = int(counts[i])
+            p = warp(base[i, : m + 1], s.temperature, s.top_k, s.top_p)
+            q = q_of(row.slot) if (q_of is not None and m) else None
+            n, tok = speculative_sample(p, ids[i, 1 : 1 + m], None if q is None else q[:m], row.rng)
+            accepted[i] = n
+            emitted[i, n] = tok
+        return accepted, emitted
 
     def _exec_info(self, prompts, results, clock: _Clock, e2e: float, batch_ttft: float) -> CloudAI100ExecInfo:
         s = self.settings

@@ -14,22 +14,27 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from ..sessions.base import DeviceSession
+from .sampling import row_rng, sample, warp
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class Proposer(Protocol):
-    def start(self, slot: int, prompt_ids: np.ndarray) -> None:
-        """A new prompt takes ``slot``."""
+    def start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
+        """A new prompt takes ``slot``; ``key`` (the prompt id) seeds its random stream."""
 
     def propose(self, slots: Sequence[int], seqs: Sequence[np.ndarray], limits: Sequence[int]) -> list[np.ndarray]:
         """For each row, at most ``limits[i]`` tokens that should follow ``seqs[i]``."""
+
+    # Optional, for speculative sampling: ``draft_probs(slot) -> [m, V]``, the warped
+    # distributions the last proposals of ``slot`` were sampled from. Proposers without it are
+    # deterministic (a point mass on each proposed token).
 
 
 class NoProposer:
     """Baseline: the target decodes one token per step."""
 
-    def start(self, slot: int, prompt_ids: np.ndarray) -> None:
+    def start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
         pass
 
     def propose(self, slots, seqs, limits):
@@ -48,7 +53,7 @@ class PromptLookupProposer:
         self.max_ngram_size = max_ngram_size
         self.k = num_speculative_tokens
 
-    def start(self, slot, prompt_ids):
+    def start(self, slot, prompt_ids, key=None):
         pass
 
     def propose(self, slots, seqs, limits):
@@ -76,15 +81,26 @@ class DraftProposer:
     longest prefix of those that still agrees with the row's sequence, feeds the rest (one token
     usually; two when all k proposals were accepted last step: the seed's bonus-token case) and
     then runs k - 1 more one-token forwards. Writes go by position, so rejected tokens need no
-    rollback."""
+    rollback.
 
-    def __init__(self, session: DeviceSession, prefill_seq_len: int, num_speculative_tokens: int):
+    With ``sampling`` (an SpDSettings with temperature > 0) it samples each proposal from its own
+    warped distribution q, with a random stream per prompt, and keeps q for the verifier."""
+
+    def __init__(self, session: DeviceSession, prefill_seq_len: int, num_speculative_tokens: int, sampling=None):
         self.session = session
         self.prefill_seq_len = prefill_seq_len
         self.k = num_speculative_tokens
+        self.sampling = sampling if sampling is not None and sampling.temperature > 0 else None
         self.fed: dict[int, np.ndarray] = {}
+        self.rngs: dict[int, np.random.Generator] = {}
+        self.q: dict[int, np.ndarray] = {}
 
-    def start(self, slot, prompt_ids):
+    def draft_probs(self, slot: int) -> np.ndarray | None:
+        return self.q.get(slot)
+
+    def start(self, slot, prompt_ids, key=None):
+        if self.sampling is not None:
+            self.rngs[slot] = row_rng(self.sampling.seed, key, stream="draft")
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
         # Feed all but the last prompt token; propose() feeds the rest with the first token.
         head = prompt_ids[:-1]
@@ -132,13 +148,21 @@ class DraftProposer:
         batch_index = np.array([[slots[i]] for i in rows], dtype=np.int64)
         row_limits = np.array([min(limits[i], steps) for i in rows])
         proposals = np.zeros((len(rows), steps), dtype=np.int64)
+        qs: list[np.ndarray] = []  # per draft forward: [rows, V] (sampling only)
         last_pos = pos.max(axis=1)
         for j in range(steps):
             logits = self.session.run({
                 "input_ids": ids, "position_ids": pos, "batch_index": batch_index,
                 "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
             })["logits"]
-            tok = logits[:, -1].argmax(-1).astype(np.int64)
+            if self.sampling is None:
+                tok = logits[:, -1].argmax(-1).astype(np.int64)
+            else:
+                s = self.sampling
+                q = warp(logits[:, -1], s.temperature, s.top_k, s.top_p)
+                tok = np.array([sample(q[r], self.rngs[slots[i]]) if j < row_limits[r] else 0
+                                for r, i in enumerate(rows)], dtype=np.int64)
+                qs.append(q)
             proposals[:, j] = tok
             if j + 1 < steps:
                 # rows that need no more proposals ride along as padding (no KV write)
@@ -150,6 +174,8 @@ class DraftProposer:
             out[i] = proposals[r, :n].copy()
             # KV now holds seq plus the first n - 1 proposals (the last one was never fed).
             self.fed[slots[i]] = np.concatenate([seq, proposals[r, : n - 1]])
+            if qs:
+                self.q[slots[i]] = np.stack([q[r] for q in qs[:n]])
         return out
 
 
@@ -164,7 +190,7 @@ class MultiProjProposer:
         self.num_heads = num_heads
         self.next: dict[int, np.ndarray] = {}
 
-    def start(self, slot, prompt_ids):
+    def start(self, slot, prompt_ids, key=None):
         self.next[slot] = EMPTY
 
     def remember(self, slot: int, head_tokens: np.ndarray) -> None:

@@ -23,6 +23,15 @@ class SpDSettings(BaseModel):
     full_batch_size: int = Field(4, ge=1, description="KV slots decoded together (continuous batching)")
     ignore_eos: bool = False
     chat_template: bool = False
+    # sampling: temperature 0 is greedy (and exactly what greedy always was)
+    temperature: float = Field(0.0, ge=0.0)
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass; 1 = off")
+    seed: int = Field(0, description="job seed; each prompt's random stream depends on it and the prompt id")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
 
     @model_validator(mode="after")
     def _check(self) -> "SpDSettings":
