@@ -186,3 +186,26 @@ def test_printed_form_is_the_seeds():
     assert m.num_generated_tokens == sum(m.generated_tokens_per_prompt) == sum(len(r) for r in REFERENCE[:2])
     assert m.target_forwards == m.decode_iterations + sum(-(-len(p) // 8) for p in PROMPTS[:2])
     assert m.decode_time <= m.e2e_time and m.decode_target_time > 0
+
+
+def test_multiproj_on_demand_heads_equal_full_head_logits():
+    """The session's on-demand heads (TorchSession.head_logits) and a session that returns every
+    head at every column (QEfficient's shape) give the same proposals, so the same steps."""
+
+    class FullHeads:
+        def __init__(self, session):
+            self.session = session
+            self.full_batch_size, self.ctx_len = session.full_batch_size, session.ctx_len
+            self.vocab_size, self.num_heads = session.vocab_size, session.num_heads
+
+        def run(self, inputs):
+            return self.session.run(inputs)
+
+    fast = engine("multiproj", 4, 3)
+    full = SpDEngine("multiproj", FullHeads(TorchSession(TARGET, 3, 128, heads=random_heads())), None,
+                     fast.settings, eos_token_ids=[EOS])
+    assert fast.defer_heads and not full.defer_heads
+    a, b = fast.generate(PROMPTS), full.generate(PROMPTS)
+    assert [x.tolist() for x in a.generated_ids] == [x.tolist() for x in b.generated_ids] == REFERENCE
+    assert a.perf_metrics.accepted_per_position == b.perf_metrics.accepted_per_position
+    assert a.perf_metrics.decode_iterations == b.perf_metrics.decode_iterations

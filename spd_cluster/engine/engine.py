@@ -77,6 +77,9 @@ class SpDEngine:
         if mode == "multiproj":
             self.k = min(self.k, target.num_heads)
         self.proposer = proposer
+        # multiproj over a session that computes head logits on demand (see TorchSession.head_logits)
+        self.defer_heads = mode == "multiproj" and hasattr(target, "head_logits")
+        self._extra = {"defer_heads": np.array(True)} if self.defer_heads else {}
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_token_ids = [tokenizer.eos_token_id]
         self.eos = np.array(sorted(set(eos_token_ids or [])), dtype=np.int64)
@@ -190,13 +193,15 @@ class SpDEngine:
                 "position_ids": np.pad(np.arange(c, c + part.size), (0, pad), constant_values=-1)[None],
                 "batch_index": np.array([[slot]], dtype=np.int64),
                 "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
+                **self._extra,
             })["logits"]
             clock.target_forwards += 1
         self.proposer.start(slot, ids, key=result.prompt_id)
         s = self.settings
         last = out[0, -1]  # [V] or [H + 1, V]
         if isinstance(self.proposer, MultiProjProposer):
-            self.proposer.remember(slot, last[1:].argmax(-1))
+            heads = self.target.head_logits(np.zeros(1, np.int64))[0] if self.defer_heads else last[1:]
+            self.proposer.remember(slot, heads.argmax(-1))
             last = last[0]
         buf = np.zeros(s.ctx_len, dtype=np.int64)
         buf[: ids.size] = ids
@@ -252,6 +257,7 @@ class SpDEngine:
             "position_ids": pos,
             "batch_index": np.array([[r.slot] for r in rows], dtype=np.int64),
             "num_logits_to_keep": np.arange(width, dtype=np.int64).reshape(-1, 1),
+            **self._extra,
         })["logits"]
         tokens = logits.argmax(-1)  # [B, W] or [B, W, H + 1]
         t2 = perf_counter()
@@ -265,6 +271,10 @@ class SpDEngine:
             accepted, target_tokens = self._sample_accept(rows, ids, counts, base)
         else:
             accepted = greedy_accept(ids[:, 1:], counts, target_tokens)
+        head_tokens = None
+        if tokens.ndim == 3:  # multiproj: the heads' guesses where each row's accepted prefix ends
+            heads = self.target.head_logits(accepted) if self.defer_heads else logits[np.arange(len(rows)), accepted, 1:]
+            head_tokens = heads.argmax(-1)
         done = []
         for i, row in enumerate(rows):
             n_acc, m = int(accepted[i]), int(counts[i])
@@ -278,8 +288,8 @@ class SpDEngine:
             clock.row_steps += 1
             if row.result.finish_reason is not None:
                 done.append(row)
-            elif tokens.ndim == 3:
-                self.proposer.remember(row.slot, tokens[i, n_acc, 1:])
+            elif head_tokens is not None:
+                self.proposer.remember(row.slot, head_tokens[i])
         return done
 
     def _sample_accept(self, rows, ids, counts, base):

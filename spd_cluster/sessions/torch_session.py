@@ -124,8 +124,26 @@ class TorchSession:
         idx = torch.from_numpy(kept).to(self.device)
         hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, n, D]
         if self.heads is not None:
-            hidden = self.heads(hidden)  # [B, n, H + 1, D]
+            if bool(np.asarray(inputs.get("defer_heads", False))):
+                self._kept_hidden = hidden
+                hidden = hidden[:, :, None]  # [B, n, 1, D]: base logits only, heads on demand
+            else:
+                hidden = self.heads(hidden)  # [B, n, H + 1, D]
+        return {"logits": self._logits(hidden)}
+
+    def _logits(self, hidden: torch.Tensor) -> np.ndarray:
         logits = self.model.lm_head(hidden)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return {"logits": logits.float().cpu().numpy()}
+        return logits.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def head_logits(self, columns: np.ndarray) -> np.ndarray:
+        """[B, H, V]: the heads' logits at one kept column per row of the last ``run`` that passed
+        ``defer_heads``. An optional extension of the contract for multiproj: the verifier needs
+        base logits at every column but head logits only where a row's accepted prefix ends, so
+        the lm_head runs on n + H rows instead of n * (H + 1) (most of a step's cost with a
+        150k-token vocabulary)."""
+        rows = torch.arange(self._kept_hidden.shape[0], device=self.device)
+        cols = torch.from_numpy(np.asarray(columns, dtype=np.int64)).to(self.device)
+        return self._logits(self.heads(self._kept_hidden[rows, cols])[:, 1:])
