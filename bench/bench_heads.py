@@ -1,0 +1,207 @@
+"""Train multiproj heads for Qwen2.5-Coder by self-distillation on code prompts, then measure
+them on *different* code prompts: mean accepted tokens per step and decode speedup of multiproj
+over the baseline (target-only greedy), both through the engine in the same run, chunks of
+prompts alternating between the two so both see the same machine load.
+
+    python bench/bench_heads.py                        # 0.5B, bf16, full sizes
+    python bench/bench_heads.py --large                # 1.5B
+    python bench/bench_heads.py --train-prompts 48 --train-new 48 --steps 200 --batch-size 128 \
+        --eval-prompts 6 --eval-new 48 --threads 1            # ~28 min on a busy 2-core CPU
+
+On a small shared CPU, ``--threads 1`` is often several times faster than 2.
+
+Prompts come from data/code_prompts_{train,eval}.txt; ``--write-prompts`` (re)generates them from
+templates (train and eval use disjoint task lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+from pathlib import Path
+from time import perf_counter
+
+import numpy as np
+import torch
+
+from spd_cluster.engine import SpDEngine, SpDSettings
+from spd_cluster.sessions import eos_token_ids, load_model, load_tokenizer
+from spd_cluster.sessions.heads import TurboHeads
+from spd_cluster.sessions.torch_session import TorchSession
+from spd_cluster.training.heads import TrainSettings, format_accuracy, read_prompts, train_heads
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+TRAIN_FILE, EVAL_FILE = DATA / "code_prompts_train.txt", DATA / "code_prompts_eval.txt"
+
+TRAIN_TASKS = [
+    "reverses a string", "checks whether a number is prime", "returns the n-th Fibonacci number",
+    "merges two sorted lists into one sorted list", "counts the vowels in a string", "computes the factorial of n",
+    "removes duplicates from a list while keeping the order", "finds the maximum element of a list",
+    "converts a temperature from Celsius to Fahrenheit", "checks whether a string is a palindrome",
+    "computes the greatest common divisor of two integers", "flattens a nested list",
+    "sorts a list of pairs by their second element", "sums the digits of an integer",
+    "returns the transpose of a matrix", "performs binary search on a sorted array",
+    "counts how often each word occurs in a text", "validates an email address with a regular expression",
+    "computes the mean and standard deviation of a list of numbers", "rotates an array by k positions",
+    "checks whether parentheses in a string are balanced", "converts an integer to its binary representation",
+    "returns all permutations of a list", "computes the dot product of two vectors",
+    "finds the index of the first negative number", "splits a list into chunks of size n",
+    "reads a text file and returns the number of lines", "returns the intersection of two lists",
+    "implements insertion sort", "multiplies two matrices", "converts a string to title case",
+    "computes the power set of a set", "finds the missing number in a list from 1 to n",
+    "computes the running sum of a list", "checks whether a year is a leap year",
+    "counts the set bits of an integer", "returns the k largest elements of a list",
+    "removes all whitespace from a string", "computes the area of a circle given its radius",
+    "implements a stack with push, pop and peek",
+]
+EVAL_TASKS = [
+    "finds the longest common prefix of a list of strings", "checks whether two strings are anagrams",
+    "computes the least common multiple of two integers", "implements bubble sort",
+    "converts a binary string to an integer", "returns the second largest number in a list",
+    "capitalizes the first letter of every word in a sentence", "computes the median of a list",
+    "checks whether a list is sorted", "counts the uppercase letters in a string",
+    "returns the cumulative product of a list", "finds all pairs in a list that sum to a target",
+    "implements a queue with enqueue and dequeue", "computes the Hamming distance of two strings",
+    "returns the unique characters of a string", "converts minutes to hours and minutes",
+]
+LANGUAGES = ["Python", "JavaScript", "C", "Go", "Rust"]
+TEMPLATES = [
+    "Write a {lang} function that {task}.",
+    "Implement a {lang} function that {task}, with a short comment.",
+]
+
+
+def write_prompts() -> None:
+    rng = random.Random(0)
+    # every training task in every language (200 prompts), templates alternating
+    train = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
+             for i, task in enumerate(TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
+    rng.shuffle(train)
+    # different tasks (32 prompts): each in two languages
+    evals = [TEMPLATES[i % 2].format(lang=LANGUAGES[i % 5], task=task) for i, task in enumerate(EVAL_TASKS * 2)]
+    rng.shuffle(evals)
+    DATA.mkdir(exist_ok=True)
+    TRAIN_FILE.write_text("\n".join(dict.fromkeys(train)) + "\n")
+    EVAL_FILE.write_text("\n".join(dict.fromkeys(evals)) + "\n")
+
+
+def evaluate(model, tok, heads, prompts, args, eos):
+    """Baseline and multiproj over the same prompts, alternating chunks; summed decode figures."""
+    ctx = 512
+    settings = SpDSettings(num_speculative_tokens=args.k, prefill_seq_len=64, ctx_len=ctx,
+                           max_new_tokens=args.eval_new, full_batch_size=args.fbs, chat_template=True)
+    engines = {
+        "baseline": SpDEngine("baseline", TorchSession(model, args.fbs, ctx), tok, settings, eos_token_ids=eos),
+        "multiproj": SpDEngine("multiproj", TorchSession(model, args.fbs, ctx, heads=heads), tok, settings,
+                               eos_token_ids=eos),
+    }
+    engines["baseline"].generate(prompts[:1])  # warm-up
+    sums = {m: dict(tokens=0, time=0.0, target=0.0, iters=0, steps=[], ids=[], proposed=np.zeros(args.k),
+                    accepted=np.zeros(args.k)) for m in engines}
+    for c in range(0, len(prompts), args.chunk):
+        for mode, engine in engines.items():
+            info = engine.generate(prompts[c : c + args.chunk])
+            m, s = info.perf_metrics, sums[mode]
+            s["tokens"] += m.num_decode_tokens
+            s["time"] += m.decode_time
+            s["target"] += m.decode_target_time
+            s["iters"] += m.decode_iterations
+            s["steps"] += [a for r in info.results for a in r.accepted_per_step]
+            s["ids"] += [x.tolist() for x in info.generated_ids]
+            if m.proposed_per_position:
+                s["proposed"] += np.asarray(m.proposed_per_position)
+                s["accepted"] += np.asarray(m.accepted_per_position)
+        print(f"  eval {min(c + args.chunk, len(prompts))}/{len(prompts)} prompts", flush=True)
+    return sums
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--large", action="store_true", help="Qwen2.5-Coder-1.5B")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--train-prompts", type=int, default=200)
+    ap.add_argument("--train-new", type=int, default=128, help="new tokens per training prompt")
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--eval-prompts", type=int, default=16)
+    ap.add_argument("--eval-new", type=int, default=96)
+    ap.add_argument("--k", type=int, default=4, help="speculative tokens per step (<= heads)")
+    ap.add_argument("--fbs", type=int, default=1, help="KV slots in the evaluation")
+    ap.add_argument("--chunk", type=int, default=2, help="prompts per alternation of baseline / multiproj")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default=None, help="keep the heads here (default: a temp dir)")
+    ap.add_argument("--write-prompts", action="store_true", help="regenerate data/code_prompts_*.txt")
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args()
+    if args.large:
+        args.model = "qwen2.5-coder-1.5b"
+    torch.set_num_threads(args.threads)
+    if args.write_prompts or not TRAIN_FILE.exists() or not EVAL_FILE.exists():
+        write_prompts()
+    train_prompts = read_prompts(TRAIN_FILE)[: args.train_prompts]
+    eval_prompts = read_prompts(EVAL_FILE)[: args.eval_prompts]
+    assert not set(train_prompts) & set(eval_prompts)
+
+    model = load_model(args.model, args.dtype)
+    tok = load_tokenizer(args.model)
+    eos = eos_token_ids(model, tok)
+    s = TrainSettings(num_heads=args.heads, num_layers=args.layers, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, max_new_tokens=args.train_new, ctx_len=512, chat_template=True,
+                      gen_batch_size=8, eval_every=max(1, args.steps // 10), eval_fraction=0.1)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-heads-")) / "heads"
+    print(f"{args.model} {args.dtype}, {args.threads} threads: distilling {len(train_prompts)} prompts x "
+          f"{args.train_new} new tokens, {args.heads} heads x {args.layers} layer(s), {args.steps} steps", flush=True)
+    t0 = perf_counter()
+    heads, report = train_heads(model, tok, train_prompts, out, s, model_name=args.model, overwrite=True,
+                                eos_token_ids=eos)
+    train_total = perf_counter() - t0
+    heads = TurboHeads.load(out, hidden_size=model.config.hidden_size)
+
+    print(f"evaluating on {len(eval_prompts)} held-out prompts x {args.eval_new} new tokens, fbs {args.fbs}, "
+          f"k {args.k}", flush=True)
+    sums = evaluate(model, tok, heads, eval_prompts, args, eos)
+    b, m = sums["baseline"], sums["multiproj"]
+    tps = {k: v["tokens"] / v["time"] if v["time"] else 0.0 for k, v in sums.items()}
+    step_cost = {k: v["target"] / max(v["iters"], 1) for k, v in sums.items()}
+    accepted = float(np.mean(m["steps"])) if m["steps"] else 0.0
+    identical = b["ids"] == m["ids"]
+    same = sum(x == y for x, y in zip(b["ids"], m["ids"]))
+    rates = (m["accepted"] / np.maximum(m["proposed"], 1)).round(3).tolist()
+    figures = {
+        "model": args.model, "dtype": args.dtype, "threads": args.threads,
+        "train_prompts": len(train_prompts), "train_new_tokens": args.train_new,
+        "distilled_tokens": report["generated_tokens"], "distill_time_s": report["gen_time_s"],
+        "train_steps": args.steps, "train_time_s": report["train_time_s"], "train_total_s": round(train_total, 1),
+        "heldout_top1": report["top1_accuracy"],
+        "eval_prompts": len(eval_prompts), "eval_new_tokens": args.eval_new, "fbs": args.fbs, "k": args.k,
+        "baseline_decode_tok_s": round(tps["baseline"], 3), "multiproj_decode_tok_s": round(tps["multiproj"], 3),
+        "speedup": round(tps["multiproj"] / tps["baseline"], 3) if tps["baseline"] else 0.0,
+        "mean_accepted_tokens": round(accepted, 3),
+        "verify_step_cost_ratio": round(step_cost["multiproj"] / step_cost["baseline"], 3) if step_cost["baseline"] else 0.0,
+        "acceptance_rate_per_position": rates,
+        "identical_outputs": identical, "identical_prompts": f"{same}/{len(eval_prompts)}",
+    }
+    print()
+    print(format_accuracy(report))
+    print(f"training: distilled {report['generated_tokens']} tokens in {report['gen_time_s']:.1f}s, "
+          f"{args.steps} steps in {report['train_time_s']:.1f}s, total {train_total:.1f}s")
+    print(f"baseline : decode {tps['baseline']:.2f} tok/s, {step_cost['baseline'] * 1e3:.0f} ms per target step")
+    print(f"multiproj: decode {tps['multiproj']:.2f} tok/s, {step_cost['multiproj'] * 1e3:.0f} ms per target step, "
+          f"mean accepted tokens per step {accepted:.2f}, acceptance per position {rates}")
+    note = "" if identical or args.dtype == "float32" else \
+        " (in bfloat16 a k-token verify and a 1-token decode can round a near-tie differently)"
+    print(f"speedup {figures['speedup']:.2f}x (targets: >= 2.0 accepted, >= 2.0x); identical outputs: "
+          f"{'yes' if identical else 'NO'}, {same}/{len(eval_prompts)} prompts{note}")
+    print(json.dumps(figures))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
