@@ -1,0 +1,113 @@
+"""SpD modes against the target-only baseline, measured in the same run on the same session code.
+
+    python bench/bench_spd.py [--target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --dtype bfloat16]
+                              [--new 96] [--k-draft 4] [--k-pld 6] [--k-multiproj 4] [--modes baseline,draft,pld,multiproj]
+
+Two prompt sets, each through the tokenizer's chat template: open generation, and copy-heavy
+(edit this code, quote this text). Prints per set and mode: decode tok/s, speedup over the baseline,
+mean accepted tokens per step, and whether every output is token-identical to the baseline's.
+multiproj runs with random heads (trained heads: bench/bench_heads.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from spd_cluster.engine import SpDEngine, SpDSettings
+from spd_cluster.sessions import eos_token_ids, load_model, load_tokenizer
+from spd_cluster.sessions.heads import TurboHeads
+from spd_cluster.sessions.torch_session import TorchSession
+
+CODE = '''def compute_total(items, tax_rate):
+    subtotal = 0
+    for item in items:
+        price = item["price"]
+        quantity = item["quantity"]
+        subtotal += price * quantity
+    tax = subtotal * tax_rate
+    total = subtotal + tax
+    return round(total, 2)
+
+
+def describe_order(order):
+    lines = []
+    for item in order["items"]:
+        lines.append(f"{item['name']}: {item['quantity']} x {item['price']}")
+    lines.append(f"Total: {compute_total(order['items'], order['tax_rate'])}")
+    return "\\n".join(lines)
+'''
+
+TEXT = ("The committee met on Tuesday to review the budget for the coming year. After a long "
+        "discussion, the members agreed to increase funding for the library, to repair the roof of "
+        "the community hall, and to hire two additional staff for the summer programme.")
+
+PROMPT_SETS = {
+    "open": [
+        "Write a short story about a robot who learns to paint.",
+        "Explain how a hash table works and when to use one.",
+    ],
+    "copy-heavy": [
+        f"Rename the function compute_total to order_total everywhere in this code and return the full code:\n\n{CODE}",
+        f"Add type hints to every function in this code and return the complete code:\n\n{CODE}",
+        f"Quote the following paragraph exactly, then give it a title:\n\n{TEXT}",
+    ],
+}
+
+
+def random_heads(hidden: int, num_heads: int) -> TurboHeads:
+    torch.manual_seed(0)
+    heads = TurboHeads(hidden, num_heads, 1)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return heads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--draft", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--new", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--k-draft", type=int, default=4)
+    ap.add_argument("--k-pld", type=int, default=6)
+    ap.add_argument("--k-multiproj", type=int, default=4)
+    ap.add_argument("--modes", default="baseline,draft,pld,multiproj")
+    ap.add_argument("--sets", default="open,copy-heavy")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    modes = args.modes.split(",")
+    target = load_model(args.target, args.dtype)
+    tok = load_tokenizer(args.target)
+    draft = load_model(args.draft, args.dtype) if "draft" in modes else None
+    eos = eos_token_ids(target, tok)
+    k = {"baseline": 1, "draft": args.k_draft, "pld": args.k_pld, "multiproj": args.k_multiproj}
+    print(f"target {args.target} ({args.dtype}), draft {args.draft}, {args.new} new tokens, greedy, "
+          f"batch 1, {args.threads} threads, chat template")
+    for set_name in args.sets.split(","):
+        prompts = PROMPT_SETS[set_name]
+        print(f"\n[{set_name}] {len(prompts)} prompts")
+        print(f"{'mode':10} {'k':>2} {'decode tok/s':>12} {'e2e tok/s':>10} {'speedup':>8} {'accepted/step':>13} identical")
+        base = None
+        for mode in modes:
+            settings = SpDSettings(num_speculative_tokens=k[mode], prefill_seq_len=64, ctx_len=1024,
+                                   max_new_tokens=args.new, full_batch_size=1, chat_template=True)
+            heads = random_heads(target.config.hidden_size, k[mode]) if mode == "multiproj" else None
+            session = TorchSession(target, 1, settings.ctx_len, heads=heads)
+            d = TorchSession(draft, 1, settings.ctx_len) if mode == "draft" else None
+            engine = SpDEngine(mode, session, tok, settings, draft=d, eos_token_ids=eos)
+            engine.generate(["Hello"])  # warm-up
+            info = engine.generate(prompts)
+            m = info.perf_metrics
+            ids = [g.tolist() for g in info.generated_ids]
+            if base is None:
+                base = (m.decode_throughput, ids)
+            same = ids == base[1]
+            print(f"{mode:10} {k[mode]:>2} {m.decode_throughput:12.2f} {m.e2e_throughput:10.2f} "
+                  f"{m.decode_throughput / base[0]:7.2f}x {m.mean_num_accepted_tokens:13.2f} {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Device actors and pairs: a thin Ray shell over the SpD engine.
+
+A DeviceActor owns one device and one session, in the role ``target`` or ``draft``:
+  target  holds an SpDEngine; ``run_shard`` is one ``engine.generate`` over a shard's prompts.
+  draft   holds a DraftProposer over its own session; the target's engine reaches it through
+          RemoteDraftProposer, one round trip per speculative step, token ids only.
+A pair is a target actor plus, in draft mode, a draft actor.
+
+Devices: ``num_cpus=cpus_per_actor`` always (torch gets that many threads); ``num_gpus=1`` for
+cuda (Ray picks the GPU and sets CUDA_VISIBLE_DEVICES); ``{"qaic": 1}`` for Cloud AI 100, where
+the actor locks one id of its role's ``device_ids`` with a per-node lock file held for the
+actor's life (released by the OS when the process dies), so two actors on one node never share
+a card.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+EMPTY = np.zeros(0, dtype=np.int64)
+
+
+# -- device ids --------------------------------------------------------------------------------
+
+def lock_device(kind: str, ids: Sequence[int], lock_dir: str | Path | None = None) -> tuple[int, int]:
+    """Take the first free id of ``ids`` on this node; return (id, fd). Closing fd frees it."""
+    d = Path(lock_dir or os.environ.get("SPD_CLUSTER_LOCK_DIR") or tempfile.gettempdir()) / "spd_cluster-devices"
+    d.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        fd = os.open(d / f"{kind}-{i}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return int(i), fd
+    raise RuntimeError(f"no free {kind} device on node {socket.gethostname()}: ids {list(ids)} are all taken")
+
+
+def actor_options(device: str, cpus: int, max_restarts: int) -> dict:
+    opts: dict[str, Any] = {"num_cpus": cpus, "max_restarts": max_restarts, "max_task_retries": 0}
+    if device == "cuda":
+        opts["num_gpus"] = 1
+    elif device == "qaic":
+        opts["resources"] = {"qaic": 1}
+    return opts
+
+
+# -- draft over the wire -----------------------------------------------------------------------
+
+def pack_probs(q: Optional[np.ndarray]):
+    """A draft distribution [m, V] for the wire, exactly: its non-zero entries only (warped with
+    top-k / top-p that is a few per row; plain temperature sends the whole row)."""
+    if q is None:
+        return None
+    flat = np.ascontiguousarray(q).reshape(-1)
+    idx = np.flatnonzero(flat)
+    return q.shape, idx.astype(np.int32 if flat.size < 2**31 else np.int64), flat[idx]
+
+
+def unpack_probs(packed) -> Optional[np.ndarray]:
+    if packed is None:
+        return None
+    shape, idx, val = packed
+    flat = np.zeros(int(np.prod(shape)), dtype=val.dtype)
+    flat[idx] = val
+    return flat.reshape(shape)
+
+
+class DraftServer:
+    """The draft actor's side: rebuilds each slot's sequence from the deltas it is sent and asks
+    its DraftProposer, which keeps the draft KV and needs nothing else."""
+
+    def __init__(self, proposer):
+        self.proposer = proposer
+        self.seqs: dict[int, np.ndarray] = {}
+
+    def start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
+        prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
+        self.proposer.start(slot, prompt_ids, key=key)
+        self.seqs[slot] = prompt_ids
+
+    def step(self, slots, deltas, resync, limits):
+        """Proposals per row, and (sampling only) each proposing row's draft distributions."""
+        for s, d, full in zip(slots, deltas, resync):
+            self.seqs[s] = d if full else np.concatenate([self.seqs.get(s, EMPTY), d])
+        out = self.proposer.propose(list(slots), [self.seqs[s] for s in slots], list(limits))
+        if getattr(self.proposer, "sampling", None) is None:
+            return out, None
+        return out, [pack_probs(self.proposer.draft_probs(s)) if lim > 0 else None for s, lim in zip(slots, limits)]
+
+
+class RemoteDraftProposer:
+    """The Proposer protocol over a draft actor (any handle with ``draft_start``/``draft_step``).
+
+    ``start`` is sent without waiting (Ray runs one caller's calls to an actor in order), so the
+    draft prefill overlaps the target's; ``propose`` is the one round trip of a step. Per slot it
+    mirrors what the remote has seen and sends only the new tail; a sequence that does not extend
+    the mirror (it never happens with the engine, whose rows only grow) is sent whole. Token ids
+    go both ways; with sampling the draft's distributions come back too (sparse, exact), since
+    the verifier needs them."""
+
+    def __init__(self, actor):
+        self.actor = actor
+        self.sent: dict[int, np.ndarray] = {}
+        self.q: dict[int, np.ndarray] = {}
+        self._starts: list = []
+        self.round_trips = 0
+
+    def reset(self) -> None:
+        """Forget everything (a new shard; after a failed one, stale start calls included)."""
+        self.sent.clear()
+        self.q.clear()
+        self._starts = []
+
+    def start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
+        ids = np.array(prompt_ids, dtype=np.int64).reshape(-1)
+        self._starts.append(self.actor.draft_start.remote(slot, ids, key))
+        self.sent[slot] = ids
+        self.q.pop(slot, None)
+
+    def draft_probs(self, slot: int) -> Optional[np.ndarray]:
+        return self.q.get(slot)
+
+    def propose(self, slots, seqs, limits) -> list[np.ndarray]:
+        import ray
+
+        if self._starts:  # surface a failed start here; they ran before this step anyway
+            ray.get(self._starts)
+            self._starts = []
+        deltas, resync = [], []
+        for s, seq in zip(slots, seqs):
+            seq = np.asarray(seq, dtype=np.int64)
+            base = self.sent.get(s, EMPTY)
+            n = base.shape[0]
+            if seq.shape[0] >= n and np.array_equal(seq[:n], base):
+                deltas.append(seq[n:].copy())
+                resync.append(False)
+            else:
+                deltas.append(seq.copy())
+                resync.append(True)
+            self.sent[s] = seq.copy()
+        self.round_trips += 1
+        out, qs = ray.get(self.actor.draft_step.remote(list(slots), deltas, resync, [int(x) for x in limits]))
+        if qs is not None:
+            for s, packed in zip(slots, qs):
+                if packed is not None:
+                    self.q[s] = unpack_probs(packed)
+        return out
+
+
+# -- the actor ---------------------------------------------------------------------------------
+
+def _result_row(r) -> dict:
+    return {
+        "prompt_id": None if r.prompt_id is None else str(r.prompt_id),
+        "generated_text": r.generated_text,
+        "generated_ids": [int(t) for t in r.generated_ids],
+        "num_prompt_tokens": int(r.num_prompt_tokens),
+        "num_generated_tokens": int(r.num_generated_tokens),
+        "finish_reason": r.finish_reason,
+        "error": r.error,
+        "ttft_s": float(r.ttft_s),
+        "num_decode_iterations": int(r.num_decode_iterations),
+        "mean_num_accepted_tokens": float(r.mean_num_accepted_tokens),
+    }
+
+
+class DeviceActor:
+    """One device, one session. Created with ``ray.remote(DeviceActor).options(...)``; a load
+    error is kept and raised by every call, so the coordinator sees it without Ray restarting
+    the actor to fail the same way again."""
+
+    def __init__(self, role: str, job: dict, pair_id: int):
+        from ..config import JobConfig
+
+        self.role, self.pair_id = role, pair_id
+        self.error: Optional[str] = None
+        self.device_id: Optional[int] = None
+        self._lock_fd: Optional[int] = None
+        t0 = time.perf_counter()
+        try:
+            cfg = JobConfig.model_validate(job)
+            spec = cfg.target if role == "target" else cfg.draft
+            import torch
+
+            torch.set_num_threads(cfg.cluster.cpus_per_actor)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # no "Loading weights" bars in the driver log
+            if spec.device == "qaic" and spec.device_ids:
+                self.device_id, self._lock_fd = lock_device("qaic", spec.device_ids)
+            self._load(cfg, spec)
+        except Exception as e:  # noqa: BLE001 - reported through info()/run_shard
+            self.error = f"{role} actor of pair {pair_id} failed to load: {type(e).__name__}: {e}"
+            self.traceback = traceback.format_exc()
+        self.load_s = time.perf_counter() - t0
+
+    def _load(self, cfg, spec) -> None:
+        from ..sessions import load_session
+
+        s = cfg.spd
+        kwargs = dict(role=self.role, device=spec.device, dtype=spec.dtype, full_batch_size=s.full_batch_size,
+                      ctx_len=s.ctx_len, prefill_seq_len=s.prefill_seq_len,
+                      num_speculative_tokens=s.num_speculative_tokens)
+        if self.device_id is not None:
+            kwargs["device_ids"] = [self.device_id]
+        if self.role == "target" and cfg.mode == "multiproj":
+            kwargs.update(with_heads=True, speculator_path=cfg.speculator_path)
+        self.session = load_session(spec.model, **kwargs)
+        if self.role == "draft":
+            from ..engine.proposers import DraftProposer
+
+            self.server = DraftServer(DraftProposer(self.session, s.prefill_seq_len, s.num_speculative_tokens,
+                                                    sampling=s))
+            return
+        from ..engine.engine import SpDEngine
+        from ..sessions import load_tokenizer
+
+        # In draft mode the draft actor's handle comes with every call (not with the constructor:
+        # a restarted target then needs nothing that may be gone, and a restarted draft is just
+        # the same handle).
+        draft_mode = cfg.mode == "draft"
+        self.engine = SpDEngine(cfg.mode, self.session, load_tokenizer(spec.model), s,
+                                proposer=RemoteDraftProposer(None) if draft_mode else None,
+                                eos_token_ids=getattr(self.session, "eos_token_ids", None),
+                                target_name=spec.model, draft_name=cfg.draft.model if draft_mode else "")
+
+    def _check(self) -> None:
+        if self.error:
+            raise RuntimeError(self.error)
+
+    def info(self, draft=None) -> dict:
+        """Ready probe; for a target with a draft it also probes the draft and checks vocabularies."""
+        import ray
+
+        self._check()
+        out = {"role": self.role, "pair_id": self.pair_id, "node_id": ray.get_runtime_context().get_node_id(),
+               "pid": os.getpid(), "device_id": self.device_id, "vocab_size": int(self.session.vocab_size),
+               "load_s": self.load_s}
+        if self.role == "target" and draft is not None:
+            d = ray.get(draft.info.remote())
+            if d["vocab_size"] != out["vocab_size"]:
+                raise ValueError(f"draft and target vocabularies differ: {d['vocab_size']} vs "
+                                 f"{out['vocab_size']} tokens")
+            out["draft"] = d
+        return out
+
+    # target
+    def run_shard(self, shard_id: int, prompts: list, prompt_ids: list, draft=None) -> dict:
+        import ray
+
+        self._check()
+        if isinstance(self.engine.proposer, RemoteDraftProposer):
+            self.engine.proposer.reset()
+            self.engine.proposer.actor = draft
+        info = self.engine.generate(prompts, prompt_ids)
+        return {"shard_id": shard_id, "pair_id": self.pair_id,
+                "node_id": ray.get_runtime_context().get_node_id(),
+                "rows": [_result_row(r) for r in info.results], "metrics": info.perf_metrics}
+
+    # draft
+    def draft_start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
+        self._check()
+        self.server.start(slot, prompt_ids, key)
+
+    def draft_step(self, slots, deltas, resync, limits):
+        self._check()
+        return self.server.step(slots, deltas, resync, limits)
+
+
+class Pair:
+    """Driver-side handle of one pair."""
+
+    def __init__(self, pair_id: int, job: dict, mode: str, target_device: str, draft_device: Optional[str],
+                 cpus: int, max_restarts: int):
+        import ray
+
+        cls = ray.remote(DeviceActor)
+        self.pair_id = pair_id
+        self.draft = None
+        if mode == "draft":
+            self.draft = cls.options(**actor_options(draft_device, cpus, max_restarts)).remote("draft", job, pair_id)
+        self.target = cls.options(**actor_options(target_device, cpus, max_restarts)).remote("target", job, pair_id)
+        self.node_id: Optional[str] = None
+        self.state = "starting"  # starting | ready | busy | recovering | dead
+        self.probe_failures = 0
+        self.recovering_since: Optional[float] = None
+        self.shards_done = 0
+        self.last_error: Optional[str] = None
+
+    def probe(self):
+        return self.target.info.remote(self.draft)
+
+    def run(self, shard_id: int, prompts: list, prompt_ids: list):
+        return self.target.run_shard.remote(shard_id, prompts, prompt_ids, self.draft)
+
+    def kill(self) -> None:
+        import ray
+
+        for a in (self.target, self.draft):
+            if a is not None:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # noqa: BLE001 - already gone
+                    pass

@@ -1,0 +1,190 @@
+"""Job config: the YAML a user writes for `spd-cluster run`, validated before any model loads.
+
+```yaml
+name: demo
+mode: pld                    # draft | pld | multiproj | baseline
+target: {model: smollm2-135m, dtype: float32, device: cpu}
+draft: {model: qwen2.5-coder-0.5b, dtype: bfloat16, device: cpu}   # draft mode only
+speculator_path: null
+dataset: {path: data/sample_prompts.jsonl, prompt_column: prompt, id_column: id}
+output: {path: out/demo, overwrite: false}
+spd: {num_speculative_tokens: 4, max_ngram_size: 3, prefill_seq_len: 32, ctx_len: 1024, ...}
+cluster: {address: null, num_pairs: 1, shard_size: 16, cpus_per_actor: 1, max_retries: 3}
+```
+
+Relative paths (dataset, output, speculator) are taken from the working directory, which is the
+uploaded working dir under `ray job submit`. Overrides `a.b=value` parse `value` as a YAML scalar
+(`true`, `3`, `null`, `[0, 1]`, plain text). A `draft:` section outside draft mode and a
+`speculator_path` outside multiproj mode are ignored (so `--set mode=baseline` works on any config).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .engine.settings import Mode, SpDSettings
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the field and the bad value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    model: str = Field(min_length=1, description="HF id, local dir, .gguf file or store alias")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["cpu", "cuda", "qaic"] = "cpu"
+    # Per node, the devices this role may take (qaic only: Ray itself assigns CUDA GPUs). Each
+    # actor locks one id for its lifetime, so two actors on a node never share a device.
+    device_ids: Optional[list[int]] = None
+
+    @model_validator(mode="after")
+    def _ids(self) -> "ModelSpec":
+        if self.device_ids is not None:
+            if self.device != "qaic":
+                raise ValueError(f"device_ids is for device qaic only (device is {self.device!r}); "
+                                 "Ray assigns CUDA GPUs itself")
+            if not self.device_ids or len(set(self.device_ids)) != len(self.device_ids) or min(self.device_ids) < 0:
+                raise ValueError(f"device_ids must be distinct non-negative ints, got {self.device_ids}")
+        return self
+
+
+class DatasetSpec(_Strict):
+    path: str = Field(min_length=1)
+    prompt_column: str = "prompt"
+    # null: ids are row numbers (0, 1, ...). A named column that the file lacks is an error.
+    id_column: Optional[str] = None
+    format: Optional[Literal["parquet", "jsonl", "csv"]] = None  # default: from the file suffix
+
+
+class OutputSpec(_Strict):
+    path: str = Field(min_length=1)
+    overwrite: bool = False
+
+
+class ClusterSpec(_Strict):
+    address: Optional[str] = None  # null: start a local Ray on 127.0.0.1; else join ("auto", "ray://…")
+    num_pairs: int = Field(1, ge=1)
+    shard_size: int = Field(16, ge=1)
+    cpus_per_actor: int = Field(1, ge=1)  # Ray num_cpus per actor and torch threads
+    max_retries: int = Field(3, ge=0)  # re-runs of a shard (and restarts of an actor) after a death
+
+
+class JobConfig(_Strict):
+    name: str = "job"
+    mode: Mode
+    target: ModelSpec
+    draft: Optional[ModelSpec] = None
+    speculator_path: Optional[str] = None
+    dataset: DatasetSpec
+    output: OutputSpec
+    spd: SpDSettings = Field(default_factory=SpDSettings)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+
+    @model_validator(mode="after")
+    def _mode(self) -> "JobConfig":
+        if self.mode == "draft":
+            if self.draft is None:
+                raise ValueError("mode 'draft' needs a 'draft' section (draft: {model: ...})")
+            t, d = self.target, self.draft
+            if t.device == d.device == "qaic" and t.device_ids and d.device_ids:
+                shared = sorted(set(t.device_ids) & set(d.device_ids))
+                if shared:
+                    raise ValueError(f"target.device_ids and draft.device_ids share {shared}")
+        return self
+
+    # -- identity of the outputs, for resume -------------------------------------------------
+    def output_identity(self) -> dict[str, Any]:
+        """What decides the rows of the output: resuming with any of it changed is refused.
+        Cluster placement (address, num_pairs, cpus_per_actor, max_retries), device ids, the
+        name and the output section do not change a row and may differ between runs."""
+        d = self.model_dump(mode="json")
+        ident = {
+            "mode": d["mode"],
+            "target": {k: d["target"][k] for k in ("model", "dtype", "device")},
+            "draft": {k: d["draft"][k] for k in ("model", "dtype", "device")} if self.mode == "draft" else None,
+            "speculator_path": d["speculator_path"] if self.mode == "multiproj" else None,
+            "dataset": d["dataset"],
+            "spd": d["spd"],
+            "shard_size": d["cluster"]["shard_size"],
+        }
+        return ident
+
+    def identity_hash(self, dataset_digest: str = "") -> str:
+        blob = json.dumps({"config": self.output_identity(), "dataset_sha256": dataset_digest}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _format_errors(err: ValidationError, data: Any) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<config>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            lines.append(f"{loc}: required field is missing")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key (value {e['input']!r})")
+        else:
+            lines.append(f"{loc}: {msg} (got {e['input']!r})")
+    return "invalid job config:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: value is not a YAML scalar: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        path, value = parse_override(item)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(path[: i + 1])} is {child!r}, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: Any, overrides: Optional[list[str]] = None) -> JobConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"a job config is a YAML mapping, got {type(data).__name__}: {data!r}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, data)) from None
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> JobConfig:
+    """Read a YAML job config, apply `a.b=value` overrides, validate. Raises ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    try:
+        return config_from_dict(data if data is not None else {}, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None

@@ -1,0 +1,432 @@
+"""The Ray layer end to end, on Ray bound to 127.0.0.1 only, with a tiny random llama.
+
+One local Ray serves most tests (module fixture); the node-failure test then starts its own
+head + worker with ray.cluster_utils.Cluster, and the last test runs a real `ray start --head`
++ `ray job submit`, stopped by its own process group.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: loopback everywhere
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import json  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import ray  # noqa: E402
+
+from spd_cluster.cluster import coordinator, runtime  # noqa: E402
+from spd_cluster.cluster.actors import DraftServer, RemoteDraftProposer, lock_device  # noqa: E402
+from spd_cluster.cluster.cli import run_main  # noqa: E402
+from spd_cluster.cluster.coordinator import run_job  # noqa: E402
+from spd_cluster.config import ConfigError, config_from_dict  # noqa: E402
+from spd_cluster.io.dataset import DatasetError, iter_shards, scan  # noqa: E402
+from spd_cluster.io.results import OutputError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b\n",
+              "speculative decoding on ray, one device per actor"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # sharp logits: no greedy near-ties between thread counts
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+GOOD = ["the quick brown fox", "def add(a, b):\n    return a + b\n\ndef add(a, b):", "hello world",
+        "speculative decoding on ray with the quick brown fox jumps over the lazy dog", "one device per actor",
+        "the lazy dog", "return a + b", "on ray, on ray, on ray", "fox fox fox", "def"]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_cfg(tiny: str, dataset: Path, out: Path, **over):
+    data = {
+        "name": "t", "mode": "pld", "target": {"model": tiny},
+        "dataset": {"path": str(dataset), "id_column": "id"}, "output": {"path": str(out)},
+        "spd": {"num_speculative_tokens": 3, "max_new_tokens": 24, "ctx_len": 128, "prefill_seq_len": 16,
+                "full_batch_size": 2},
+        "cluster": {"num_pairs": 2, "shard_size": 4, "cpus_per_actor": 1, "max_retries": 2},
+    }
+    return config_from_dict(data, [f"{k}={v}" for k, v in over.items()])
+
+
+def reference(tiny: str, cfg) -> dict[int, list[int]]:
+    """The undisturbed answer: the in-process engine over each shard, row -> generated ids."""
+    from spd_cluster.engine.engine import SpDEngine
+    from spd_cluster.sessions import load_session, load_tokenizer
+
+    s = cfg.spd
+    session = load_session(tiny, full_batch_size=s.full_batch_size, ctx_len=s.ctx_len)
+    engine = SpDEngine(cfg.mode, session, load_tokenizer(tiny), s, eos_token_ids=session.eos_token_ids)
+    info = scan(cfg.dataset.path, "prompt", cfg.dataset.id_column)
+    out = {}
+    for shard in iter_shards(info, cfg.cluster.shard_size, "prompt", cfg.dataset.id_column):
+        todo = [r for r in shard.rows if r.error is None]
+        res = engine.generate([r.prompt for r in todo]).results
+        out.update({r.row: list(x.generated_ids) for r, x in zip(todo, res) if x.finish_reason != "error"})
+    return out
+
+
+def results(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "results").sort_values("row").reset_index(drop=True)
+
+
+# -- no Ray needed -----------------------------------------------------------------------------
+
+def test_bad_files_fail_before_any_model_loads(tmp_path, tiny, monkeypatch, capsys):
+    def no_ray(*a, **k):
+        raise AssertionError("Ray must not start for a bad input")
+
+    monkeypatch.setattr(runtime, "init_ray", no_ray)
+    ok = write_jsonl(tmp_path / "ok.jsonl", [{"id": 1, "prompt": "x"}])
+    with pytest.raises(DatasetError, match="not found"):
+        run_job(make_cfg(tiny, tmp_path / "missing.jsonl", tmp_path / "o"), progress=False)
+    with pytest.raises(DatasetError, match=r"no row has the key 'id'"):
+        run_job(make_cfg(tiny, write_jsonl(tmp_path / "noid.jsonl", [{"prompt": "x"}]), tmp_path / "o"), progress=False)
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 nope")
+    with pytest.raises(DatasetError, match=r"c.parquet: not a readable Parquet"):
+        run_job(make_cfg(tiny, tmp_path / "c.parquet", tmp_path / "o"), progress=False)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(OutputError, match="not writable"):
+        run_job(make_cfg(tiny, ok, tmp_path / "afile" / "out"), progress=False)
+    # the CLI says the same and exits 2
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(json.dumps({"mode": "pld", "target": {"model": tiny}, "dataset": {"path": str(ok)},
+                                    "output": {"path": str(tmp_path / "o")}, "spd": {"ctx_len": 8}}))
+    assert run_main(str(cfg_path)) == 2
+    assert "ctx_len (8) must be >= prefill_seq_len (32)" in capsys.readouterr().err
+    assert run_main(str(cfg_path), ["spd.ctx_len=64", "dataset.prompt_column=text"]) == 2
+    assert "no row has the key 'text' (dataset.prompt_column)" in capsys.readouterr().err
+
+
+def test_device_lock_never_shares_an_id(tmp_path):
+    a, fa = lock_device("qaic", [0, 1], tmp_path)
+    b, fb = lock_device("qaic", [0, 1], tmp_path)
+    assert {a, b} == {0, 1}
+    with pytest.raises(RuntimeError, match="all taken"):
+        lock_device("qaic", [0, 1], tmp_path)
+    os.close(fa)  # the process holding it died
+    c, fc = lock_device("qaic", [0, 1], tmp_path)
+    assert c == a
+    os.close(fb), os.close(fc)
+
+
+# -- local Ray ---------------------------------------------------------------------------------
+
+class _Handle:
+    """Stands in for a draft actor handle: ``method.remote(...)`` runs here and returns an ObjectRef."""
+
+    def __init__(self, server: DraftServer):
+        self.server, self.deltas = server, []
+
+    @property
+    def draft_start(self):
+        return SimpleNamespace(remote=lambda slot, ids, key=None: ray.put(self.server.start(slot, ids, key)))
+
+    @property
+    def draft_step(self):
+        def step(slots, deltas, resync, limits):
+            self.deltas.append((list(map(len, deltas)), list(resync)))
+            return ray.put(self.server.step(slots, deltas, resync, limits))
+        return SimpleNamespace(remote=step)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 20, "seed": 7}], ids=["greedy", "sampled"])
+def test_remote_draft_proposer_is_the_in_process_one(tiny, local_ray, sampling):
+    from spd_cluster.engine.engine import SpDEngine
+    from spd_cluster.engine.proposers import DraftProposer
+    from spd_cluster.engine.settings import SpDSettings
+    from spd_cluster.sessions import load_session, load_tokenizer
+
+    s = SpDSettings(num_speculative_tokens=3, max_new_tokens=20, ctx_len=128, prefill_seq_len=16, full_batch_size=2,
+                    ignore_eos=True, **sampling)
+    sess = lambda: load_session(tiny, full_batch_size=2, ctx_len=128)  # noqa: E731
+    tok = load_tokenizer(tiny)
+    local = SpDEngine("draft", sess(), tok, s, draft=sess()).generate(GOOD[:5])
+    handle = _Handle(DraftServer(DraftProposer(sess(), s.prefill_seq_len, s.num_speculative_tokens, sampling=s)))
+    remote = RemoteDraftProposer(handle)
+    got = SpDEngine("draft", sess(), tok, s, proposer=remote).generate(GOOD[:5])
+    assert [list(x) for x in got.generated_ids] == [list(x) for x in local.generated_ids]
+    m = got.perf_metrics
+    assert m.accepted_per_position == local.perf_metrics.accepted_per_position
+    assert m.proposed_per_position == local.perf_metrics.proposed_per_position
+    if not sampling:  # draft == target, greedy: every proposal is accepted
+        assert m.accepted_per_position == m.proposed_per_position
+    # one round trip per step, and only the new tail crosses the wire (<= k + 1 tokens, no resync)
+    assert remote.round_trips == got.perf_metrics.decode_iterations
+    assert all(n <= s.num_speculative_tokens + 1 for lens, _ in handle.deltas for n in lens)
+    assert not any(r for _, rs in handle.deltas for r in rs)
+    # a sequence that does not extend the mirror is sent whole
+    remote.sent[0] = np.array([5, 6, 7])
+    handle.server.seqs[0] = np.array([5, 6, 7])
+    remote.propose([0], [np.array([5, 9, 7, 8])], [0])  # limit 0: no draft forward
+    assert handle.deltas[-1] == ([4], [True]) and handle.server.seqs[0].tolist() == [5, 9, 7, 8]
+
+
+def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
+    rows = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(GOOD[:6])]
+    rows[1:1] = [{"id": "empty", "prompt": ""}, {"id": "ws", "prompt": "  \n "}, {"id": "num", "prompt": 42},
+                 {"id": "p0", "prompt": "duplicate id"}, {"id": "long", "prompt": "the quick brown fox " * 60}]
+    ds = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out"
+    cfg = make_cfg(tiny, ds, out)
+    events = []
+    res = run_job(cfg, progress=False, on_event=lambda kind, **kw: events.append((kind, kw)))
+    assert res.status == "completed" and res.num_prompts == 11 and res.shards_run == 3 and res.shards_skipped == 0
+
+    df = results(out)
+    assert df.row.tolist() == list(range(11))  # every prompt exactly once, in order
+    assert list(df.columns[:3]) == ["prompt_id", "row", "prompt"]
+    err = df.set_index("prompt_id").loc[["empty", "ws", "num", "long"]]
+    assert (err.finish_reason == "error").all()
+    assert "empty" in err.error["empty"] and "whitespace" in err.error["ws"] and "not a string" in err.error["num"]
+    assert "ctx_len" in err.error["long"]
+    dup = df[df.prompt == "duplicate id"].iloc[0]
+    assert dup.finish_reason == "error" and "duplicate prompt_id 'p0'" in dup.error
+    assert res.num_errors == 5
+    ok = df[df.finish_reason != "error"]
+    assert set(ok.finish_reason) <= {"eos", "length", "ctx_len"} and ok.error.isna().all()
+    assert (ok.num_generated_tokens == ok.generated_ids.map(len)).all() and (ok.ttft_s > 0).all()
+    ref = reference(tiny, cfg)
+    assert {r: list(g) for r, g in zip(ok.row, ok.generated_ids)} == ref
+    assert set(df.pair_id) <= {0, 1} and df.shard_id.tolist() == [i // 4 for i in range(11)]
+
+    shards = pd.read_parquet(out / "shards.parquet")
+    assert shards.shard_id.tolist() == [0, 1, 2] and shards.num_prompts.sum() == 11 and (shards.attempts == 1).all()
+    ex = pd.read_parquet(out / "exec_info.parquet")
+    assert len(ex) == 1 and ex.num_prompts[0] == 11 and ex.num_errors[0] == 5 and ex["mode"][0] == "pld"
+    assert ex.num_generated_tokens[0] == ok.num_generated_tokens.sum()
+    m = res.exec_info.perf_metrics
+    assert m.num_generated_tokens == ok.num_generated_tokens.sum() and m.e2e_time == pytest.approx(res.wall_time_s)
+    assert "E2E Throughput" in str(res.exec_info)
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "completed" and job["versions"]["ray"] == ray.__version__
+    assert job["config"]["spd"]["max_new_tokens"] == 24 and job["dataset"]["num_rows"] == 11
+    assert {k for k, _ in events} >= {"ready", "dispatch", "done"}
+
+    # resume: nothing to do, nothing rewritten
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
+    res2 = run_job(cfg, progress=False)
+    assert res2.shards_run == 0 and res2.shards_skipped == 3
+    assert {p: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == mtimes
+    # a lost shard is re-run alone, with the same rows (no duplicates)
+    (out / "results" / "shard-00001.parquet").unlink()
+    res3 = run_job(cfg, progress=False)
+    assert res3.shards_run == 1 and res3.shards_skipped == 2
+    pd.testing.assert_frame_equal(results(out).drop(columns=["pair_id", "ttft_s"]), df.drop(columns=["pair_id", "ttft_s"]))
+    assert res3.exec_info.perf_metrics.num_generated_tokens == m.num_generated_tokens
+
+    # a changed config on the same output is refused, unless asked to overwrite
+    with pytest.raises(OutputError, match=r"spd.max_new_tokens: 24 -> 12"):
+        run_job(make_cfg(tiny, ds, out, **{"spd.max_new_tokens": 12}), progress=False)
+    res4 = run_job(make_cfg(tiny, ds, out, **{"spd.max_new_tokens": 12, "output.overwrite": "true",
+                                              "cluster.num_pairs": 1}), progress=False)
+    assert res4.shards_run == 3 and results(out).num_generated_tokens.max() <= 12
+
+
+def test_draft_mode_over_two_actors(tiny, local_ray, tmp_path):
+    """Draft == target: every proposal is accepted (k + 1 per step), and the output is the
+    target's greedy output, as in the in-process engine."""
+    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(GOOD[:4])])
+    over = {"spd.ignore_eos": "true", "spd.max_new_tokens": 21}  # 1 + 5 steps of k + 1 = 4
+    cfg = make_cfg(tiny, ds, tmp_path / "out", mode="draft", **{"draft.model": tiny, "cluster.num_pairs": 1}, **over)
+    res = run_job(cfg, progress=False)
+    assert res.exec_info.perf_metrics.mean_num_accepted_tokens == 4.0
+    df = results(tmp_path / "out")
+    ref = reference(tiny, make_cfg(tiny, ds, tmp_path / "x", mode="baseline", **over))
+    assert {r: list(g) for r, g in zip(df.row, df.generated_ids)} == ref
+    assert (df.mean_num_accepted_tokens > 3.0).all() and res.exec_info.draft_model_name == tiny
+
+
+def test_a_model_that_cannot_load_fails_the_job_clearly(tiny, local_ray, tmp_path):
+    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "prompt": "x"}])
+    # no such model: refused in the driver, before any actor starts
+    cfg = make_cfg(tiny, ds, tmp_path / "out", **{"target.model": str(tmp_path / "no-such-model")})
+    with pytest.raises(ConfigError, match=r"target.model=.*no-such-model"):
+        run_job(cfg, progress=False)
+    # a model directory whose weights are missing: the actor's load error ends the job, named
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(Path(tiny) / "config.json", broken / "config.json")
+    cfg = make_cfg(tiny, ds, tmp_path / "out2", **{"target.model": str(broken), "cluster.num_pairs": 1,
+                                                   "cluster.max_retries": 0})
+    with pytest.raises(coordinator.JobError, match=r"every pair failed.*target actor of pair 0 failed to load"):
+        run_job(cfg, progress=False)
+    job = json.loads((tmp_path / "out2" / "job.json").read_text())
+    assert job["status"] == "failed" and "failed to load" in job["error"]
+
+
+def test_an_actor_no_node_can_host_fails_at_once(tiny, local_ray, tmp_path):
+    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "prompt": "x"}])
+    with pytest.raises(coordinator.JobError, match=r"no node .* can host a cpu actor needing \{'CPU': 64\}"):
+        run_job(make_cfg(tiny, ds, tmp_path / "out", **{"cluster.cpus_per_actor": 64}), progress=False)
+    with pytest.raises(coordinator.JobError, match=r"can host a qaic actor needing .*'qaic': 1"):
+        run_job(make_cfg(tiny, ds, tmp_path / "out2", **{"target.device": "qaic"}), progress=False)
+
+
+# -- a node dies -------------------------------------------------------------------------------
+
+def test_node_death_mid_shard_loses_nothing(tiny, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": GOOD[i % len(GOOD)]} for i in range(16)])
+    cfg = make_cfg(tiny, ds, tmp_path / "out", mode="baseline",
+                   **{"spd.max_new_tokens": 48, "spd.ignore_eos": "true", "cluster.shard_size": 2})
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False,
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300,
+                           "health_check_failure_threshold": 3}})
+    try:
+        worker = cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, logging_level="WARNING")
+        cluster.wait_for_nodes()
+        worker_id, removed, seen = worker.node_id, [], []
+
+        def on_event(kind, **kw):
+            seen.append((kind, kw))
+            # the pair on the worker node has finished a shard and just took another: kill the node
+            if (kind == "dispatch" and kw["node_id"] == worker_id and not removed
+                    and any(k == "done" and e["node_id"] == worker_id for k, e in seen)):
+                cluster.remove_node(worker, allow_graceful=False)
+                removed.append(kw["shard_id"])
+
+        res = run_job(cfg, progress=False, on_event=on_event)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert removed, "the worker node never took a second shard"
+    assert any(k == "retry" and kw["shard_id"] == removed[0] for k, kw in seen)
+    assert res.status == "completed"
+    df = results(tmp_path / "out")
+    assert df.row.tolist() == list(range(16))  # every prompt exactly once
+    shards = pd.read_parquet(tmp_path / "out" / "shards.parquet")
+    lost = shards.set_index("shard_id").loc[removed[0]]
+    assert lost.attempts == 2 and lost.node_id != worker_id
+    assert {r: list(g) for r, g in zip(df.row, df.generated_ids)} == reference(tiny, cfg)
+
+
+# -- the real thing: ray start + ray job submit -------------------------------------------------
+
+def test_ray_job_submit(tiny, tmp_path):
+    if ray.is_initialized():
+        ray.shutdown()
+    bin_dir = Path(sys.executable).parent
+    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(GOOD[:3])])
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(json.dumps({
+        "name": "submitted", "mode": "pld", "target": {"model": tiny}, "dataset": {"path": str(ds)},
+        "output": {"path": str(tmp_path / "out")},
+        "spd": {"max_new_tokens": 8, "ctx_len": 128, "prefill_seq_len": 16, "full_batch_size": 2}}))
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+    temp = Path("/tmp") / f"spdray-{secrets.token_hex(3)}"  # short: unix socket paths are limited
+    # ports outside Ray's worker range (10002-19999), none of the fixed defaults (another Ray may hold them)
+    gcs, dash, client, agent = (_free_port() for _ in range(4))
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--port={gcs}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", "--num-cpus=1", f"--temp-dir={temp}", "--include-dashboard=true"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_for(url, head)
+        sub = subprocess.run(
+            [str(bin_dir / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO), "--",
+             sys.executable, "jobs/spd_batch.py", "--config", str(cfg_path), "--no-progress"],
+            env=env, capture_output=True, text=True, timeout=400)
+        assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
+        assert "E2E Throughput" in sub.stdout and "output:" in sub.stdout
+        assert len(pd.read_parquet(tmp_path / "out" / "results")) == 3
+        job = json.loads((tmp_path / "out" / "job.json").read_text())
+        assert job["status"] == "completed"
+        assert job["ray"]["started_locally"] is False  # the job's driver joined this cluster
+        assert job["ray"]["gcs_address"] == f"127.0.0.1:{gcs}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # our own process group, nothing else
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, head: subprocess.Popen, timeout: float = 180) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if head.poll() is not None:
+            pytest.fail(f"ray start exited: {head.stdout.read()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # 401 without the token: it is up
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(1)
+    pytest.fail("the Ray dashboard never answered")

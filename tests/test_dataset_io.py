@@ -1,0 +1,129 @@
+"""Dataset readers: formats, shards, ids, and bad files that fail fast naming file and column."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spd_cluster.io.dataset import DatasetError, iter_rows, iter_shards, scan
+
+PROMPTS = [f"prompt number {i}" for i in range(10)]
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def parquet(path, **cols):
+    pq.write_table(pa.table(cols), path, row_group_size=3)
+    return path
+
+
+def csv(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(params=["parquet", "jsonl", "csv"])
+def dataset(request, tmp_path):
+    ids = [f"id-{i}" for i in range(len(PROMPTS))]
+    if request.param == "parquet":
+        return parquet(tmp_path / "d.parquet", text=PROMPTS, key=ids)
+    if request.param == "jsonl":
+        return jsonl(tmp_path / "d.jsonl", [{"key": k, "text": p, "other": 1} for k, p in zip(ids, PROMPTS)])
+    lines = ["key,text,other"] + [f'{k},"{p}",1' for k, p in zip(ids, PROMPTS)]
+    return csv(tmp_path / "d.csv", "\n".join(lines) + "\n")
+
+
+def test_every_format_streams_rows_and_shards(dataset):
+    rows = list(iter_rows(dataset, "text", "key"))
+    assert [r.prompt for r in rows] == PROMPTS
+    assert [r.prompt_id for r in rows] == [f"id-{i}" for i in range(10)]
+    assert [r.row for r in rows] == list(range(10))
+    info = scan(dataset, "text", "key")
+    assert info.num_rows == 10 and info.row_errors == {} and len(info.sha256) == 64
+    shards = list(iter_shards(info, 4, "text", "key"))
+    assert [len(s) for s in shards] == [4, 4, 2] and [s.shard_id for s in shards] == [0, 1, 2]
+    assert [s.first_row for s in shards] == [0, 4, 8] and info.num_shards(4) == 3
+    assert [r.prompt for s in shards for r in s.rows] == PROMPTS
+
+
+def test_no_id_column_means_row_numbers(dataset):
+    assert [r.prompt_id for r in iter_rows(dataset, "text")] == [str(i) for i in range(10)]
+
+
+def test_duplicate_and_null_ids_become_row_errors(tmp_path):
+    p = jsonl(tmp_path / "d.jsonl", [{"id": 1, "prompt": "a"}, {"id": "1", "prompt": "b"}, {"id": None, "prompt": "c"},
+                                    {"id": 2, "prompt": "d"}, {"id": 2, "prompt": "e"}])
+    info = scan(p, "prompt", "id")
+    assert sorted(info.row_errors) == [1, 2, 4]
+    assert "duplicate prompt_id '1' (first at row 0)" in info.row_errors[1]
+    assert "null" in info.row_errors[2]
+    (shard,) = iter_shards(info, 10, "prompt", "id")
+    assert [r.error is None for r in shard.rows] == [True, False, False, True, False]
+
+
+def test_bad_values_pass_through_for_the_engine(tmp_path):
+    p = jsonl(tmp_path / "d.jsonl", [{"prompt": ""}, {"prompt": 42}, {"nothing": 1}, {"prompt": ["x"]}, {"prompt": "ok"}])
+    assert [r.prompt for r in iter_rows(p)] == ["", 42, None, ["x"], "ok"]
+    # CSV keeps everything as text, an empty cell as ""
+    c = csv(tmp_path / "d.csv", 'prompt\n42\n""\n   \nok\n')
+    assert [r.prompt for r in iter_rows(c)] == ["42", "", "   ", "ok"]
+
+
+def test_jsonl_blank_lines_are_not_rows(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"prompt": "a"}\n\n   \n{"prompt": "b"}\n')
+    assert [(r.row, r.prompt) for r in iter_rows(p)] == [(0, "a"), (1, "b")]
+
+
+def test_bad_files_fail_naming_file_and_column(tmp_path):
+    with pytest.raises(DatasetError, match="dataset file not found: .*missing.jsonl"):
+        scan(tmp_path / "missing.jsonl")
+    with pytest.raises(DatasetError, match=r"unknown format '.txt'"):
+        scan(csv(tmp_path / "d.txt", "prompt\nx\n"))
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(DatasetError, match=r"corrupt.parquet: not a readable Parquet file"):
+        scan(corrupt)
+    good = parquet(tmp_path / "t.parquet", text=PROMPTS)
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(DatasetError, match="truncated.parquet"):
+        scan(truncated, "text")
+    with pytest.raises(DatasetError, match=r"t.parquet: no column 'prompt' \(dataset.prompt_column\)"):
+        scan(good)
+    with pytest.raises(DatasetError, match=r"no column 'id' \(dataset.id_column\)"):
+        scan(good, "text", "id")
+    with pytest.raises(DatasetError, match=r"d.csv: no column 'prompt'"):
+        scan(csv(tmp_path / "d.csv", "text\nx\n"))
+    with pytest.raises(DatasetError, match=r"d.jsonl: no row has the key 'prompt'"):
+        scan(jsonl(tmp_path / "d.jsonl", [{"text": "x"}]))
+    with pytest.raises(DatasetError, match=r"bad.jsonl: line 2 is not valid JSON"):
+        p = tmp_path / "bad.jsonl"
+        p.write_text('{"prompt": "a"}\n{"prompt": \n')
+        scan(p)
+    with pytest.raises(DatasetError, match="no rows"):
+        scan(jsonl(tmp_path / "empty.jsonl", []))
+    with pytest.raises(DatasetError, match="not a file"):
+        scan(tmp_path)
+
+
+def test_format_override(tmp_path):
+    p = jsonl(tmp_path / "d.data", [{"prompt": "x"}])
+    assert [r.prompt for r in iter_rows(p, format="jsonl")] == ["x"]
+
+
+def test_streaming_does_not_read_ahead(tmp_path):
+    """A shard comes out before the rest of the file is read (the driver holds shards, not the dataset)."""
+    p = parquet(tmp_path / "big.parquet", prompt=[f"p{i}" for i in range(10_000)])
+    info = scan(p)
+    assert info.num_rows == 10_000
+    it = iter_shards(info, 16)
+    first = next(it)
+    assert len(first) == 16 and first.rows[0].prompt == "p0"
+    assert sum(len(s) for s in it) == 10_000 - 16

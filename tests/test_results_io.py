@@ -1,0 +1,118 @@
+"""Parquet/JSON outputs: schemas, atomic writes, shard metadata for resume, read back with pandas."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from spd_cluster.cluster.reduce import empty_metrics
+from spd_cluster.io import results as rio
+
+
+def row(i, **kw):
+    r = {"prompt_id": f"p{i}", "row": i, "prompt": f"prompt {i}", "generated_text": "out", "generated_ids": [1, 2, 3],
+         "num_prompt_tokens": 5, "num_generated_tokens": 3, "finish_reason": "length", "error": None,
+         "shard_id": 0, "pair_id": 1, "ttft_s": 0.01, "num_decode_iterations": 2, "mean_num_accepted_tokens": 1.5}
+    r.update(kw)
+    return r
+
+
+def shard_record(sid=0):
+    m = empty_metrics()
+    m.generated_tokens_per_prompt, m.num_generated_tokens = [3, 0], 3
+    m.proposed_per_position, m.accepted_per_position = [4, 2], [2, 1]
+    return {"shard_id": sid, "first_row": 0, "num_prompts": 2, "num_errors": 1, "pair_id": 1, "node_id": "n",
+            "attempts": 1, "wall_s": 0.5, "finished_at": "2025-01-01T00:00:00+00:00", **rio.metrics_record(m)}
+
+
+def test_results_schema_has_required_columns():
+    names = set(rio.RESULTS_SCHEMA.names)
+    assert names >= {"prompt_id", "prompt", "generated_text", "generated_ids", "num_prompt_tokens",
+                     "num_generated_tokens", "finish_reason", "error", "shard_id", "pair_id", "ttft_s",
+                     "num_decode_iterations", "mean_num_accepted_tokens"}
+    assert str(rio.RESULTS_SCHEMA.field("generated_ids").type) == "list<item: int64>"
+    # every SpDPerfMetrics field gets a real type (no silent string fallback)
+    for f in rio.METRIC_FIELDS:
+        assert str(f.type) != "string", f.name
+
+
+def test_shard_roundtrip_with_pandas_and_metadata(tmp_path):
+    rows = [row(0), row(1, finish_reason="error", error="prompt is empty", generated_ids=[], generated_text="",
+                       num_generated_tokens=0, prompt=None)]
+    path = rio.write_shard(tmp_path, 0, rows, shard_record())
+    assert path == tmp_path / "results" / "shard-00000.parquet"
+    df = pd.read_parquet(path)
+    assert list(df.columns) == rio.RESULTS_SCHEMA.names
+    assert df.prompt_id.tolist() == ["p0", "p1"] and df.finish_reason.tolist() == ["length", "error"]
+    assert list(df.generated_ids[0]) == [1, 2, 3] and list(df.generated_ids[1]) == []
+    assert df.error.isna().tolist() == [True, False] and df.prompt.isna().tolist() == [False, True]
+    rec = rio.read_shard_record(path)
+    assert rec["num_errors"] == 1 and rec["accepted_per_position"] == [2, 1]
+    assert rio.written_shards(tmp_path) == {0: path}
+    # no temp files left behind
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["shard-00000.parquet"]
+
+
+def test_shards_and_exec_info_tables(tmp_path):
+    rio.write_shards_table(tmp_path, [shard_record(2), shard_record(0)])
+    df = pd.read_parquet(tmp_path / "shards.parquet")
+    assert df.shard_id.tolist() == [0, 2]
+    assert list(df.acceptance_rate_per_position[0]) == [0.5, 0.5]
+    rec = {"name": "j", "mode": "pld", "num_prompts": 2, **rio.metrics_record(empty_metrics())}
+    rio.write_exec_info(tmp_path, rec)
+    t = pq.read_table(tmp_path / "exec_info.parquet")
+    assert t.num_rows == 1 and t.schema == rio.EXEC_INFO_SCHEMA
+    assert t.column("mode")[0].as_py() == "pld"
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    rio.write_json_atomic({"v": 1}, tmp_path / "job.json")
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        rio.write_json_atomic({"v": 2}, tmp_path / "job.json")
+    monkeypatch.undo()
+    assert rio.read_job_json(tmp_path) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["job.json"]  # temp file cleaned up
+
+
+def test_unreadable_shard_record_is_none(tmp_path):
+    bad = tmp_path / "results" / "shard-00003.parquet"
+    bad.parent.mkdir()
+    bad.write_bytes(b"garbage")
+    assert rio.read_shard_record(bad) is None
+    assert rio.written_shards(tmp_path) == {3: bad}
+
+
+def test_check_writable_and_clear(tmp_path):
+    out = rio.check_writable(tmp_path / "a" / "b")
+    assert (out / "results").is_dir() and list(out.glob(".write-test*")) == []
+    rio.write_shard(out, 0, [row(0)], shard_record())
+    rio.write_json_atomic({}, out / "job.json")
+    (out / "mine.txt").write_text("keep me")
+    rio.clear_output(out)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "results"]
+    assert rio.written_shards(out) == {}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_fails_at_once(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    with pytest.raises(rio.OutputError, match="not writable"):
+        rio.check_writable(ro / "out")
+
+
+def test_output_under_a_file_fails_at_once(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(rio.OutputError, match=r"output path .*file/out is not writable"):
+        rio.check_writable(f / "out")
