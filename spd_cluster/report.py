@@ -1,7 +1,7 @@
 """`spd-cluster report OUT [--html PATH]`: a job's figures as PNGs, one HTML page and one
 plain-text table.
 
-Reads only what the job wrote (docs/cluster.md, "Output"): the Parquet files and, for the
+Reads only what the job wrote (README, "Output"): the Parquet files and, for the
 settings, job.json. Nothing here imports torch or Ray, so it is quick to run beside a job.
 
     OUT/results/shard-NNNNN.parquet   rows (TTFT, per-prompt accepted tokens, tokens); each file's
