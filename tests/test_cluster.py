@@ -324,9 +324,10 @@ def test_node_death_mid_shard_loses_nothing(tiny, tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": GOOD[i % len(GOOD)]} for i in range(16)])
+    n = 24  # 12 shards: the worker's pair surely takes one, whichever actor loads first
+    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": GOOD[i % len(GOOD)]} for i in range(n)])
     cfg = make_cfg(tiny, ds, tmp_path / "out", mode="baseline",
-                   **{"spd.max_new_tokens": 48, "spd.ignore_eos": "true", "cluster.shard_size": 2})
+                   **{"spd.max_new_tokens": 96, "spd.ignore_eos": "true", "cluster.shard_size": 2})
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False,
         "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 300,
@@ -339,9 +340,8 @@ def test_node_death_mid_shard_loses_nothing(tiny, tmp_path):
 
         def on_event(kind, **kw):
             seen.append((kind, kw))
-            # the pair on the worker node has finished a shard and just took another: kill the node
-            if (kind == "dispatch" and kw["node_id"] == worker_id and not removed
-                    and any(k == "done" and e["node_id"] == worker_id for k, e in seen)):
+            # a shard was just handed to the pair on the worker node: kill the node under it
+            if kind == "dispatch" and kw["node_id"] == worker_id and not removed:
                 cluster.remove_node(worker, allow_graceful=False)
                 removed.append(kw["shard_id"])
 
@@ -349,14 +349,16 @@ def test_node_death_mid_shard_loses_nothing(tiny, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert removed, "the worker node never took a second shard"
-    assert any(k == "retry" and kw["shard_id"] == removed[0] for k, kw in seen)
+    assert removed, "the worker node never took a shard"
+    # the shard under the node (or, if it beat the kill, the next one sent there) was re-run elsewhere
+    retried = {kw["shard_id"] for k, kw in seen if k == "retry"}
+    assert retried, "no shard was lost with the node"
     assert res.status == "completed"
     df = results(tmp_path / "out")
-    assert df.row.tolist() == list(range(16))  # every prompt exactly once
-    shards = pd.read_parquet(tmp_path / "out" / "shards.parquet")
-    lost = shards.set_index("shard_id").loc[removed[0]]
-    assert lost.attempts == 2 and lost.node_id != worker_id
+    assert df.row.tolist() == list(range(n))  # every prompt exactly once
+    shards = pd.read_parquet(tmp_path / "out" / "shards.parquet").set_index("shard_id")
+    for shard_id in retried:
+        assert shards.loc[shard_id].attempts >= 2 and shards.loc[shard_id].node_id != worker_id
     assert {r: list(g) for r, g in zip(df.row, df.generated_ids)} == reference(tiny, cfg)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import os
+
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
