@@ -29,11 +29,16 @@ class SlotCache(Cache):
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
 
-    def bind(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int) -> None:
-        """Set where this call's rows write and how far attention reads."""
-        b, t = torch.nonzero(positions >= 0, as_tuple=True)
-        self._rows, self._cols = b, t
-        self._slot_w, self._pos_w = slots[b], positions[b, t]
+    def bind(self, slots: torch.Tensor, positions: torch.Tensor, kv_len: int,
+             runs: list[tuple[int, int, int, int]] | None = None) -> None:
+        """Set where this call's rows write and how far attention reads. ``runs`` (row, slot,
+        first position, length) per row, when every row's valid columns are a prefix of consecutive
+        positions (the engine's right-padded rows always are), lets writes be plain slices."""
+        self._runs = runs
+        if runs is None:
+            b, t = torch.nonzero(positions >= 0, as_tuple=True)
+            self._rows, self._cols = b, t
+            self._slot_w, self._pos_w = slots[b], positions[b, t]
         self._kv_len = kv_len
         first = int(slots[0])
         contiguous = bool((slots == torch.arange(first, first + slots.numel(), device=slots.device)).all())
@@ -45,9 +50,14 @@ class SlotCache(Cache):
             self.keys[layer_idx] = key_states.new_zeros(shape)
             self.values[layer_idx] = value_states.new_zeros(shape[:3] + (value_states.shape[3],))
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        # [B, H, S, D] -> [N, H, D] for the valid (row, column) pairs, written at (slot, :, position)
-        k[self._slot_w, :, self._pos_w] = key_states.permute(0, 2, 1, 3)[self._rows, self._cols]
-        v[self._slot_w, :, self._pos_w] = value_states.permute(0, 2, 1, 3)[self._rows, self._cols]
+        if self._runs is not None:
+            for b, slot, p0, n in self._runs:
+                k[slot, :, p0 : p0 + n] = key_states[b, :, :n]
+                v[slot, :, p0 : p0 + n] = value_states[b, :, :n]
+        else:
+            # [B, H, S, D] -> [N, H, D] for the valid (row, column) pairs, written at (slot, :, position)
+            k[self._slot_w, :, self._pos_w] = key_states.permute(0, 2, 1, 3)[self._rows, self._cols]
+            v[self._slot_w, :, self._pos_w] = value_states.permute(0, 2, 1, 3)[self._rows, self._cols]
         return k[self._read, :, : self._kv_len], v[self._read, :, : self._kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -68,6 +78,18 @@ def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None = No
     if window:
         mask &= keys > q - window
     return mask
+
+
+def _runs(positions: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, int, int]] | None:
+    """(row, slot, first position, length) per non-empty row if each row is consecutive positions then padding."""
+    valid = positions >= 0
+    counts = valid.sum(axis=1)
+    if not (valid == (np.arange(positions.shape[1]) < counts[:, None])).all():
+        return None
+    first = positions[:, 0]
+    if not (np.where(valid, positions - first[:, None] - np.arange(positions.shape[1]), 0) == 0).all():
+        return None
+    return [(b, int(s), int(p), int(n)) for b, (s, p, n) in enumerate(zip(slots, first, counts)) if n > 0]
 
 
 class TorchSession:
@@ -93,6 +115,12 @@ class TorchSession:
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
 
     def _mask(self, positions: torch.Tensor, kv_len: int):
+        if positions.shape[1] == 1 and bool((positions[:, 0] == kv_len - 1).all()) and (
+            not self.window or kv_len <= self.window
+        ):
+            # one token per row, every row at the last position: each query sees every key, so no
+            # mask at all (SDPA's fastest path, as HF's own decode step)
+            return {t: None for t in self.layer_types} if self.layer_types else None
         if not self.layer_types:
             return attention_mask(positions, kv_len)
         full = attention_mask(positions, kv_len)
@@ -113,7 +141,7 @@ class TorchSession:
         pos = torch.from_numpy(np.ascontiguousarray(x.position_ids[:, :width])).to(self.device)
         slots = torch.from_numpy(x.batch_index).to(self.device)
         kv_len = int(x.position_ids.max()) + 1
-        self.cache.bind(slots, pos, kv_len)
+        self.cache.bind(slots, pos, kv_len, _runs(x.position_ids[:, :width], x.batch_index))
         hidden = self.model.base_model(
             input_ids=ids,
             position_ids=pos.clamp(min=0),
