@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..sessions.base import DeviceSession
+from ..sessions.base import DeviceSession, prefill_chunks
 from .metrics import CloudAI100ExecInfo, PromptResult, SpDPerfMetrics
 from .proposers import DraftProposer, MultiProjProposer, NoProposer, PromptLookupProposer, Proposer
 from .settings import MODES, SpDSettings
@@ -184,17 +184,8 @@ class SpDEngine:
 
     def _prefill(self, slot: int, result: PromptResult, ids: np.ndarray, clock: _Clock) -> _Row:
         t0 = perf_counter()
-        chunk = self.settings.prefill_seq_len
-        for c in range(0, ids.size, chunk):
-            part = ids[c : c + chunk]
-            pad = chunk - part.size
-            out = self.target.run({
-                "input_ids": np.pad(part, (0, pad))[None],
-                "position_ids": np.pad(np.arange(c, c + part.size), (0, pad), constant_values=-1)[None],
-                "batch_index": np.array([[slot]], dtype=np.int64),
-                "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
-                **self._extra,
-            })["logits"]
+        for inputs in prefill_chunks(ids, self.settings.prefill_seq_len, slot):
+            out = self.target.run({**inputs, **self._extra})["logits"]
             clock.target_forwards += 1
         self.proposer.start(slot, ids, key=result.prompt_id)
         s = self.settings

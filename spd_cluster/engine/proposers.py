@@ -13,7 +13,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..sessions.base import DeviceSession
+from ..sessions.base import DeviceSession, prefill_chunks
 from .sampling import row_rng, sample, warp
 
 EMPTY = np.zeros(0, dtype=np.int64)
@@ -104,19 +104,8 @@ class DraftProposer:
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
         # Feed all but the last prompt token; propose() feeds the rest with the first token.
         head = prompt_ids[:-1]
-        chunk = self.prefill_seq_len
-        for s in range(0, head.shape[0], chunk):
-            ids = head[s : s + chunk]
-            pos = np.arange(s, s + ids.shape[0], dtype=np.int64)
-            pad = chunk - ids.shape[0]
-            ids = np.pad(ids, (0, pad))[None]
-            pos = np.pad(pos, (0, pad), constant_values=-1)[None]
-            self.session.run({
-                "input_ids": ids,
-                "position_ids": pos,
-                "batch_index": np.array([[slot]], dtype=np.int64),
-                "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
-            })
+        for inputs in prefill_chunks(head, self.prefill_seq_len, slot):
+            self.session.run(inputs)
         self.fed[slot] = head.copy()
 
     def _valid_prefix(self, slot: int, seq: np.ndarray) -> int:

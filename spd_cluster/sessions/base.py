@@ -98,3 +98,18 @@ def keep_index(position_ids: np.ndarray, n: int) -> np.ndarray:
     last = position_ids.argmax(axis=1)
     lower = np.where(last < n, 0, last + 1 - n)
     return lower[:, None] + np.arange(n)[None, :]
+
+
+def prefill_chunks(ids: np.ndarray, chunk: int, slot: int):
+    """The ``run`` inputs of a chunked prefill of ``ids`` into ``slot``: chunks of ``chunk``
+    columns, the last right-padded with position -1 (the fixed shape compiled sessions expect),
+    each keeping the logits of its last valid token."""
+    for c in range(0, ids.shape[0], chunk):
+        part = ids[c : c + chunk]
+        pad = chunk - part.shape[0]
+        yield {
+            "input_ids": np.pad(part, (0, pad))[None],
+            "position_ids": np.pad(np.arange(c, c + part.shape[0]), (0, pad), constant_values=-1)[None],
+            "batch_index": np.array([[slot]], dtype=np.int64),
+            "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
+        }
