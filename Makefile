@@ -1,5 +1,5 @@
-# Two targets a newcomer needs: `make demo` (set up, then run the demo job on a local Ray bound
-# to 127.0.0.1) and `make test` (set up, then the test suite). Both create .venv on first use.
+# Two targets a newcomer needs: `make demo` (set up, run the demo job on a local Ray bound to
+# 127.0.0.1, then write its report: out/demo/report.html) and `make test` (set up, then the test suite). Both create .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/spd-cluster run configs/demo.yaml
+	$(VENV)/bin/spd-cluster report out/demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -10,6 +10,7 @@ dataset: {path: data/sample_prompts.jsonl, prompt_column: prompt, id_column: id}
 output: {path: out/demo, overwrite: false}
 spd: {num_speculative_tokens: 4, max_ngram_size: 3, prefill_seq_len: 32, ctx_len: 1024, ...}
 cluster: {address: null, num_pairs: 1, shard_size: 16, cpus_per_actor: 1, max_retries: 3}
+audit: {fraction: 0.02, min_prompts: 4, seed: 0, fail_on_mismatch: false}   # fraction 0: off
 ```
 
 Relative paths (dataset, output, speculator) are taken from the working directory, which is the
@@ -79,6 +80,15 @@ class ClusterSpec(_Strict):
     max_retries: int = Field(3, ge=0)  # re-runs of a shard (and restarts of an actor) after a death
 
 
+class AuditSpec(_Strict):
+    """Re-run a sample of prompts in baseline mode inside the job (cluster/audit.py)."""
+
+    fraction: float = Field(0.02, ge=0.0, le=1.0, description="share of prompts audited; 0 turns the audit off")
+    min_prompts: int = Field(4, ge=0, description="audit at least this many prompts (when fraction > 0)")
+    seed: int = 0
+    fail_on_mismatch: bool = False  # a prompt whose output differs from the baseline fails the job
+
+
 class JobConfig(_Strict):
     name: str = "job"
     mode: Mode
@@ -89,6 +99,7 @@ class JobConfig(_Strict):
     output: OutputSpec
     spd: SpDSettings = Field(default_factory=SpDSettings)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    audit: AuditSpec = Field(default_factory=AuditSpec)
 
     @model_validator(mode="after")
     def _mode(self) -> "JobConfig":
@@ -106,7 +117,8 @@ class JobConfig(_Strict):
     def output_identity(self) -> dict[str, Any]:
         """What decides the rows of the output: resuming with any of it changed is refused.
         Cluster placement (address, num_pairs, cpus_per_actor, max_retries), device ids, the
-        name and the output section do not change a row and may differ between runs."""
+        name and the output section do not change a row and may differ between runs. The audit's
+        sample (fraction, min_prompts, seed) decides audit.parquet's rows, so it counts too."""
         d = self.model_dump(mode="json")
         ident = {
             "mode": d["mode"],
@@ -116,6 +128,7 @@ class JobConfig(_Strict):
             "dataset": d["dataset"],
             "spd": d["spd"],
             "shard_size": d["cluster"]["shard_size"],
+            "audit": {k: d["audit"][k] for k in ("fraction", "min_prompts", "seed")},
         }
         return ident
 

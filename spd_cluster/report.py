@@ -357,10 +357,13 @@ def _audit(data: JobData, use_ei: bool) -> Optional[dict]:
         rate, speed = _num(ei.get("audit_match_rate")), _num(ei.get("audit_speedup"))
         if rate is None and speed is None:
             return None
-        return {"n": None, "matched": None, "match_rate": rate, "speedup": speed, "spd_tpt": None,
+        return {"n": None, "matched": None, "checked": None, "match_rate": rate, "speedup": speed, "spd_tpt": None,
                 "base_tpt": None, "per_prompt": None, "mismatches": pd.DataFrame(),
                 "source": "exec_info.parquet (audit.parquet not found)"}
-    match = a["match"].fillna(False).astype(bool) if "match" in a else pd.Series(False, index=a.index)
+    # match is null where it was not compared (sampling: lossless in distribution only; an error row)
+    raw = a["match"] if "match" in a else pd.Series(None, index=a.index, dtype=object)
+    checked = raw.notna()
+    match = raw.where(checked, False).astype(bool)
     spd = pd.to_numeric(a.get("spd_time_per_token_s", pd.Series(np.nan, index=a.index)), errors="coerce")
     base = pd.to_numeric(a.get("baseline_time_per_token_s", pd.Series(np.nan, index=a.index)), errors="coerce")
     both = spd.notna() & base.notna() & (spd > 0)
@@ -371,10 +374,11 @@ def _audit(data: JobData, use_ei: bool) -> Optional[dict]:
     if use_ei and _num(ei.get("audit_speedup")) is not None:
         speed, source = _num(ei.get("audit_speedup")), "audit.parquet; speedup from exec_info.parquet"
     cols = [c for c in ("prompt_id", "first_diff_position", "spd_token", "baseline_token") if c in a]
-    return {"n": len(a), "matched": int(match.sum()), "match_rate": float(match.mean()) if len(a) else None,
+    return {"n": len(a), "matched": int(match.sum()), "checked": int(checked.sum()),
+            "match_rate": float(match[checked].mean()) if checked.any() else None,
             "speedup": speed, "spd_tpt": spd_tpt, "base_tpt": base_tpt,
-            "per_prompt": pd.DataFrame({"speedup": (base / spd.where(spd > 0))[both], "match": match[both]}),
-            "mismatches": _whole_numbers(a.loc[~match, cols].reset_index(drop=True)), "source": source}
+            "per_prompt": pd.DataFrame({"speedup": (base / spd.where(spd > 0))[both], "match": (match | ~checked)[both]}),
+            "mismatches": _whole_numbers(a.loc[checked & ~match, cols].reset_index(drop=True)), "source": source}
 
 
 def _whole_numbers(df: pd.DataFrame) -> pd.DataFrame:
@@ -457,7 +461,9 @@ def summary_rows(fig: Figures) -> list[tuple[str, str, str]]:
     else:
         n = a["n"]
         add("audit", "prompts audited", "n/a" if n is None else f"{n:,}")
-        mm = "" if n is None else f" ({a['matched']:,}/{n:,} identical, {n - a['matched']:,} mismatched)"
+        c = a["checked"]
+        mm = "" if n is None else (f" ({a['matched']:,}/{c:,} identical, {c - a['matched']:,} mismatched"
+                                   + (f", {n - c:,} not compared" if n > c else "") + ")")
         add("audit", "match rate", _pct(a["match_rate"]) + mm)
         add("audit", "speedup (baseline / SpD time per token)", _x(a["speedup"]))
         if a["spd_tpt"] is not None:
@@ -680,8 +686,8 @@ def _plot_audit(fig: Figures, path: Path) -> Path:
     else:
         _empty(ax1, f"speedup {_x(a['speedup'])}" if a["speedup"] is not None else "no timed audit rows")
         ax1.set_title("Audit speedup")
-    if a["n"]:
-        mm = a["n"] - a["matched"]
+    if a["checked"]:
+        mm = a["checked"] - a["matched"]
         bars = ax2.bar(["identical", "mismatch"], [a["matched"], mm], color=["#55A868", "#C44E52"])
         for b, y in zip(bars, [a["matched"], mm]):
             ax2.annotate(f"{y:,}", (b.get_x() + b.get_width() / 2, y), ha="center", va="bottom", fontsize=8)

@@ -27,7 +27,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
 
-from spd_cluster.cluster import coordinator, runtime  # noqa: E402
+from spd_cluster.cluster import audit, coordinator, runtime  # noqa: E402
 from spd_cluster.cluster.actors import DraftServer, RemoteDraftProposer, lock_device  # noqa: E402
 from spd_cluster.cluster.cli import run_main  # noqa: E402
 from spd_cluster.cluster.coordinator import run_job  # noqa: E402
@@ -257,6 +257,20 @@ def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
     assert job["config"]["spd"]["max_new_tokens"] == 24 and job["dataset"]["num_rows"] == 11
     assert {k for k, _ in events} >= {"ready", "dispatch", "done"}
 
+    # the audit (default: 2%, at least 4 prompts) re-ran the sampled prompts against the baseline
+    info = scan(ds, "prompt", "id")
+    picks = audit.pick(iter_shards(info, 4, "prompt", "id"), 0.02, 4, 0, 10)
+    want = {sh.rows[i].prompt_id for sh in iter_shards(info, 4, "prompt", "id") for i in picks.get(sh.shard_id, [])}
+    au = pd.read_parquet(out / "audit.parquet")
+    assert set(au.prompt_id) == want and len(au) == 4
+    ok_au = au[au.error.isna()]
+    assert len(ok_au) and ok_au["match"].all() and (ok_au.spd_time_per_token_s > 0).all()
+    assert (ok_au.spd_num_tokens == ok_au.baseline_num_tokens).all() and au.first_diff_position.isna().all()
+    assert (au.row.map(df.set_index("row").prompt_id) == au.prompt_id).all()
+    assert ex.audit_num_prompts[0] == 4 and ex.audit_match_rate[0] == 1.0 and ex.audit_speedup[0] > 0
+    assert res.audit["match_rate"] == 1.0 and res.exec_info.audit_match_rate == 1.0
+    assert f"match rate 100.00% ({len(ok_au)}/{len(ok_au)} token-identical" in audit.describe(res.audit)
+
     # resume: nothing to do, nothing rewritten
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
     res2 = run_job(cfg, progress=False)
@@ -266,6 +280,8 @@ def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
     (out / "results" / "shard-00001.parquet").unlink()
     res3 = run_job(cfg, progress=False)
     assert res3.shards_run == 1 and res3.shards_skipped == 2
+    au3 = pd.read_parquet(out / "audit.parquet")  # the re-run shard's audit rows, not twice
+    assert sorted(au3.prompt_id) == sorted(au.prompt_id) and res3.audit["num_prompts"] == 4
     pd.testing.assert_frame_equal(results(out).drop(columns=["pair_id", "ttft_s"]), df.drop(columns=["pair_id", "ttft_s"]))
     assert res3.exec_info.perf_metrics.num_generated_tokens == m.num_generated_tokens
 
@@ -275,6 +291,76 @@ def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
     res4 = run_job(make_cfg(tiny, ds, out, **{"spd.max_new_tokens": 12, "output.overwrite": "true",
                                               "cluster.num_pairs": 1}), progress=False)
     assert res4.shards_run == 3 and results(out).num_generated_tokens.max() <= 12
+
+
+class TamperingPair:
+    """A stand-in for actors.Pair that runs the real engine and audit in the driver process, but
+    alters the job's output of the first audited prompt of each shard at token 3 (the row the
+    user gets, and what the audit compares): an injected mismatch, through the real coordinator."""
+
+    engines: dict = {}
+
+    def __init__(self, pair_id, job, *args):
+        from spd_cluster.config import JobConfig
+        from spd_cluster.engine.engine import SpDEngine
+        from spd_cluster.sessions import load_session, load_tokenizer
+
+        cfg = JobConfig.model_validate(job)
+        if "e" not in self.engines:
+            s = cfg.spd
+            session = load_session(cfg.target.model, full_batch_size=s.full_batch_size, ctx_len=s.ctx_len)
+            e = SpDEngine(cfg.mode, session, load_tokenizer(cfg.target.model), s, eos_token_ids=session.eos_token_ids)
+            self.engines.update(e=e, base=audit.baseline_engine(e))
+        self.pair_id, self.node_id, self.state = pair_id, None, "starting"
+        self.probe_failures, self.recovering_since, self.shards_done, self.last_error = 0, None, 0, None
+
+    def probe(self):
+        return ray.put({"node_id": "driver"})
+
+    def run(self, shard_id, prompts, prompt_ids, audit_pos):
+        from spd_cluster.cluster.actors import _result_row
+
+        info = self.engines["e"].generate(prompts, prompt_ids)
+        job = [info.results[i] for i in audit_pos]
+        if job:
+            job[0].generated_ids[3] += 1
+        rows = audit.run_audit(self.engines["e"], self.engines["base"], shard_id, job,
+                               [prompts[i] for i in audit_pos], [prompt_ids[i] for i in audit_pos])
+        return ray.put({"shard_id": shard_id, "pair_id": self.pair_id, "node_id": "driver", "audit": rows,
+                        "rows": [_result_row(r) for r in info.results], "metrics": info.perf_metrics})
+
+    def kill(self):
+        pass
+
+
+def test_injected_mismatch_is_reported_and_can_fail_the_job(tiny, local_ray, tmp_path, monkeypatch, capsys):
+    from spd_cluster import report
+    from spd_cluster.cluster import actors
+
+    monkeypatch.setattr(actors, "Pair", TamperingPair)
+    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": f"p{i}", "prompt": p} for i, p in enumerate(GOOD[:8])])
+    over = {"spd.ignore_eos": "true", "audit.fraction": 0.5, "cluster.num_pairs": 1}
+    res = run_job(make_cfg(tiny, ds, tmp_path / "out", **over), progress=False)
+    assert res.status == "completed"  # a mismatch alone does not fail a job
+    au = pd.read_parquet(tmp_path / "out" / "audit.parquet")
+    bad = au[~au["match"]]
+    assert len(au) == 4 and len(bad) == 2 == len(set(bad.shard_id))  # one per shard that had audited prompts
+    assert (bad.first_diff_position == 3).all() and (bad.spd_token == bad.baseline_token + 1).all()
+    ok = results(tmp_path / "out").set_index("prompt_id")
+    assert all(ok.generated_ids[p][3] == t for p, t in zip(bad.prompt_id, bad.spd_token))
+    assert res.audit["match_rate"] == 0.5 and pd.read_parquet(tmp_path / "out" / "exec_info.parquet").audit_match_rate[0] == 0.5
+    table = report.terminal_table(tmp_path / "out")
+    assert "50.0% (2/4 identical, 2 mismatched)" in table
+
+    # audit.fail_on_mismatch: the job fails (exit 1), with the prompts named, and everything stays on disk
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(json.dumps(make_cfg(tiny, ds, tmp_path / "out2", **over).model_dump(mode="json")))
+    assert run_main(str(cfg_path), ["audit.fail_on_mismatch=true"], progress=False) == 1
+    err = capsys.readouterr().err
+    assert "audit: 2 of 4 audited prompts differ" in err and f"prompt {bad.prompt_id.iloc[0]!r}" in err
+    job = json.loads((tmp_path / "out2" / "job.json").read_text())
+    assert job["status"] == "failed" and "audit" in job["error"]
+    assert len(pd.read_parquet(tmp_path / "out2" / "results")) == 8 and len(pd.read_parquet(tmp_path / "out2" / "audit.parquet")) == 4
 
 
 def test_draft_mode_over_two_actors(tiny, local_ray, tmp_path):

@@ -114,16 +114,12 @@ def write_audit(out: Path, job_run, mismatch: int, with_exec_info: bool) -> None
                          "spd_token": None if diff is None else sa[diff],
                          "baseline_token": None if diff is None else sb[diff],
                          "spd_time_per_token_s": spd_tpt, "baseline_time_per_token_s": base_tpt})
-    t = pa.Table.from_pylist(rows, schema=pa.schema([
-        ("prompt_id", pa.string()), ("match", pa.bool_()), ("first_diff_position", pa.int64()),
-        ("spd_token", pa.int64()), ("baseline_token", pa.int64()), ("spd_time_per_token_s", pa.float64()),
-        ("baseline_time_per_token_s", pa.float64())]))
-    rio.write_parquet_atomic(t, out / "audit.parquet")
-    if with_exec_info:  # the aggregate columns the audit adds to exec_info.parquet
+    rio.write_audit(out, [{**r, "row": i} for i, r in enumerate(rows)])  # the job's writer and schema
+    if with_exec_info:  # the aggregate columns the audit fills in exec_info.parquet
         ei = pq.read_table(out / "exec_info.parquet")
         rate = sum(r["match"] for r in rows) / len(rows)
-        ei = ei.append_column("audit_match_rate", pa.array([rate])).append_column("audit_speedup",
-                                                                                  pa.array([1.5]))
+        for name, value in (("audit_match_rate", rate), ("audit_speedup", 1.5)):
+            ei = ei.set_column(ei.column_names.index(name), name, pa.array([value]))
         rio.write_parquet_atomic(ei, out / "exec_info.parquet")
 
 

@@ -256,7 +256,8 @@ class DeviceActor:
         return out
 
     # target
-    def run_shard(self, shard_id: int, prompts: list, prompt_ids: list, draft=None) -> dict:
+    def run_shard(self, shard_id: int, prompts: list, prompt_ids: list, draft=None, audit: Sequence[int] = ()) -> dict:
+        """Run a shard; then audit the prompts at positions ``audit`` (see cluster/audit.py)."""
         import ray
 
         self._check()
@@ -264,9 +265,20 @@ class DeviceActor:
             self.engine.proposer.reset()
             self.engine.proposer.actor = draft
         info = self.engine.generate(prompts, prompt_ids)
-        return {"shard_id": shard_id, "pair_id": self.pair_id,
-                "node_id": ray.get_runtime_context().get_node_id(),
-                "rows": [_result_row(r) for r in info.results], "metrics": info.perf_metrics}
+        out = {"shard_id": shard_id, "pair_id": self.pair_id,
+               "node_id": ray.get_runtime_context().get_node_id(),
+               "rows": [_result_row(r) for r in info.results], "metrics": info.perf_metrics, "audit": []}
+        if audit:
+            out["audit"] = self._audit(shard_id, [info.results[i] for i in audit], [prompts[i] for i in audit],
+                                       [prompt_ids[i] for i in audit])
+        return out
+
+    def _audit(self, shard_id: int, job_results: list, prompts: list, prompt_ids: list) -> list[dict]:
+        from .audit import baseline_engine, run_audit
+
+        if getattr(self, "baseline", None) is None:
+            self.baseline = baseline_engine(self.engine)
+        return run_audit(self.engine, self.baseline, shard_id, job_results, prompts, prompt_ids)
 
     # draft
     def draft_start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
@@ -301,8 +313,8 @@ class Pair:
     def probe(self):
         return self.target.info.remote(self.draft)
 
-    def run(self, shard_id: int, prompts: list, prompt_ids: list):
-        return self.target.run_shard.remote(shard_id, prompts, prompt_ids, self.draft)
+    def run(self, shard_id: int, prompts: list, prompt_ids: list, audit: Sequence[int] = ()):
+        return self.target.run_shard.remote(shard_id, prompts, prompt_ids, self.draft, list(audit))
 
     def kill(self) -> None:
         import ray

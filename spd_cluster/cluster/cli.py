@@ -12,6 +12,7 @@ def run_main(config: str, overrides: list[str] | None = None, progress: bool = T
     from ..config import ConfigError, load_config
     from ..io.dataset import DatasetError
     from ..io.results import OutputError
+    from .audit import describe
     from .coordinator import JobError, run_job
 
     try:
@@ -25,6 +26,8 @@ def run_main(config: str, overrides: list[str] | None = None, progress: bool = T
         print(f"partial output: {cfg.output.path}", file=sys.stderr)
         return 1
     print(result.exec_info)
+    if result.audit.get("num_prompts"):
+        print(describe(result.audit))
     print(f"Prompts = {result.num_prompts} (errors: {result.num_errors}); shards run = {result.shards_run}, "
           f"skipped (already written) = {result.shards_skipped}; job wall time = {result.wall_time_s:.2f} s")
     print(f"output: {result.output_path.resolve()}")

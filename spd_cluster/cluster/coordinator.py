@@ -7,6 +7,11 @@ faster pair takes more. A shard whose pair died (or failed) goes back to the fro
 for any pair, up to ``cluster.max_retries`` times; Ray restarts the dead actors (max_restarts)
 and the pair rejoins once a probe answers. A shard is written by the driver once, atomically,
 when its result arrives, so every prompt appears exactly once. Shards already on disk are skipped.
+
+The audit (cluster/audit.py) rides along: its sample is picked before anything runs, each shard
+goes out with the positions of its audited prompts, and their audit rows come back with the
+shard, are kept in the shard's record (so a resume keeps them) and OUT/audit.parquet is rewritten
+from all records after every shard.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..config import JobConfig
 from ..engine.metrics import CloudAI100ExecInfo
 from ..io import results as rio
 from ..io.dataset import Shard, iter_shards, scan
+from . import audit as audit_mod
 from .reduce import aggregate_exec_info, first_batch_ttft, metrics_from_record, reduce_metrics
 
 log = logging.getLogger("spd_cluster.cluster")
@@ -48,6 +54,7 @@ class JobResult:
     shards_skipped: int
     wall_time_s: float
     failed_shards: dict[int, str] = field(default_factory=dict)
+    audit: dict = field(default_factory=dict)  # audit.summarize() of the whole job
 
 
 def _now() -> str:
@@ -127,8 +134,10 @@ def check_job_models(cfg: JobConfig) -> None:
 
 
 class _Run:
-    def __init__(self, cfg: JobConfig, info, records: dict, on_event, progress: bool):
+    def __init__(self, cfg: JobConfig, info, records: dict, on_event, progress: bool,
+                 audit_picks: Optional[dict[int, list[int]]] = None):
         self.cfg, self.info, self.records = cfg, info, records
+        self.audit_picks = audit_picks or {}
         self.out = Path(cfg.output.path)
         self.on_event = on_event or (lambda kind, **kw: None)
         c = cfg.cluster
@@ -177,8 +186,11 @@ class _Run:
         return s, 1
 
     def _dispatch(self, pair, shard: Shard, attempt: int) -> None:
-        todo = [r for r in shard.rows if r.error is None]
-        ref = pair.run(shard.shard_id, [r.prompt for r in todo], [r.prompt_id for r in todo])
+        todo = [i for i, r in enumerate(shard.rows) if r.error is None]
+        picked = set(self.audit_picks.get(shard.shard_id, ()))
+        audit = [j for j, i in enumerate(todo) if i in picked]  # positions among the prompts sent
+        rows = [shard.rows[i] for i in todo]
+        ref = pair.run(shard.shard_id, [r.prompt for r in rows], [r.prompt_id for r in rows], audit)
         now = time.perf_counter()
         if self.t_first is None:
             self.t_first = now
@@ -290,9 +302,11 @@ class _Run:
         rec = {"shard_id": shard.shard_id, "first_row": shard.first_row, "num_prompts": len(rows),
                "num_errors": sum(r["finish_reason"] == "error" for r in rows), "pair_id": pair.pair_id,
                "node_id": res.get("node_id"), "attempts": attempt, "wall_s": now - t0, "finished_at": _now(),
-               **rio.metrics_record(m)}
+               **rio.metrics_record(m), "audit": _audit_rows(shard, res.get("audit", []), pair.pair_id)}
         rio.write_shard(self.out, shard.shard_id, rows, rec)
         self.records[shard.shard_id] = rec
+        if rec["audit"]:
+            rio.write_audit(self.out, all_audit_rows(self.records))
         if pair.shards_done == 0 and pair.pair_id not in self.first_shards:
             self.first_shards[pair.pair_id] = (t0 - self.t_first, m.batch_ttft)
         pair.shards_done += 1
@@ -320,6 +334,24 @@ def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     tail = [ln for ln in text if ln.strip()][-1:] if text else []
     return f"{type(e).__name__}: {tail[0] if tail else ''}"[:500]
+
+
+def _audit_rows(shard: Shard, rows: list[dict], pair_id: int) -> list[dict]:
+    by_id = {r.prompt_id: r.row for r in shard.rows if r.error is None}
+    return [{**r, "row": by_id.get(r["prompt_id"]), "shard_id": shard.shard_id, "pair_id": pair_id} for r in rows]
+
+
+def all_audit_rows(records: dict) -> list[dict]:
+    return [a for k in sorted(records) for a in records[k].get("audit") or []]
+
+
+def _audit_failure(rows: list[dict]) -> str:
+    bad = [r for r in rows if r.get("match") is False]
+    shown = "; ".join(f"prompt {r['prompt_id']!r} (row {r['row']}) at token {r['first_diff_position']}: "
+                      f"SpD {r['spd_token']} vs baseline {r['baseline_token']}" for r in bad[:5])
+    more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    return (f"audit: {len(bad)} of {sum(r.get('match') is not None for r in rows)} audited prompts differ "
+            f"from the target alone (audit.fail_on_mismatch is set): {shown}{more}")
 
 
 def _merge_rows(shard: Shard, engine_rows: list[dict], pair_id: int) -> list[dict]:
@@ -356,6 +388,11 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
     if len(records) < num_shards:
         check_job_models(cfg)
     skipped = len(records)
+    picks = {}
+    if len(records) < num_shards and cfg.mode != "baseline":  # baseline against itself says nothing
+        a = cfg.audit
+        picks = audit_mod.pick(iter_shards(info, c.shard_size, ds.prompt_column, ds.id_column), a.fraction,
+                               a.min_prompts, a.seed, info.num_rows - len(info.row_errors))
     prior_wall = float(prev.get("wall_time_s", 0.0))
     job = {
         "name": cfg.name, "status": "running", "config": cfg.model_dump(mode="json"),
@@ -367,7 +404,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
     }
     rio.write_job_json(out, job)
 
-    run = _Run(cfg, info, records, on_event, progress)
+    run = _Run(cfg, info, records, on_event, progress, picks)
     started, status, error = False, "failed", None
     try:
         if len(records) < num_shards:
@@ -380,6 +417,9 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
         if run.failed:
             raise JobError(f"{len(run.failed)} shard(s) failed past {c.max_retries} retries: "
                            + "; ".join(f"shard {k}: {v}" for k, v in sorted(run.failed.items())))
+        audited = all_audit_rows(run.records)
+        if cfg.audit.fail_on_mismatch and any(r.get("match") is False for r in audited):
+            raise JobError(_audit_failure(audited))
         status = "completed"
     except BaseException as e:
         error = f"{type(e).__name__}: {e}"
@@ -388,17 +428,19 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
         run.close()
         shutdown_ray(started)
         wall = prior_wall + ((run.t_last - run.t_first) if run.t_first and run.t_last else 0.0)
-        exec_info, num_errors = _finish(cfg, out, run.records, wall, first_batch_ttft(list(run.first_shards.values())),
-                                        info.num_rows, num_shards)
+        exec_info, num_errors, audit = _finish(cfg, out, run.records, wall,
+                                               first_batch_ttft(list(run.first_shards.values())), info.num_rows,
+                                               num_shards)
         job.update(status=status, ended_at=_now(), wall_time_s=wall, error=error, num_errors=num_errors,
                    shards_done=len(run.records), failed_shards={str(k): v for k, v in run.failed.items()})
         job["runs"][-1].update(ended_at=job["ended_at"], shards_run=run.shards_run, status=status)
         rio.write_job_json(out, job)
-    return JobResult(exec_info, out, status, info.num_rows, num_errors, run.shards_run, skipped, wall, run.failed)
+    return JobResult(exec_info, out, status, info.num_rows, num_errors, run.shards_run, skipped, wall, run.failed,
+                     audit)
 
 
 def _finish(cfg: JobConfig, out: Path, records: dict, wall: float, batch_ttft, num_rows: int,
-            num_shards: int) -> tuple[CloudAI100ExecInfo, int]:
+            num_shards: int) -> tuple[CloudAI100ExecInfo, int, dict]:
     recs = [records[k] for k in sorted(records)]
     metrics = reduce_metrics([metrics_from_record(r) for r in recs], wall,
                              num_ran=[r["num_prompts"] - r["num_errors"] for r in recs], batch_ttft=batch_ttft)
@@ -406,6 +448,11 @@ def _finish(cfg: JobConfig, out: Path, records: dict, wall: float, batch_ttft, n
     exec_info = aggregate_exec_info(metrics, mode=cfg.mode, settings=cfg.spd, target_name=cfg.target.model,
                                     draft_name=draft_name)
     num_errors = sum(r["num_errors"] for r in recs)
+    audited = all_audit_rows(records)
+    audit = audit_mod.summarize(audited)
+    exec_info.audit_match_rate, exec_info.audit_speedup = audit["match_rate"], audit["speedup"]
+    if audited:
+        rio.write_audit(out, audited)
     rio.write_shards_table(out, recs)
     s = cfg.spd
     rio.write_exec_info(out, {
@@ -414,5 +461,7 @@ def _finish(cfg: JobConfig, out: Path, records: dict, wall: float, batch_ttft, n
         "ctx_len": s.ctx_len, "full_batch_size": s.full_batch_size, "prefill_bsz": 1,
         "batch_size": s.full_batch_size, "num_prompts": num_rows, "num_errors": num_errors,
         "num_shards": num_shards, "num_pairs": cfg.cluster.num_pairs, **rio.metrics_record(metrics),
+        "audit_num_prompts": audit["num_prompts"], "audit_match_rate": audit["match_rate"],
+        "audit_speedup": audit["speedup"],
     })
-    return exec_info, num_errors
+    return exec_info, num_errors, audit

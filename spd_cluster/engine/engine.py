@@ -34,6 +34,7 @@ class _Row:
     slot: int
     buf: np.ndarray  # prompt + generated tokens, preallocated to ctx_len
     n: int  # tokens in buf
+    t0: float = 0.0  # prefill start (perf_counter)
     rng: np.random.Generator | None = None  # sampling only: this prompt's own stream
 
     @property
@@ -77,8 +78,10 @@ class SpDEngine:
         if mode == "multiproj":
             self.k = min(self.k, target.num_heads)
         self.proposer = proposer
-        # multiproj over a session that computes head logits on demand (see TorchSession.head_logits)
-        self.defer_heads = mode == "multiproj" and hasattr(target, "head_logits")
+        # A session that computes head logits on demand (see TorchSession.head_logits) is asked for
+        # base logits only; multiproj then fetches head logits where it needs them, and another
+        # mode over a session with heads (the audit's baseline of a multiproj job) never pays for them.
+        self.defer_heads = getattr(target, "num_heads", 0) > 0 and hasattr(target, "head_logits")
         self._extra = {"defer_heads": np.array(True)} if self.defer_heads else {}
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_token_ids = [tokenizer.eos_token_id]
@@ -193,10 +196,11 @@ class SpDEngine:
         if isinstance(self.proposer, MultiProjProposer):
             heads = self.target.head_logits(np.zeros(1, np.int64))[0] if self.defer_heads else last[1:]
             self.proposer.remember(slot, heads.argmax(-1))
+        if last.ndim == 2:  # a session with heads: base logits only (baseline over a multiproj session)
             last = last[0]
         buf = np.zeros(s.ctx_len, dtype=np.int64)
         buf[: ids.size] = ids
-        row = _Row(result, slot, buf, int(ids.size))
+        row = _Row(result, slot, buf, int(ids.size), t0)
         if s.sampling:
             row.rng = row_rng(s.seed, result.prompt_id)
             first = sample(warp(last, s.temperature, s.top_k, s.top_p), row.rng)
@@ -204,7 +208,7 @@ class SpDEngine:
             first = int(last.argmax())
         result.finish_reason = None
         self._append(row, [first])
-        result.ttft_s = perf_counter() - t0
+        result.ttft_s = result.e2e_s = perf_counter() - t0
         clock.prefill += result.ttft_s
         return row
 
@@ -263,7 +267,7 @@ class SpDEngine:
         else:
             accepted = greedy_accept(ids[:, 1:], counts, target_tokens)
         head_tokens = None
-        if tokens.ndim == 3:  # multiproj: the heads' guesses where each row's accepted prefix ends
+        if isinstance(self.proposer, MultiProjProposer):  # the heads' guesses where each row's accepted prefix ends
             heads = self.target.head_logits(accepted) if self.defer_heads else logits[np.arange(len(rows)), accepted, 1:]
             head_tokens = heads.argmax(-1)
         done = []
@@ -278,6 +282,7 @@ class SpDEngine:
             clock.decode_tokens += len(row.result.generated_ids) - before
             clock.row_steps += 1
             if row.result.finish_reason is not None:
+                row.result.e2e_s = t2 - row.t0
                 done.append(row)
             elif head_tokens is not None:
                 self.proposer.remember(row.slot, head_tokens[i])

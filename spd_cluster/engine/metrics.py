@@ -48,6 +48,7 @@ class PromptResult:
     finish_reason: str = "length"  # eos | length | ctx_len | error
     error: Optional[str] = None
     ttft_s: float = 0.0
+    e2e_s: float = 0.0
     num_decode_iterations: int = 0
     accepted_per_step: list[int] = field(default_factory=list)
 
@@ -107,6 +108,9 @@ class CloudAI100ExecInfo:
     full_batch_size: Optional[int]
     mode: str = "draft"
     results: list[PromptResult] = field(default_factory=list)
+    # set by a job's audit (cluster/audit.py): None when not audited / not comparable
+    audit_match_rate: Optional[float] = None
+    audit_speedup: Optional[float] = None
 
     def __repr__(self) -> str:
         m = self.perf_metrics

@@ -6,6 +6,8 @@ reader sees the old file or the new one, never half of one.
                                       (key b"spd_cluster.shard"), which is what resume reads
     OUT/shards.parquet                one row per shard: placement, attempts, SpDPerfMetrics
     OUT/exec_info.parquet             one row: the aggregate CloudAI100ExecInfo's metrics + settings
+                                      (+ audit_num_prompts, audit_match_rate, audit_speedup)
+    OUT/audit.parquet                 one row per audited prompt (AUDIT_SCHEMA; cluster/audit.py)
     OUT/job.json                      resolved config, versions, status, times
 """
 
@@ -88,6 +90,25 @@ EXEC_INFO_SCHEMA = pa.schema([
     ("num_shards", pa.int64()),
     ("num_pairs", pa.int64()),
     *METRIC_FIELDS,
+    ("audit_num_prompts", pa.int64()),
+    ("audit_match_rate", pa.float64()),  # null: no audit, or sampling (not comparable token by token)
+    ("audit_speedup", pa.float64()),
+])
+
+AUDIT_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("row", pa.int64()),
+    ("shard_id", pa.int64()),
+    ("pair_id", pa.int64()),
+    ("match", pa.bool_()),  # the job's output == the target alone's; null with sampling or an error
+    ("first_diff_position", pa.int64()),  # null when they match
+    ("spd_token", pa.int64()),  # the job's token there (-1: its output ended first)
+    ("baseline_token", pa.int64()),  # the baseline's token there (-1: its output ended first)
+    ("spd_num_tokens", pa.int64()),
+    ("baseline_num_tokens", pa.int64()),
+    ("spd_time_per_token_s", pa.float64()),
+    ("baseline_time_per_token_s", pa.float64()),
+    ("error", pa.string()),
 ])
 
 
@@ -178,6 +199,11 @@ def write_shards_table(out: str | Path, records: list[dict]) -> Path:
     return write_parquet_atomic(table_from_records(records, SHARDS_SCHEMA), Path(out) / "shards.parquet")
 
 
+def write_audit(out: str | Path, rows: list[dict]) -> Path:
+    rows = sorted(rows, key=lambda r: (r["row"] is None, r["row"] or 0))
+    return write_parquet_atomic(table_from_records(rows, AUDIT_SCHEMA), Path(out) / "audit.parquet")
+
+
 def write_exec_info(out: str | Path, record: dict) -> Path:
     return write_parquet_atomic(table_from_records([record], EXEC_INFO_SCHEMA), Path(out) / "exec_info.parquet")
 
@@ -219,7 +245,7 @@ def check_writable(out: str | Path) -> Path:
     return out
 
 
-OUR_FILES = ("shards.parquet", "exec_info.parquet", "job.json")
+OUR_FILES = ("shards.parquet", "exec_info.parquet", "audit.parquet", "job.json")
 
 
 def clear_output(out: str | Path) -> None:
