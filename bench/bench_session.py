@@ -1,5 +1,7 @@
 """Plain greedy decode: our session (baseline mode of the engine) vs HF `generate`, same model,
 same dtype, same prompt, batch 1; runs alternate after a warm-up and the best of each counts.
+The session is built as `load_session` builds it: float32 on CPU runs on prepacked oneDNN linears
+(sessions/packed.py), over its own copy of the weights so HF's `generate` keeps nn.Linear.
 
     python bench/bench_session.py [--models smollm2-135m:float32,qwen2.5-coder-1.5b:bfloat16] [--new 64]
 """
@@ -7,6 +9,7 @@ same dtype, same prompt, batch 1; runs alternate after a warm-up and the best of
 from __future__ import annotations
 
 import argparse
+import copy
 from time import perf_counter
 
 import torch
@@ -45,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"greedy decode, batch 1, {args.new} new tokens, {args.threads} threads, best of {args.repeats}")
-    print(f"{'model':24} {'dtype':9} {'HF generate tok/s':>18} {'session tok/s':>14} {'ratio':>6} identical")
+    print(f"{'model':24} {'dtype':9} {'HF generate tok/s':>18} {'session tok/s':>14} {'ratio':>6} identical packed")
     for spec in args.models.split(","):
         name, dtype = spec.split(":")
         model = load_model(name, dtype)
@@ -53,8 +56,9 @@ def main() -> None:
         ids = tok(PROMPT, return_tensors="pt")["input_ids"]
         settings = SpDSettings(prefill_seq_len=32, ctx_len=ids.shape[1] + args.new + 8, max_new_tokens=args.new,
                                full_batch_size=1)
-        engine = SpDEngine("baseline", TorchSession(model, 1, settings.ctx_len), tok, settings,
-                           eos_token_ids=eos_token_ids(model, tok))
+        pack = dtype == "float32"
+        session = TorchSession(copy.deepcopy(model) if pack else model, 1, settings.ctx_len, pack=pack)
+        engine = SpDEngine("baseline", session, tok, settings, eos_token_ids=eos_token_ids(model, tok))
         hf_run(model, ids, 4)
         ours_run(engine, ids)
         # alternate the two so both see the same machine load
@@ -64,7 +68,7 @@ def main() -> None:
             ours_runs.append(ours_run(engine, ids))
         hf_tps, ours_tps = max(map(tok_per_s, hf_runs)), max(map(tok_per_s, ours_runs))
         same = hf_runs[0][0] == ours_runs[0][0]
-        print(f"{name:24} {dtype:9} {hf_tps:18.2f} {ours_tps:14.2f} {ours_tps / hf_tps:6.2f} {same}")
+        print(f"{name:24} {dtype:9} {hf_tps:18.2f} {ours_tps:14.2f} {ours_tps / hf_tps:6.2f} {same!s:9} {session.packed}")
 
 
 if __name__ == "__main__":

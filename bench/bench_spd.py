@@ -83,9 +83,10 @@ def main() -> None:
     tok = load_tokenizer(args.target)
     draft = load_model(args.draft, args.dtype) if "draft" in modes else None
     eos = eos_token_ids(target, tok)
+    pack = args.dtype == "float32"  # as load_session: float32 on CPU runs on prepacked linears
     k = {"baseline": 1, "draft": args.k_draft, "pld": args.k_pld, "multiproj": args.k_multiproj}
     print(f"target {args.target} ({args.dtype}), draft {args.draft}, {args.new} new tokens, greedy, "
-          f"batch 1, {args.threads} threads, chat template")
+          f"batch 1, {args.threads} threads, chat template, packed linears: {pack}")
     for set_name in args.sets.split(","):
         prompts = PROMPT_SETS[set_name]
         print(f"\n[{set_name}] {len(prompts)} prompts")
@@ -95,8 +96,8 @@ def main() -> None:
             settings = SpDSettings(num_speculative_tokens=k[mode], prefill_seq_len=64, ctx_len=1024,
                                    max_new_tokens=args.new, full_batch_size=1, chat_template=True)
             heads = random_heads(target.config.hidden_size, k[mode]) if mode == "multiproj" else None
-            session = TorchSession(target, 1, settings.ctx_len, heads=heads)
-            d = TorchSession(draft, 1, settings.ctx_len) if mode == "draft" else None
+            session = TorchSession(target, 1, settings.ctx_len, heads=heads, pack=pack)
+            d = TorchSession(draft, 1, settings.ctx_len, pack=pack) if mode == "draft" else None
             engine = SpDEngine(mode, session, tok, settings, draft=d, eos_token_ids=eos)
             engine.generate(["Hello"])  # warm-up
             info = engine.generate(prompts)

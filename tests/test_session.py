@@ -1,6 +1,9 @@
 """The PyTorch session agrees with the model's own HF forward (float32: |logits diff| <= 1e-4,
 same argmax) for prefill, chunked prefill, one-token decode and a k+1-token verify with rows at
-different positions; and it refuses inputs that break the contract."""
+different positions, with plain and with prepacked (oneDNN) linears; and it refuses inputs that
+break the contract."""
+
+import copy
 
 import numpy as np
 import pytest
@@ -38,9 +41,21 @@ def prefill(session, slot, toks, chunk):
     return out
 
 
-@pytest.fixture(params=["llama", "qwen2"])
+@pytest.fixture(params=[("llama", False), ("qwen2", False), ("llama", True), ("qwen2", True)],
+                ids=["llama", "qwen2", "llama-packed", "qwen2-packed"])
 def model(request):
-    return tiny_model(request.param)
+    m = tiny_model(request.param[0])
+    m.pack = request.param[1]
+    return m
+
+
+def make(model, *args, **kw) -> TorchSession:
+    """A session over ``model``; a packed one over a copy, so HF's reference keeps nn.Linear."""
+    if not model.pack:
+        return TorchSession(model, *args, **kw)
+    s = TorchSession(copy.deepcopy(model), *args, pack=True, **kw)
+    assert s.packed and not any(type(m) is torch.nn.Linear for m in s.model.modules())
+    return s
 
 
 def seqs(n, lengths, seed=0):
@@ -49,7 +64,7 @@ def seqs(n, lengths, seed=0):
 
 
 def test_prefill_matches_hf(model):
-    s = TorchSession(model, full_batch_size=2, ctx_len=64)
+    s = make(model, full_batch_size=2, ctx_len=64)
     (toks,) = seqs(1, [21])
     out = run(s, [(1, toks, 0)], len(toks))
     ref = hf_logits(model, toks)
@@ -58,7 +73,7 @@ def test_prefill_matches_hf(model):
 
 
 def test_chunked_prefill_and_decode_match_hf(model):
-    s = TorchSession(model, full_batch_size=3, ctx_len=64)
+    s = make(model, full_batch_size=3, ctx_len=64)
     (toks,) = seqs(1, [23])
     out = prefill(s, 2, toks, chunk=8)  # chunks of 8, 8, 7
     full = toks + [int(out[0, -1].argmax())]
@@ -70,7 +85,7 @@ def test_chunked_prefill_and_decode_match_hf(model):
 
 
 def test_verify_rows_at_different_positions(model):
-    s = TorchSession(model, full_batch_size=4, ctx_len=64)
+    s = make(model, full_batch_size=4, ctx_len=64)
     a, b, spec_a, spec_b = seqs(4, [9, 20, 4, 2], seed=1)
     prefill(s, 3, a, chunk=16)
     prefill(s, 0, b, chunk=16)
@@ -81,7 +96,7 @@ def test_verify_rows_at_different_positions(model):
 
 
 def test_rejected_tokens_need_no_rollback(model):
-    s = TorchSession(model, full_batch_size=1, ctx_len=64)
+    s = make(model, full_batch_size=1, ctx_len=64)
     a, junk, good = seqs(3, [10, 5, 3], seed=2)
     prefill(s, 0, a, chunk=16)
     run(s, [(0, junk, len(a))], 5)  # written at 10..14, then "rejected"
@@ -90,7 +105,7 @@ def test_rejected_tokens_need_no_rollback(model):
 
 
 def test_slot_reuse_with_a_shorter_prompt(model):
-    s = TorchSession(model, full_batch_size=1, ctx_len=64)
+    s = make(model, full_batch_size=1, ctx_len=64)
     long, short = seqs(2, [30, 6], seed=3)
     prefill(s, 0, long, chunk=16)
     out = prefill(s, 0, short, chunk=16)
@@ -102,12 +117,30 @@ def test_heads_add_an_axis_and_keep_base_logits(model):
     heads = TurboHeads(model.config.hidden_size, num_heads=3, num_layers=2)
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    s = TorchSession(model, full_batch_size=1, ctx_len=32, heads=heads)
+    s = make(model, full_batch_size=1, ctx_len=32, heads=heads)
     (toks,) = seqs(1, [7])
     out = run(s, [(0, toks, 0)], 2)
     assert out.shape == (1, 2, 4, VOCAB)
     np.testing.assert_allclose(out[0, :, 0], hf_logits(model, toks)[-2:], atol=ATOL)
     assert not np.allclose(out[0, :, 1], out[0, :, 0])
+
+
+def test_packing_replaces_weights_and_keeps_tied_ones():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)).eval()
+    ref = copy.deepcopy(tied)
+    s = TorchSession(tied, full_batch_size=1, ctx_len=16, pack=True)
+    assert s.packed and s.vocab_size == VOCAB
+    # the tied lm_head still shares the embedding; an untied projection keeps only its packed copy
+    assert s.model.lm_head.weight is s.model.model.embed_tokens.weight and not s.model.lm_head.weight.is_meta
+    assert s.model.model.layers[0].mlp.up_proj.weight.is_meta
+    toks = [5, 9, 3, 7]
+    np.testing.assert_allclose(run(s, [(0, toks, 0)], 4)[0], hf_logits(ref, toks), atol=ATOL)
+    # bfloat16 is left alone (oneDNN's bf16 packing needs AVX512-BF16 / AVX-NE-CONVERT)
+    assert not TorchSession(tiny_model("llama").to(torch.bfloat16), 1, 16, pack=True).packed
 
 
 def test_bfloat16_argmax_agrees():

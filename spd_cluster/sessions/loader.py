@@ -63,10 +63,13 @@ def load_session(
     with_heads: bool = False,
     speculator_path: str | None = None,
     device_ids: list[int] | None = None,
+    packed_linears: bool | None = None,
 ):
     """A session for ``model`` in ``role`` (target | draft) on ``device`` (cpu | cuda[:N] | qaic).
     ``with_heads`` attaches multi-projection heads (multiproj targets): from ``speculator_path``,
-    else from the model directory. The session carries ``eos_token_ids`` for the engine."""
+    else from the model directory. The session carries ``eos_token_ids`` for the engine.
+    ``packed_linears`` (default: on for float32 on CPU) runs linears on prepacked oneDNN weights,
+    which makes a k+1-token verify nearly as cheap as one decode step (sessions/packed.py)."""
     if device == "qaic":
         from .qaic import load_qaic_session
 
@@ -90,6 +93,8 @@ def load_session(
                 "speculator_path given (train some with `spd-cluster train-heads`)"
             )
         heads = TurboHeads.load(where, hidden_size=m.config.hidden_size)
-    session = TorchSession(m, full_batch_size, ctx_len, heads=heads)
+    if packed_linears is None:
+        packed_linears = device == "cpu" and dtype == "float32"
+    session = TorchSession(m, full_batch_size, ctx_len, heads=heads, pack=packed_linears)
     session.eos_token_ids = eos_token_ids(m)
     return session

@@ -15,6 +15,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .base import SessionInputError, check_inputs, keep_index
+from . import packed
 from .heads import TurboHeads
 
 
@@ -95,7 +96,10 @@ def _runs(positions: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, int,
 class TorchSession:
     """One model on one torch device with ``full_batch_size`` KV slots of ``ctx_len`` positions."""
 
-    def __init__(self, model, full_batch_size: int, ctx_len: int, heads: TurboHeads | None = None):
+    def __init__(self, model, full_batch_size: int, ctx_len: int, heads: TurboHeads | None = None,
+                 pack: bool = False):
+        """``pack``: run float32 CPU linears on prepacked oneDNN weights (sessions/packed.py), in
+        place on ``model`` and ``heads``; ignored where that is unavailable."""
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device
@@ -109,6 +113,11 @@ class TorchSession:
                 )
             self.heads = heads.to(device=self.device, dtype=next(model.parameters()).dtype).eval()
         self.num_heads = heads.num_heads if heads is not None else 0
+        self.packed = pack and packed.available(model)
+        if self.packed:
+            packed.pack_linears(model)
+            if self.heads is not None:
+                packed.pack_linears(self.heads)
         self.cache = SlotCache(full_batch_size, ctx_len)
         self.layer_types = sorted(set(getattr(self.config, "layer_types", None) or []))
         self.window = getattr(self.config, "sliding_window", None)
