@@ -1,5 +1,7 @@
 """Plain greedy decode: our session (baseline mode of the engine) vs HF `generate`, same model,
-same dtype, same prompt, batch 1; runs alternate after a warm-up and the best of each counts.
+same dtype, same prompt, batch 1; runs alternate after a warm-up, in ABBA order; it prints the
+best of each and the median of the paired ratios (each session run over its neighbouring HF
+run), which is the steadier figure on a machine whose speed drifts.
 The session is built as `load_session` builds it: float32 on CPU runs on prepacked oneDNN linears
 (sessions/packed.py), over its own copy of the weights so HF's `generate` keeps nn.Linear.
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 from time import perf_counter
 
 import torch
@@ -44,11 +47,12 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m:float32,qwen2.5-coder-1.5b:bfloat16")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"greedy decode, batch 1, {args.new} new tokens, {args.threads} threads, best of {args.repeats}")
-    print(f"{'model':24} {'dtype':9} {'HF generate tok/s':>18} {'session tok/s':>14} {'ratio':>6} identical packed")
+    print(f"{'model':24} {'dtype':9} {'HF generate tok/s':>18} {'session tok/s':>14} {'ratio':>6} "
+          f"{'median paired':>13} identical packed")
     for spec in args.models.split(","):
         name, dtype = spec.split(":")
         model = load_model(name, dtype)
@@ -63,12 +67,18 @@ def main() -> None:
         ours_run(engine, ids)
         # alternate the two so both see the same machine load
         hf_runs, ours_runs = [], []
-        for _ in range(args.repeats):
-            hf_runs.append(hf_run(model, ids, args.new))
-            ours_runs.append(ours_run(engine, ids))
+        for i in range(args.repeats):  # ABBA: neither always runs second (this machine slows under load)
+            if i % 2 == 0:
+                hf_runs.append(hf_run(model, ids, args.new))
+                ours_runs.append(ours_run(engine, ids))
+            else:
+                ours_runs.append(ours_run(engine, ids))
+                hf_runs.append(hf_run(model, ids, args.new))
         hf_tps, ours_tps = max(map(tok_per_s, hf_runs)), max(map(tok_per_s, ours_runs))
-        same = hf_runs[0][0] == ours_runs[0][0]
-        print(f"{name:24} {dtype:9} {hf_tps:18.2f} {ours_tps:14.2f} {ours_tps / hf_tps:6.2f} {same!s:9} {session.packed}")
+        same = all(h[0] == o[0] for h, o in zip(hf_runs, ours_runs))
+        paired = statistics.median(tok_per_s(o) / tok_per_s(h) for h, o in zip(hf_runs, ours_runs))
+        print(f"{name:24} {dtype:9} {hf_tps:18.2f} {ours_tps:14.2f} {ours_tps / hf_tps:6.2f} {paired:13.2f} "
+              f"{same!s:9} {session.packed}")
 
 
 if __name__ == "__main__":
