@@ -92,10 +92,12 @@ def evaluate(model, tok, heads, prompts, args, eos):
     ctx = 512
     settings = SpDSettings(num_speculative_tokens=args.k, prefill_seq_len=64, ctx_len=ctx,
                            max_new_tokens=args.eval_new, full_batch_size=args.fbs, chat_template=True)
+    pack = next(model.parameters()).dtype == torch.float32  # as load_session (training is over: in place is fine)
     engines = {
-        "baseline": SpDEngine("baseline", TorchSession(model, args.fbs, ctx), tok, settings, eos_token_ids=eos),
-        "multiproj": SpDEngine("multiproj", TorchSession(model, args.fbs, ctx, heads=heads), tok, settings,
-                               eos_token_ids=eos),
+        "baseline": SpDEngine("baseline", TorchSession(model, args.fbs, ctx, pack=pack), tok, settings,
+                              eos_token_ids=eos),
+        "multiproj": SpDEngine("multiproj", TorchSession(model, args.fbs, ctx, heads=heads, pack=pack), tok,
+                               settings, eos_token_ids=eos),
     }
     engines["baseline"].generate(prompts[:1])  # warm-up
     sums = {m: dict(tokens=0, time=0.0, target=0.0, iters=0, steps=[], ids=[], proposed=np.zeros(args.k),
