@@ -11,7 +11,7 @@ when its result arrives, so every prompt appears exactly once. Shards already on
 The audit (cluster/audit.py) rides along: its sample is picked before anything runs, each shard
 goes out with the positions of its audited prompts, and their audit rows come back with the
 shard, are kept in the shard's record (so a resume keeps them) and OUT/audit.parquet is rewritten
-from all records after every shard.
+from all records (at most every AUDIT_WRITE_EVERY_S while the job runs, and at its end).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from .reduce import aggregate_exec_info, first_batch_ttft, metrics_from_record, 
 log = logging.getLogger("spd_cluster.cluster")
 
 RECOVER_TIMEOUT_S = 600.0  # give up when every live pair has been recovering this long
+AUDIT_WRITE_EVERY_S = 30.0  # audit.parquet is rewritten at most this often while a job runs, and at its end
 
 
 class JobError(RuntimeError):
@@ -138,6 +139,7 @@ class _Run:
                  audit_picks: Optional[dict[int, list[int]]] = None):
         self.cfg, self.info, self.records = cfg, info, records
         self.audit_picks = audit_picks or {}
+        self.audit_written = float("-inf")
         self.out = Path(cfg.output.path)
         self.on_event = on_event or (lambda kind, **kw: None)
         c = cfg.cluster
@@ -305,8 +307,9 @@ class _Run:
                **rio.metrics_record(m), "audit": _audit_rows(shard, res.get("audit", []), pair.pair_id)}
         rio.write_shard(self.out, shard.shard_id, rows, rec)
         self.records[shard.shard_id] = rec
-        if rec["audit"]:
+        if rec["audit"] and now - self.audit_written > AUDIT_WRITE_EVERY_S:
             rio.write_audit(self.out, all_audit_rows(self.records))
+            self.audit_written = now
         if pair.shards_done == 0 and pair.pair_id not in self.first_shards:
             self.first_shards[pair.pair_id] = (t0 - self.t_first, m.batch_ttft)
         pair.shards_done += 1
