@@ -38,15 +38,12 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach()
         self._packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
-        self._bias = None if linear.bias is None else linear.bias.detach()
-        if keep_weight:
-            self.weight = linear.weight
-        else:
-            self.weight = torch.empty_like(w, device="meta")  # shape/dtype only; not a parameter
-        self.bias = self._bias
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        # the original when shared; else shape/dtype only (a meta tensor, not a parameter)
+        self.weight = linear.weight if keep_weight else torch.empty_like(w, device="meta")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self._bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
