@@ -105,11 +105,21 @@ def test_qaic_device_ids_must_not_overlap():
 def test_identity_ignores_placement_but_not_outputs():
     a = config_from_dict(dict(BASE))
     b = config_from_dict(dict(BASE), ["cluster.num_pairs=4", "cluster.cpus_per_actor=2", "name=other",
-                                      "output.overwrite=true", "draft.model=unused-in-pld"])
+                                      "output.overwrite=true", "draft.model=unused-in-pld",
+                                      "audit.fail_on_mismatch=true"])
     assert a.identity_hash("x") == b.identity_hash("x")
     assert a.identity_hash("x") != a.identity_hash("y")  # dataset contents
-    for o in ("spd.max_new_tokens=7", "cluster.shard_size=3", "target.dtype=bfloat16", "mode=baseline"):
+    for o in ("spd.max_new_tokens=7", "cluster.shard_size=3", "target.dtype=bfloat16", "mode=baseline",
+              "audit.fraction=0.5", "audit.min_prompts=1", "audit.seed=3"):
         assert config_from_dict(dict(BASE), [o]).identity_hash("x") != a.identity_hash("x"), o
+
+
+def test_audit_section_is_validated():
+    assert config_from_dict(dict(BASE)).audit.fraction == 0.02  # on by default
+    with pytest.raises(ConfigError, match=r"audit.fraction: .*less than or equal to 1"):
+        config_from_dict(dict(BASE), ["audit.fraction=2"])
+    with pytest.raises(ConfigError, match=r"audit.sample: unknown key"):
+        config_from_dict(dict(BASE), ["audit.sample=3"])
 
 
 def test_shipped_configs_validate():
