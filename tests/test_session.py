@@ -143,6 +143,21 @@ def test_packing_replaces_weights_and_keeps_tied_ones():
     assert not TorchSession(tiny_model("llama").to(torch.bfloat16), 1, 16, pack=True).packed
 
 
+def test_packed_linears_for_a_block_gives_the_modules_back():
+    from spd_cluster.sessions import packed
+
+    model = tiny_model("llama")
+    before = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    toks = [5, 9, 3, 7]
+    ref = hf_logits(model, toks)
+    with packed.packed_linears(model) as n:
+        assert n == len(before) and not any(type(m) is torch.nn.Linear for m in model.modules())
+        np.testing.assert_allclose(hf_logits(model, toks), ref, atol=ATOL)
+    after = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert not any(p.is_meta for p in model.parameters())
+
+
 def test_bfloat16_argmax_agrees():
     model = tiny_model("llama")
     s = TorchSession(tiny_model("llama").to(torch.bfloat16), full_batch_size=1, ctx_len=32)

@@ -17,6 +17,8 @@ on a model the caller owns (``load_session`` does, for its own copy).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -49,18 +51,36 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
 
 
+def _linears(module: nn.Module):
+    """(parent, attribute name, nn.Linear) for every plain ``nn.Linear`` under ``module``."""
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            yield module, name, child
+        else:
+            yield from _linears(child)
+
+
 def pack_linears(root: nn.Module) -> int:
     """Replace every ``nn.Linear`` under ``root`` with a PackedLinear; returns how many."""
     shared = {id(p) for m in root.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
+    n = 0
+    for parent, name, child in list(_linears(root)):
+        setattr(parent, name, PackedLinear(child, keep_weight=id(child.weight) in shared))
+        n += 1
+    return n
 
-    def swap(module: nn.Module) -> int:
-        n = 0
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
-                setattr(module, name, PackedLinear(child, keep_weight=id(child.weight) in shared))
-                n += 1
-            else:
-                n += swap(child)
-        return n
 
-    return swap(root)
+@contextmanager
+def packed_linears(root: nn.Module):
+    """Run ``root``'s linears packed inside the block and give the original ``nn.Linear`` modules
+    back after it, for a model the caller still needs as it was (the heads trainer generates with
+    the target, then trains through its lm_head). The originals stay alive meanwhile, so their
+    weights are held twice for the duration."""
+    swaps = list(_linears(root))
+    for parent, name, child in swaps:
+        setattr(parent, name, PackedLinear(child, keep_weight=True))
+    try:
+        yield len(swaps)
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)

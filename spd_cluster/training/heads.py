@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -263,6 +264,7 @@ def distill(model, tokenizer, prompts: Sequence, settings: TrainSettings, eos_to
     from tqdm.auto import tqdm
 
     from ..engine import SpDEngine, SpDSettings
+    from ..sessions import packed
 
     s = settings
     spd = SpDSettings(num_speculative_tokens=1, prefill_seq_len=s.prefill_seq_len, ctx_len=s.ctx_len,
@@ -282,7 +284,10 @@ def distill(model, tokenizer, prompts: Sequence, settings: TrainSettings, eos_to
     session.begin(lens, rows, bar)
     t0 = time.perf_counter()
     try:
-        info = engine.generate(ids)
+        # float32 on CPU: generate on prepacked linears (about 2x faster here), then give the
+        # model its own nn.Linear modules back for training through the lm_head
+        with packed.packed_linears(model) if packed.available(model) else contextlib.nullcontext():
+            info = engine.generate(ids)
         session.finish_all()
         gen_time = time.perf_counter() - t0
         targets, seq_of = _targets(session, ids, info.generated_ids, rows.n, s.num_heads)
