@@ -92,7 +92,7 @@ def evaluate(model, tok, heads, prompts, args, eos):
     ctx = 512
     settings = SpDSettings(num_speculative_tokens=args.k, prefill_seq_len=64, ctx_len=ctx,
                            max_new_tokens=args.eval_new, full_batch_size=args.fbs, chat_template=True)
-    pack = next(model.parameters()).dtype == torch.float32  # as load_session (training is over: in place is fine)
+    pack = True  # as load_session: CPU kernels on (training is over: in place is fine)
     engines = {
         "baseline": SpDEngine("baseline", TorchSession(model, args.fbs, ctx, pack=pack), tok, settings,
                               eos_token_ids=eos),

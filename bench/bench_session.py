@@ -2,8 +2,9 @@
 same dtype, same prompt, batch 1; runs alternate after a warm-up, in ABBA order; it prints the
 best of each and the median of the paired ratios (each session run over its neighbouring HF
 run), which is the steadier figure on a machine whose speed drifts.
-The session is built as `load_session` builds it: float32 on CPU runs on prepacked oneDNN linears
-(sessions/packed.py), over its own copy of the weights so HF's `generate` keeps nn.Linear.
+The session is built as `load_session` builds it, CPU kernels on (float32: prepacked oneDNN linears,
+sessions/packed.py; bfloat16: our AVX2 kernel, sessions/bf16.py), over its own copy of the model so
+HF's `generate` keeps nn.Linear.
 
     python bench/bench_session.py [--models smollm2-135m:float32,qwen2.5-coder-1.5b:bfloat16] [--new 64]
 """
@@ -60,8 +61,8 @@ def main() -> None:
         ids = tok(PROMPT, return_tensors="pt")["input_ids"]
         settings = SpDSettings(prefill_seq_len=32, ctx_len=ids.shape[1] + args.new + 8, max_new_tokens=args.new,
                                full_batch_size=1)
-        pack = dtype == "float32"
-        session = TorchSession(copy.deepcopy(model) if pack else model, 1, settings.ctx_len, pack=pack)
+        # as load_session builds it (CPU kernels on), over a copy so HF's generate keeps nn.Linear
+        session = TorchSession(copy.deepcopy(model), 1, settings.ctx_len, pack=True)
         engine = SpDEngine("baseline", session, tok, settings, eos_token_ids=eos_token_ids(model, tok))
         hf_run(model, ids, 4)
         ours_run(engine, ids)

@@ -47,6 +47,10 @@ class ModelSpec(_Strict):
     # Per node, the devices this role may take (qaic only: Ray itself assigns CUDA GPUs). Each
     # actor locks one id for its lifetime, so two actors on a node never share a device.
     device_ids: Optional[list[int]] = None
+    # CPU only: run linears on kernels made for the few rows of a decode or verify step (float32:
+    # prepacked oneDNN weights; bfloat16: our AVX2 kernel where the CPU has no native bfloat16).
+    # false: PyTorch's own F.linear, bit for bit what HF `generate` computes, and slower.
+    cpu_kernels: bool = True
 
     @model_validator(mode="after")
     def _ids(self) -> "ModelSpec":

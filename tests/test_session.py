@@ -139,8 +139,9 @@ def test_packing_replaces_weights_and_keeps_tied_ones():
     assert s.model.model.layers[0].mlp.up_proj.weight.is_meta
     toks = [5, 9, 3, 7]
     np.testing.assert_allclose(run(s, [(0, toks, 0)], 4)[0], hf_logits(ref, toks), atol=ATOL)
-    # bfloat16 is left alone (oneDNN's bf16 packing needs AVX512-BF16 / AVX-NE-CONVERT)
-    assert not TorchSession(tiny_model("llama").to(torch.bfloat16), 1, 16, pack=True).packed
+    assert s.packed == "onednn"
+    # bfloat16 is not oneDNN's (its bf16 packing needs AVX512-BF16 / AVX-NE-CONVERT): our AVX2 kernel
+    assert TorchSession(tiny_model("llama").to(torch.bfloat16), 1, 16, pack=True).packed == "avx2-bf16"
 
 
 def test_packed_linears_for_a_block_gives_the_modules_back():

@@ -48,12 +48,14 @@ def build_engine(
     speculator_path: str | None = None,
     target_device_ids: list[int] | None = None,
     draft_device_ids: list[int] | None = None,
+    cpu_kernels: bool = True,
 ) -> SpDEngine:
     from ..sessions.loader import load_session, load_tokenizer
 
     check_models(mode, target_model, draft_model, speculator_path)
     common = dict(full_batch_size=settings.full_batch_size, ctx_len=settings.ctx_len,
-                  prefill_seq_len=settings.prefill_seq_len, num_speculative_tokens=settings.num_speculative_tokens)
+                  prefill_seq_len=settings.prefill_seq_len, num_speculative_tokens=settings.num_speculative_tokens,
+                  packed_linears=cpu_kernels)
     target = load_session(target_model, role="target", device=device, dtype=dtype,
                           with_heads=mode == "multiproj", speculator_path=speculator_path,
                           device_ids=target_device_ids, **common)

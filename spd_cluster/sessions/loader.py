@@ -68,8 +68,9 @@ def load_session(
     """A session for ``model`` in ``role`` (target | draft) on ``device`` (cpu | cuda[:N] | qaic).
     ``with_heads`` attaches multi-projection heads (multiproj targets): from ``speculator_path``,
     else from the model directory. The session carries ``eos_token_ids`` for the engine.
-    ``packed_linears`` (default: on for float32 on CPU) runs linears on prepacked oneDNN weights,
-    which makes a k+1-token verify nearly as cheap as one decode step (sessions/packed.py)."""
+    ``packed_linears`` (default: on, on CPU) runs linears on kernels that make a k+1-token verify
+    nearly as cheap as one decode step: float32 on prepacked oneDNN weights (sessions/packed.py),
+    bfloat16 on our AVX2 kernel where the CPU lacks native bfloat16 (sessions/bf16.py)."""
     if device == "qaic":
         from .qaic import load_qaic_session
 
@@ -94,7 +95,7 @@ def load_session(
             )
         heads = TurboHeads.load(where, hidden_size=m.config.hidden_size)
     if packed_linears is None:
-        packed_linears = device == "cpu" and dtype == "float32"
+        packed_linears = device == "cpu"
     session = TorchSession(m, full_batch_size, ctx_len, heads=heads, pack=packed_linears)
     session.eos_token_ids = eos_token_ids(m)
     return session

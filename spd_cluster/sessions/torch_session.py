@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .base import SessionInputError, check_inputs, keep_index
-from . import packed
+from . import bf16, packed
 from .heads import TurboHeads
 
 
@@ -98,8 +98,10 @@ class TorchSession:
 
     def __init__(self, model, full_batch_size: int, ctx_len: int, heads: TurboHeads | None = None,
                  pack: bool = False):
-        """``pack``: run float32 CPU linears on prepacked oneDNN weights (sessions/packed.py), in
-        place on ``model`` and ``heads``; ignored where that is unavailable."""
+        """``pack``: run CPU linears on kernels made for few-row calls, in place on ``model`` and
+        ``heads``: float32 on prepacked oneDNN weights (sessions/packed.py), bfloat16 on our AVX2
+        kernel where the CPU has no native bfloat16 (sessions/bf16.py); ignored where neither
+        applies. ``packed`` says which ran ("onednn", "avx2-bf16" or None)."""
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device
@@ -113,11 +115,17 @@ class TorchSession:
                 )
             self.heads = heads.to(device=self.device, dtype=next(model.parameters()).dtype).eval()
         self.num_heads = heads.num_heads if heads is not None else 0
-        self.packed = pack and packed.available(model)
-        if self.packed:
-            packed.pack_linears(model)
-            if self.heads is not None:
-                packed.pack_linears(self.heads)
+        self.packed = None
+        if pack and packed.available(model):
+            self.packed = "onednn"
+            for m in (model, self.heads):
+                if m is not None:
+                    packed.pack_linears(m)
+        elif pack and bf16.available(model):
+            self.packed = "avx2-bf16"
+            for m in (model, self.heads):
+                if m is not None:
+                    bf16.use_kernel(m)
         self.cache = SlotCache(full_batch_size, ctx_len)
         self.layer_types = sorted(set(getattr(self.config, "layer_types", None) or []))
         self.window = getattr(self.config, "sliding_window", None)

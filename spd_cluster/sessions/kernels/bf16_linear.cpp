@@ -1,0 +1,46 @@
+// y[M, N] = x[M, K] @ w[N, K]^T (+ bias): bfloat16 weights, float32 activations and accumulation,
+// AVX2 + FMA, for CPUs without native bfloat16 (see sessions/bf16.py). Each weight row is read
+// from memory once per call (the next tile's rows prefetched meanwhile), widened to float32 in
+// registers and applied to up to 4 activation rows per pass while it sits in L1, so a k + 1 row
+// verify costs little more than a one-row decode step, which is memory-bound.
+//
+// Batch invariant: every output element is one 8-lane float32 accumulator over k in order, then
+// the same horizontal sum, tail and bias; how rows and columns are tiled never changes a bit. So
+// a row's result is the same whether it is computed alone (decode) or with others (verify, other
+// slots), which keeps speculative verification exactly consistent with one-token decoding.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "bf16_linear.h"
+
+using namespace spd_bf16;
+
+torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous bfloat16 [N, K]");
+  TORCH_CHECK(x.size(1) == w.size(1), "x and w disagree on K");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const float* b = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float32 [N]");
+    b = bias->data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  auto xi = torch::empty_like(x);
+  interleave(x.data_ptr<float>(), xi.data_ptr<float>(), M, K);
+  const float* xp = xi.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  float* yp = y.data_ptr<float>();
+  // one task per 48 weight rows (whole tiles of 2 or 3 rows); the next tile's rows are prefetched
+  constexpr int64_t BLOCK = 48;
+  at::parallel_for(0, (N + BLOCK - 1) / BLOCK, 1, [&](int64_t lo, int64_t hi) {
+    block(xp, wp, b, yp, M, K, N, lo * BLOCK, std::min(N, hi * BLOCK));
+  });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bf16_linear", &bf16_linear, "x[M,K] f32 @ w[N,K]^T bf16 (+ bias f32) -> f32, AVX2, batch invariant");
+}

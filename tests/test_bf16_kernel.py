@@ -1,0 +1,92 @@
+"""The AVX2 bfloat16 linear kernel (sessions/kernels, sessions/bf16.py): float32-accurate against
+a float64 reference on odd shapes, batch invariant bit for bit, and a bfloat16 session on it
+agrees with the model's own forward; `cpu_kernels: false` keeps PyTorch's linears."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from tiny import VOCAB, tiny_model
+
+from spd_cluster.config import ModelSpec
+from spd_cluster.sessions import bf16
+from spd_cluster.sessions.loader import load_session
+from spd_cluster.sessions.torch_session import TorchSession
+
+
+def reference(x, w, b):
+    y = x.double() @ w.double().T
+    return y if b is None else y + b.double()
+
+
+# (rows M, outputs N, inputs K): tails in every direction (K % 16, N % 48, M % 3 and % 4)
+SHAPES = [(1, 50, 40), (2, 7, 16), (3, 97, 72), (4, 48, 24), (5, 101, 1536), (8, 13, 9), (13, 96, 136)]
+
+
+@pytest.mark.parametrize("m, n, k", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_matches_float64_and_is_batch_invariant(m, n, k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g) if bias else None
+    y = bf16.linear(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    # float32 accumulation: error within a few float32 ulps of sum |x| |w|
+    bound = 1e-5 * (x.abs().double() @ w.abs().double().T) + 1e-6
+    assert ((y.double() - reference(x, w, b)).abs() <= bound).all()
+    # a row alone, rows reversed: the same bits as in the whole call
+    for i in range(m):
+        assert torch.equal(bf16.linear(x[i : i + 1], w, b)[0], y[i])
+    assert torch.equal(bf16.linear(x.flip(0), w, b), y.flip(0))
+
+
+def test_bfloat16_in_and_out_and_leading_dims():
+    x = torch.randn(2, 3, 40).to(torch.bfloat16)
+    w = torch.randn(24, 40).to(torch.bfloat16)
+    y = bf16.linear(x, w)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 24)
+    torch.testing.assert_close(y, (x.float() @ w.float().T).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+
+
+def run(session, toks, p0, keep):
+    out = session.run({"input_ids": np.array([toks]), "position_ids": np.array([np.arange(p0, p0 + len(toks))]),
+                       "batch_index": np.zeros((1, 1), np.int64), "num_logits_to_keep": np.zeros((keep, 1), np.int64)})
+    return out["logits"][0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bfloat16_session_on_the_kernel(arch):
+    model = tiny_model(arch).to(torch.bfloat16)
+    plain = TorchSession(copy.deepcopy(model), 1, 64)
+    fast = TorchSession(copy.deepcopy(model), 1, 64, pack=True)
+    assert plain.packed is None and fast.packed == "avx2-bf16"
+    assert not any(type(m) is torch.nn.Linear for m in fast.model.modules())
+    toks = np.random.default_rng(3).integers(3, VOCAB, size=24)
+    ref = run(plain, toks[:20], 0, 20)
+    got = run(fast, toks[:20], 0, 20)
+    np.testing.assert_allclose(got, ref, atol=0.1)  # bf16 rounding of each layer's outputs
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    # a 4-token verify and 4 one-token decode steps see the same logits
+    verify = run(fast, toks[20:24], 20, 4)
+    fast.cache.reset()
+    run(fast, toks[:20], 0, 1)
+    decode = np.concatenate([run(fast, toks[20 + i : 21 + i], 20 + i, 1) for i in range(4)])
+    np.testing.assert_allclose(verify, decode, atol=0.1)
+
+
+def test_tied_weights_stay_shared_and_load_session_switch(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    tied.save_pretrained(tmp_path / "m")
+    s = TorchSession(copy.deepcopy(tied).to(torch.bfloat16).eval(), 1, 16, pack=True)
+    assert s.packed == "avx2-bf16"
+    assert s.model.lm_head.weight is s.model.model.embed_tokens.weight  # no copy of the weight
+    assert load_session(str(tmp_path / "m"), dtype="bfloat16", full_batch_size=1, ctx_len=16).packed == "avx2-bf16"
+    assert load_session(str(tmp_path / "m"), dtype="bfloat16", full_batch_size=1, ctx_len=16,
+                        packed_linears=False).packed is None
+    assert ModelSpec(model="m").cpu_kernels and not ModelSpec(model="m", cpu_kernels=False).cpu_kernels
