@@ -170,6 +170,8 @@ def test_existing_out_and_empty_dataset_through_cli(tmp_path, capsys):
     assert cli(["train-heads", "--model", "nope", "--dataset", str(tmp_path / "empty.txt"),
                 "--out", str(tmp_path / "new")]) == 2
     assert "no prompts" in capsys.readouterr().err
+    assert cli(["train-heads", "--model", "nope", "--out", str(tmp_path / "new")]) == 2
+    assert "give --dataset" in capsys.readouterr().err
     with pytest.raises(TrainingError, match="already exists"):
         train_heads(TARGET, None, PROMPTS, out, TrainSettings(**SETTINGS), progress=False)
     assert not (out / WEIGHTS_FILE).exists()
@@ -201,3 +203,22 @@ def test_cli_end_to_end_on_a_model_directory(tmp_path, capsys):
     assert cli(argv) == 2  # exists now
     assert cli(argv + ["--overwrite", "--heads", "3"]) == 0
     assert TurboHeads.load(out).num_heads == 3
+
+
+def test_distilled_rows_saved_and_reused(tmp_path):
+    """--save-distilled writes the rows; --distilled trains on them (several files concatenated,
+    sequences apart) without generating, and refuses rows of another model or too few heads."""
+    s = TrainSettings(**{**SETTINGS, "steps": 20, "max_new_tokens": 10})
+    saved = tmp_path / "rows.npz"
+    _, first = train_heads(TARGET, None, PROMPTS[:8], None, s, eos_token_ids=[EOS], progress=False,
+                           save_distilled=saved)
+    _, again = train_heads(TARGET, None, [], None, s, progress=False, distilled=[saved, saved])
+    assert again["num_prompts"] == 16 and again["hidden_rows"] == 2 * first["hidden_rows"]
+    assert again["generated_tokens"] == 2 * first["generated_tokens"] and again["distilled_from"] == [str(saved)] * 2
+    _, same = train_heads(TARGET, None, [], None, s, progress=False, distilled=[saved])
+    assert same["top1_accuracy"] == first["top1_accuracy"]  # same rows, same seed: same heads
+    with pytest.raises(TrainingError, match="hidden size"):
+        train_heads(tiny_model("llama", hidden=32), None, [], None, s, progress=False, distilled=[saved])
+    with pytest.raises(TrainingError, match="needs 6"):
+        train_heads(TARGET, None, [], None, TrainSettings(**{**SETTINGS, "num_heads": 6}), progress=False,
+                    distilled=[saved])

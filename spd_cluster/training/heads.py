@@ -241,6 +241,44 @@ class Distilled:
     def hidden(self) -> np.ndarray:
         return self.rows.array[: self.rows.n]
 
+    def save(self, path: str | Path) -> None:
+        """Write the rows to an ``.npz`` that ``load`` reads back, so other training settings can
+        be tried without generating again (generation is most of the trainer's time on CPU)."""
+        np.savez(path, hidden=self.hidden, targets=self.targets, seq=self.seq, split=self.split,
+                 num_sequences=self.num_sequences, num_tokens=self.num_tokens, gen_time_s=self.gen_time_s)
+
+    @classmethod
+    def load(cls, paths: Sequence[str | Path], hidden_size: int, num_heads: int, memory_budget_mb: int = 2048,
+             cache_dir: str | None = None) -> "Distilled":
+        """Rows saved by ``save``, several files concatenated (their sequences kept apart)."""
+        parts = []
+        for path in paths:
+            try:
+                f = np.load(path)
+                part = {k: f[k] for k in ("hidden", "targets", "seq", "split", "num_sequences", "num_tokens",
+                                          "gen_time_s")}
+            except (OSError, KeyError, ValueError) as e:
+                raise TrainingError(f"distilled rows {path}: cannot read ({e})") from None
+            if part["hidden"].shape[1] != hidden_size:
+                raise TrainingError(f"distilled rows {path}: hidden size {part['hidden'].shape[1]}, "
+                                    f"the model has {hidden_size} (distilled from another model?)")
+            if part["targets"].shape[1] < num_heads + 1:
+                raise TrainingError(f"distilled rows {path}: targets for {part['targets'].shape[1] - 1} heads, "
+                                    f"--heads {num_heads} needs {num_heads}")
+            parts.append(part)
+        if not parts:
+            raise TrainingError("no distilled rows given")
+        n = sum(len(p["hidden"]) for p in parts)
+        rows = _Rows(n, hidden_size, memory_budget_mb << 20, cache_dir)
+        seqs, offset = [], 0
+        for p in parts:
+            rows.append(p["hidden"].astype(np.float32, copy=False))
+            seqs.append(p["seq"] + offset)
+            offset += int(p["num_sequences"])
+        return cls(rows, np.concatenate([p["targets"][:, : num_heads + 1] for p in parts]), np.concatenate(seqs),
+                   np.concatenate([p["split"] for p in parts]), offset,
+                   int(sum(int(p["num_tokens"]) for p in parts)), float(sum(float(p["gen_time_s"]) for p in parts)))
+
 
 def encode_prompts(engine, prompts: Sequence) -> list[np.ndarray]:
     from ..engine.engine import PromptError
@@ -489,13 +527,16 @@ def train(model, data: Distilled, settings: TrainSettings, heads: TurboHeads | N
 
 def train_heads(model, tokenizer, prompts: Sequence, out: str | Path | None, settings: TrainSettings | None = None,
                 *, model_name: str = "", overwrite: bool = False, init_heads: str | Path | None = None,
-                eos_token_ids=None, cache_dir: str | None = None, progress: bool = True) -> tuple[TurboHeads, dict]:
-    """Distil, train, and save heads to ``out`` (None: don't save). Returns (heads, report)."""
+                eos_token_ids=None, cache_dir: str | None = None, progress: bool = True,
+                distilled: Sequence[str | Path] = (), save_distilled: str | Path | None = None,
+                ) -> tuple[TurboHeads, dict]:
+    """Distil, train, and save heads to ``out`` (None: don't save). Returns (heads, report).
+    ``distilled``: train on rows saved earlier (``save_distilled``) instead of generating."""
     s = settings or TrainSettings()
     s.check()
     if out is not None:
         out = check_out_dir(out, overwrite)
-    if not len(prompts):
+    if not distilled and not len(prompts):
         raise TrainingError("empty dataset: no prompts to distil from")
     heads = None
     if init_heads is not None:
@@ -505,12 +546,17 @@ def train_heads(model, tokenizer, prompts: Sequence, out: str | Path | None, set
         from ..sessions.loader import eos_token_ids as _eos
 
         eos_token_ids = _eos(model, tokenizer)
-    data = distill(model, tokenizer, prompts, s, eos_token_ids, cache_dir=cache_dir, progress=progress)
+    if distilled:
+        data = Distilled.load(distilled, model.config.hidden_size, s.num_heads, s.memory_budget_mb, cache_dir)
+    else:
+        data = distill(model, tokenizer, prompts, s, eos_token_ids, cache_dir=cache_dir, progress=progress)
     try:
+        if save_distilled is not None:
+            data.save(save_distilled)
         heads, report = train(model, data, s, heads=heads, progress=progress)
         report.update(num_prompts=data.num_sequences, generated_tokens=data.num_tokens,
                       gen_time_s=round(data.gen_time_s, 2), hidden_rows=int(data.rows.n),
-                      hidden_on_disk=data.rows.on_disk)
+                      hidden_on_disk=data.rows.on_disk, distilled_from=[str(d) for d in distilled])
     finally:
         data.rows.close()
     heads.extra_config = {
@@ -542,7 +588,11 @@ def add_cli(subparsers) -> None:
                               description="The target greedily continues each prompt; heads learn to predict "
                                           "its tokens 2..H+1 ahead from its last hidden state.")
     p.add_argument("--model", required=True, help="store alias, HF directory or .gguf file")
-    p.add_argument("--dataset", required=True, help="prompts: text file (one per line), JSONL, CSV or Parquet")
+    p.add_argument("--dataset", help="prompts: text file (one per line), JSONL, CSV or Parquet")
+    p.add_argument("--distilled", nargs="+", default=[], metavar="NPZ",
+                   help="train on rows saved by --save-distilled instead of generating (no --dataset needed)")
+    p.add_argument("--save-distilled", default=None, metavar="NPZ",
+                   help="also save the distilled rows (hidden states and targets) to this .npz")
     p.add_argument("--prompt-column", default="prompt", help="column of JSONL/CSV/Parquet prompts")
     p.add_argument("--out", required=True, help="directory for speculator_config.json + speculator.safetensors")
     p.add_argument("--overwrite", action="store_true", help="write into an existing --out")
@@ -592,14 +642,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         s = settings_from_args(args)
         s.check()
         out = check_out_dir(args.out, args.overwrite)
-        prompts = read_prompts(args.dataset, args.prompt_column)
+        if not args.dataset and not args.distilled:
+            raise TrainingError("give --dataset (prompts to distil from) or --distilled (rows saved earlier)")
+        prompts = read_prompts(args.dataset, args.prompt_column) if not args.distilled else []
         if args.threads:
             torch.set_num_threads(args.threads)
         model = load_model(args.model, args.dtype, args.device)
         tok = load_tokenizer(args.model)
         heads, report = train_heads(model, tok, prompts, out, s, model_name=args.model, overwrite=args.overwrite,
                                     init_heads=args.init, eos_token_ids=eos_token_ids(model, tok),
-                                    cache_dir=args.cache_dir, progress=not args.no_progress)
+                                    cache_dir=args.cache_dir, progress=not args.no_progress,
+                                    distilled=args.distilled, save_distilled=args.save_distilled)
     except (TrainingError, FileNotFoundError) as e:
         print(f"train-heads: error: {e}", file=sys.stderr)
         return 2
