@@ -125,6 +125,33 @@ def test_heads_add_an_axis_and_keep_base_logits(model):
     assert not np.allclose(out[0, :, 1], out[0, :, 0])
 
 
+def test_head_vocab_restricts_deferred_head_logits(model, tmp_path):
+    """Heads with a head_vocab: the deferred head logits are the full ones on those tokens and
+    -inf elsewhere (also after a save/load round trip); ids outside the vocabulary are refused."""
+    torch.manual_seed(0)
+    heads = TurboHeads(model.config.hidden_size, num_heads=2)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    full = make(model, full_batch_size=1, ctx_len=32, heads=copy.deepcopy(heads))
+    vocab = np.array([3, 5, 17, 40, VOCAB - 1])
+    heads.vocab = torch.from_numpy(vocab)
+    heads.save(tmp_path / "h")
+    loaded = TurboHeads.load(tmp_path / "h")
+    assert loaded.vocab.tolist() == vocab.tolist()
+    part = make(model, full_batch_size=1, ctx_len=32, heads=loaded)
+    (toks,) = seqs(1, [7])
+    for s in (full, part):
+        s.run({"input_ids": np.array([toks]), "position_ids": np.arange(7)[None], "batch_index": np.zeros((1, 1), np.int64),
+               "num_logits_to_keep": np.zeros((2, 1), np.int64), "defer_heads": np.array(True)})
+    want, got = full.head_logits(np.array([1])), part.head_logits(np.array([1]))
+    assert got.shape == want.shape == (1, 2, VOCAB)
+    np.testing.assert_allclose(got[..., vocab], want[..., vocab], atol=ATOL)
+    assert np.isneginf(np.delete(got, vocab, axis=-1)).all()
+    heads.vocab = torch.tensor([0, VOCAB])
+    with pytest.raises(ValueError, match="head_vocab"):
+        TorchSession(model, 1, 32, heads=heads)
+
+
 def test_packing_replaces_weights_and_keeps_tied_ones():
     from transformers import LlamaConfig, LlamaForCausalLM
 

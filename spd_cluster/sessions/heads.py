@@ -5,6 +5,11 @@ whatever else the trainer records) and ``speculator.safetensors`` with
 ``projections.{h}.{l}.linear.weight`` [hidden, hidden] and ``.bias`` [hidden]. Head h applies L
 ResBlocks (``x + SiLU(W x + b)``) to the target's last hidden state; the model's own lm_head
 then turns it into the logits of the token h + 1 further on than the base logits.
+
+Optional ``head_vocab`` in the config (token ids, written by our trainer: the tokens its heads were
+trained to predict) restricts the heads' logits to those tokens: a session then applies only
+those rows of the lm_head to the heads, which for a 150k-token vocabulary is most of their cost.
+Proposals never leave that set; verification, and so the output, is unaffected.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class TurboHeads(nn.Module):
             raise ValueError(f"need turbo_num_heads >= 1 and turbo_num_layers >= 1, got {num_heads}, {num_layers}")
         self.hidden_size, self.num_heads, self.num_layers = hidden_size, num_heads, num_layers
         self.extra_config = dict(extra_config or {})
+        vocab = self.extra_config.pop("head_vocab", None)
+        self.vocab = None if vocab is None else torch.as_tensor(vocab, dtype=torch.long)
         self.projections = nn.ModuleList(
             nn.Sequential(*[ResBlock(hidden_size) for _ in range(num_layers)]) for _ in range(num_heads)
         )
@@ -51,6 +58,8 @@ class TurboHeads(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         config = {**self.extra_config, "turbo_num_heads": self.num_heads, "turbo_num_layers": self.num_layers,
                   "hidden_size": self.hidden_size}
+        if self.vocab is not None:
+            config["head_vocab"] = self.vocab.tolist()
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         tensors = {f"projections.{k}": v.detach().float().contiguous().cpu() for k, v in self.projections.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS_FILE))

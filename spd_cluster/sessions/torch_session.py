@@ -115,21 +115,37 @@ class TorchSession:
                 )
             self.heads = heads.to(device=self.device, dtype=next(model.parameters()).dtype).eval()
         self.num_heads = heads.num_heads if heads is not None else 0
+        self._head_lm, self._head_vocab = self._head_readout()
         self.packed = None
+        parts = [m for m in (model, self.heads, self._head_lm) if m is not None]
         if pack and packed.available(model):
             self.packed = "onednn"
-            for m in (model, self.heads):
-                if m is not None:
-                    packed.pack_linears(m)
+            for m in parts:
+                packed.pack_linears(m)
         elif pack and bf16.available(model):
             self.packed = "avx2-bf16"
-            for m in (model, self.heads):
-                if m is not None:
-                    bf16.use_kernel(m)
+            for m in parts:
+                bf16.use_kernel(m)
         self.cache = SlotCache(full_batch_size, ctx_len)
         self.layer_types = sorted(set(getattr(self.config, "layer_types", None) or []))
         self.window = getattr(self.config, "sliding_window", None)
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
+
+    def _head_readout(self):
+        """The lm_head rows of the heads' vocabulary (``head_vocab``) as their own linear, or None."""
+        if self.heads is None or self.heads.vocab is None:
+            return None, None
+        vocab = self.heads.vocab
+        if vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= self.vocab_size:
+            raise ValueError(f"projection heads: head_vocab has ids outside the model's vocabulary 0..{self.vocab_size - 1}")
+        head = self.model.get_output_embeddings()
+        lm = torch.nn.Linear(head.in_features, vocab.numel(), bias=getattr(head, "bias", None) is not None)
+        with torch.no_grad():
+            lm = lm.to(device=self.device, dtype=head.weight.dtype)
+            lm.weight.copy_(head.weight[vocab.to(self.device)])
+            if lm.bias is not None:
+                lm.bias.copy_(head.bias[vocab.to(self.device)])
+        return lm.eval(), vocab.numpy()
 
     def _mask(self, positions: torch.Tensor, kv_len: int):
         if positions.shape[1] == 1 and bool((positions[:, 0] == kv_len - 1).all()) and (
@@ -176,8 +192,8 @@ class TorchSession:
                 hidden = self.heads(hidden)  # [B, n, H + 1, D]
         return {"logits": self._logits(hidden)}
 
-    def _logits(self, hidden: torch.Tensor) -> np.ndarray:
-        logits = self.model.lm_head(hidden)
+    def _logits(self, hidden: torch.Tensor, lm_head=None) -> np.ndarray:
+        logits = (lm_head or self.model.lm_head)(hidden)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float().cpu().numpy()
@@ -191,4 +207,10 @@ class TorchSession:
         150k-token vocabulary)."""
         rows = torch.arange(self._kept_hidden.shape[0], device=self.device)
         cols = torch.from_numpy(np.asarray(columns, dtype=np.int64)).to(self.device)
-        return self._logits(self.heads(self._kept_hidden[rows, cols])[:, 1:])
+        hidden = self.heads(self._kept_hidden[rows, cols])[:, 1:]
+        if self._head_lm is None:
+            return self._logits(hidden)
+        part = self._logits(hidden, self._head_lm)  # [B, H, |head_vocab|]
+        out = np.full(part.shape[:-1] + (self.vocab_size,), -np.inf, dtype=part.dtype)
+        out[..., self._head_vocab] = part
+        return out

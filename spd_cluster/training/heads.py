@@ -11,7 +11,9 @@
    frozen lm_head (optionally mixed with KL to the target's own distribution at t + h), head h
    weighted ``head_decay ** (h - 1)`` as in Medusa. With ``vocab="seen"`` the softmax runs over
    the tokens that occur in the training targets only (the full 150k-token lm_head would
-   dominate CPU time); the final accuracy is always measured with the full vocabulary.
+   dominate CPU time), and the heads keep that set as ``head_vocab``: at inference they propose
+   from it alone, so a session applies only those lm_head rows to them. The final accuracy is
+   measured over the vocabulary the heads propose from (a target outside it counts as a miss).
 4. Sequences are split into train / held-out; per-head top-1 accuracy on the held-out split is
    shown on the progress bar, printed at the end and stored in ``speculator_config.json``.
 """
@@ -505,8 +507,9 @@ def train(model, data: Distilled, settings: TrainSettings, heads: TurboHeads | N
     bar.close()
     train_time = time.perf_counter() - start
     heads.eval()
-    full = _Readout(model, None, device) if vocab_ids is not None else readout
-    final_acc, final_loss = evaluate(heads, full, data, eval_rows, s, device)
+    # heads trained over the seen tokens propose only those at inference (head_vocab): measure that
+    heads.vocab = None if vocab_ids is None else torch.from_numpy(vocab_ids)
+    final_acc, final_loss = evaluate(heads, readout, data, eval_rows, s, device)
     report = {
         "top1_accuracy": [round(a, 4) for a in final_acc],
         "accuracy_split": split_name,
