@@ -138,6 +138,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2, help="prompts per alternation of baseline / multiproj")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=None, help="keep the heads here (default: a temp dir)")
+    ap.add_argument("--distilled", nargs="+", default=[], metavar="NPZ",
+                    help="train on rows saved by train-heads --save-distilled instead of distilling here")
+    ap.add_argument("--save-distilled", default=None, metavar="NPZ", help="keep the distilled rows")
     ap.add_argument("--write-prompts", action="store_true", help="regenerate data/code_prompts_*.txt")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
@@ -157,11 +160,14 @@ def main() -> None:
                       lr=args.lr, max_new_tokens=args.train_new, ctx_len=512, chat_template=True,
                       gen_batch_size=8, eval_every=max(1, args.steps // 10), eval_fraction=0.1)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-heads-")) / "heads"
-    print(f"{args.model} {args.dtype}, {args.threads} threads: distilling {len(train_prompts)} prompts x "
-          f"{args.train_new} new tokens, {args.heads} heads x {args.layers} layer(s), {args.steps} steps", flush=True)
+    source = (f"rows from {' '.join(args.distilled)}" if args.distilled else
+              f"distilling {len(train_prompts)} prompts x {args.train_new} new tokens")
+    print(f"{args.model} {args.dtype}, {args.threads} threads: {source}, {args.heads} heads x {args.layers} "
+          f"layer(s), {args.steps} steps", flush=True)
     t0 = perf_counter()
-    heads, report = train_heads(model, tok, train_prompts, out, s, model_name=args.model, overwrite=True,
-                                eos_token_ids=eos)
+    heads, report = train_heads(model, tok, [] if args.distilled else train_prompts, out, s, model_name=args.model,
+                                overwrite=True, eos_token_ids=eos, distilled=args.distilled,
+                                save_distilled=args.save_distilled)
     train_total = perf_counter() - t0
     heads = TurboHeads.load(out, hidden_size=model.config.hidden_size)
 
@@ -177,7 +183,8 @@ def main() -> None:
     rates = (m["accepted"] / np.maximum(m["proposed"], 1)).round(3).tolist()
     figures = {
         "model": args.model, "dtype": args.dtype, "threads": args.threads,
-        "train_prompts": len(train_prompts), "train_new_tokens": args.train_new,
+        "train_prompts": report["num_prompts"], "train_new_tokens": args.train_new,
+        "distilled_from": report["distilled_from"],
         "distilled_tokens": report["generated_tokens"], "distill_time_s": report["gen_time_s"],
         "train_steps": args.steps, "train_time_s": report["train_time_s"], "train_total_s": round(train_total, 1),
         "heldout_top1": report["top1_accuracy"],
@@ -191,7 +198,8 @@ def main() -> None:
     }
     print()
     print(format_accuracy(report))
-    print(f"training: distilled {report['generated_tokens']} tokens in {report['gen_time_s']:.1f}s, "
+    print(f"training: distilled {report['generated_tokens']} tokens from {report['num_prompts']} prompts in "
+          f"{report['gen_time_s']:.1f}s{' (earlier, saved rows)' if args.distilled else ''}, "
           f"{args.steps} steps in {report['train_time_s']:.1f}s, total {train_total:.1f}s")
     print(f"baseline : decode {tps['baseline']:.2f} tok/s, {step_cost['baseline'] * 1e3:.0f} ms per target step")
     print(f"multiproj: decode {tps['multiproj']:.2f} tok/s, {step_cost['multiproj'] * 1e3:.0f} ms per target step, "
