@@ -1,6 +1,8 @@
 """The AVX2 bfloat16 linear kernel (sessions/kernels, sessions/bf16.py): float32-accurate against
 a float64 reference on odd shapes, batch invariant bit for bit, and a bfloat16 session on it
-agrees with the model's own forward; `cpu_kernels: false` keeps PyTorch's linears."""
+agrees with the model's own forward; with row-wise attention (sessions/rowwise.py) a k-token
+verify gives the same bits as k one-token decode steps, so bfloat16 speculation returns exactly
+the baseline's tokens; `cpu_kernels: false` keeps PyTorch's linears."""
 
 import copy
 
@@ -73,7 +75,49 @@ def test_bfloat16_session_on_the_kernel(arch):
     fast.cache.reset()
     run(fast, toks[:20], 0, 1)
     decode = np.concatenate([run(fast, toks[20 + i : 21 + i], 20 + i, 1) for i in range(4)])
-    np.testing.assert_allclose(verify, decode, atol=0.1)
+    np.testing.assert_array_equal(verify, decode)
+
+
+@pytest.mark.parametrize("attn, bitwise", [("sdpa", False), ("spd_rowwise", True)])
+def test_verify_and_decode_agree_bit_for_bit_with_rowwise_attention(attn, bitwise):
+    """On this model and context plain SDPA rounds a 5-query verify differently from 5 one-query
+    decode steps; the row-wise attention the session installs does not."""
+    model = tiny_model("qwen2", hidden=128).to(torch.bfloat16)
+    s = TorchSession(model, 1, 128, pack=True)
+    assert s.model.config._attn_implementation == "spd_rowwise"
+    s.model.set_attn_implementation(attn)
+    toks = np.random.default_rng(0).integers(3, VOCAB, size=105)
+    run(s, toks[:100], 0, 1)
+    verify = run(s, toks[100:], 100, 5)
+    s.cache.reset()
+    run(s, toks[:100], 0, 1)
+    decode = np.concatenate([run(s, toks[100 + i : 101 + i], 100 + i, 1) for i in range(5)])
+    assert np.array_equal(verify, decode) is bitwise
+
+
+def test_bfloat16_speculation_returns_the_baseline_tokens():
+    from spd_cluster.engine import SpDEngine, SpDSettings
+    from spd_cluster.sessions.heads import TurboHeads
+
+    model = tiny_model("qwen2", hidden=128).to(torch.bfloat16)
+    torch.manual_seed(0)
+    heads = TurboHeads(128, num_heads=3)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    g = np.random.default_rng(5)
+    prompts = [g.integers(3, VOCAB, size=n).tolist() for n in (70, 90, 40)]
+    prompts.append(prompts[0][:30] * 3)  # repetitive: prompt lookup proposes often
+    out = {}
+    for mode in ("baseline", "pld", "multiproj"):
+        settings = SpDSettings(num_speculative_tokens=3, prefill_seq_len=32, ctx_len=256, max_new_tokens=40,
+                               full_batch_size=2, ignore_eos=True)
+        session = TorchSession(copy.deepcopy(model), 2, 256, heads=copy.deepcopy(heads) if mode == "multiproj" else None,
+                               pack=True)
+        info = SpDEngine(mode, session, None, settings).generate(prompts)
+        out[mode] = [g.tolist() for g in info.generated_ids]
+        if mode != "baseline":
+            assert info.perf_metrics.mean_num_accepted_tokens > 1.0  # it did speculate
+    assert out["pld"] == out["baseline"] and out["multiproj"] == out["baseline"]
 
 
 def test_tied_weights_stay_shared_and_load_session_switch(tmp_path):

@@ -126,6 +126,12 @@ class TorchSession:
             self.packed = "avx2-bf16"
             for m in parts:
                 bf16.use_kernel(m)
+            if model.config._attn_implementation == "sdpa":
+                # with batch-invariant linears, row-wise attention makes a verify compute what
+                # one-token decode steps would, bit for bit (sessions/rowwise.py)
+                from . import rowwise
+
+                model.set_attn_implementation(rowwise.NAME)
         self.cache = SlotCache(full_batch_size, ctx_len)
         self.layer_types = sorted(set(getattr(self.config, "layer_types", None) or []))
         self.window = getattr(self.config, "sliding_window", None)
