@@ -8,6 +8,9 @@ prompts alternating between the two so both see the same machine load.
     python bench/bench_heads.py --train-prompts 48 --train-new 48 --steps 200 --batch-size 128 \
         --eval-prompts 6 --eval-new 48 --threads 1            # ~28 min on a busy 2-core CPU
 
+    python bench/bench_heads.py --large --dtype bfloat16 --distilled a.npz b.npz --steps 600 \
+        --batch-size 256 --eval-prompts 16 --eval-new 64 --threads 2   # rows saved by --save-distilled
+
 On a small shared CPU, ``--threads 1`` is often several times faster than 2.
 
 Prompts come from data/code_prompts_{train,eval}.txt; ``--write-prompts`` (re)generates them from
