@@ -18,14 +18,12 @@ keep PyTorch's linears. Inference only: no autograd.
 from __future__ import annotations
 
 import hashlib
-import logging
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCES = ("bf16_linear.cpp", "bf16_linear.h")
 _ext, _error = None, None
