@@ -171,7 +171,10 @@ def test_existing_out_and_empty_dataset_through_cli(tmp_path, capsys):
                 "--out", str(tmp_path / "new")]) == 2
     assert "no prompts" in capsys.readouterr().err
     assert cli(["train-heads", "--model", "nope", "--out", str(tmp_path / "new")]) == 2
-    assert "give --dataset" in capsys.readouterr().err
+    assert "give one of --dataset" in capsys.readouterr().err
+    assert cli(["train-heads", "--model", "nope", "--out", str(tmp_path / "new"), "--dataset", str(prompts),
+                "--distilled", "rows.npz"]) == 2
+    assert "give one of --dataset" in capsys.readouterr().err
     with pytest.raises(TrainingError, match="already exists"):
         train_heads(TARGET, None, PROMPTS, out, TrainSettings(**SETTINGS), progress=False)
     assert not (out / WEIGHTS_FILE).exists()
@@ -219,6 +222,6 @@ def test_distilled_rows_saved_and_reused(tmp_path):
     assert same["top1_accuracy"] == first["top1_accuracy"]  # same rows, same seed: same heads
     with pytest.raises(TrainingError, match="hidden size"):
         train_heads(tiny_model("llama", hidden=32), None, [], None, s, progress=False, distilled=[saved])
-    with pytest.raises(TrainingError, match="needs 6"):
+    with pytest.raises(TrainingError, match="needs targets for 6"):
         train_heads(TARGET, None, [], None, TrainSettings(**{**SETTINGS, "num_heads": 6}), progress=False,
                     distilled=[saved])

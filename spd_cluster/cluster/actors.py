@@ -214,8 +214,7 @@ class DeviceActor:
                       num_speculative_tokens=s.num_speculative_tokens)
         if self.device_id is not None:
             kwargs["device_ids"] = [self.device_id]
-        if spec.device == "cpu":
-            kwargs["packed_linears"] = spec.cpu_kernels
+        kwargs["packed_linears"] = spec.cpu_kernels  # CPU only; other devices ignore it
         if self.role == "target" and cfg.mode == "multiproj":
             kwargs.update(with_heads=True, speculator_path=cfg.speculator_path)
         self.session = load_session(spec.model, **kwargs)

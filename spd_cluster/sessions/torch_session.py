@@ -199,7 +199,7 @@ class TorchSession:
         return {"logits": self._logits(hidden)}
 
     def _logits(self, hidden: torch.Tensor, lm_head=None) -> np.ndarray:
-        logits = (lm_head or self.model.lm_head)(hidden)
+        logits = (self.model.lm_head if lm_head is None else lm_head)(hidden)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float().cpu().numpy()

@@ -256,9 +256,9 @@ class Distilled:
         parts = []
         for path in paths:
             try:
-                f = np.load(path)
-                part = {k: f[k] for k in ("hidden", "targets", "seq", "split", "num_sequences", "num_tokens",
-                                          "gen_time_s")}
+                with np.load(path) as f:
+                    part = {k: f[k] for k in ("hidden", "targets", "seq", "split", "num_sequences", "num_tokens",
+                                              "gen_time_s")}
             except (OSError, KeyError, ValueError) as e:
                 raise TrainingError(f"distilled rows {path}: cannot read ({e})") from None
             if part["hidden"].shape[1] != hidden_size:
@@ -266,7 +266,7 @@ class Distilled:
                                     f"the model has {hidden_size} (distilled from another model?)")
             if part["targets"].shape[1] < num_heads + 1:
                 raise TrainingError(f"distilled rows {path}: targets for {part['targets'].shape[1] - 1} heads, "
-                                    f"--heads {num_heads} needs {num_heads}")
+                                    f"--heads {num_heads} needs targets for {num_heads}")
             parts.append(part)
         if not parts:
             raise TrainingError("no distilled rows given")
@@ -593,7 +593,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--model", required=True, help="store alias, HF directory or .gguf file")
     p.add_argument("--dataset", help="prompts: text file (one per line), JSONL, CSV or Parquet")
     p.add_argument("--distilled", nargs="+", default=[], metavar="NPZ",
-                   help="train on rows saved by --save-distilled instead of generating (no --dataset needed)")
+                   help="train on rows saved by --save-distilled instead of generating (in place of --dataset)")
     p.add_argument("--save-distilled", default=None, metavar="NPZ",
                    help="also save the distilled rows (hidden states and targets) to this .npz")
     p.add_argument("--prompt-column", default="prompt", help="column of JSONL/CSV/Parquet prompts")
@@ -645,9 +645,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         s = settings_from_args(args)
         s.check()
         out = check_out_dir(args.out, args.overwrite)
-        if not args.dataset and not args.distilled:
-            raise TrainingError("give --dataset (prompts to distil from) or --distilled (rows saved earlier)")
-        prompts = read_prompts(args.dataset, args.prompt_column) if not args.distilled else []
+        if bool(args.dataset) == bool(args.distilled):
+            raise TrainingError("give one of --dataset (prompts to distil from) or --distilled (rows saved earlier)")
+        prompts = read_prompts(args.dataset, args.prompt_column) if args.dataset else []
         if args.threads:
             torch.set_num_threads(args.threads)
         model = load_model(args.model, args.dtype, args.device)

@@ -33,7 +33,7 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w, const 
   const float* xp = xi.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
-  // one task per 48 weight rows (whole tiles of 2 or 3 rows); the next tile's rows are prefetched
+  // one task per 48 weight rows (whole tiles of 2, 3 or 4 rows); the next tile's rows are prefetched
   constexpr int64_t BLOCK = 48;
   at::parallel_for(0, (N + BLOCK - 1) / BLOCK, 1, [&](int64_t lo, int64_t hi) {
     block(xp, wp, b, yp, M, K, N, lo * BLOCK, std::min(N, hi * BLOCK));

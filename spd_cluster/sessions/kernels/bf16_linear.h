@@ -91,7 +91,8 @@ inline void tile(const float* xi, const uint16_t* w, const float* bias, float* y
       o0 = _mm256_castsi256_ps(_mm256_and_si256(v, hi));
     }
     SPD_W(1) SPD_W(2) SPD_W(3)
-    // the next tile's weight rows, from memory into L1 while this one computes
+    // the next tile's weight rows, from memory into L1 while this one computes (a prefetch never
+    // faults, so the one past the last row is harmless)
     _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + NB) * K + k), _MM_HINT_T0);
     if constexpr (NB > 1) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + NB + 1) * K + k), _MM_HINT_T0);
     if constexpr (NB > 2) _mm_prefetch(reinterpret_cast<const char*>(w + (n0 + NB + 2) * K + k), _MM_HINT_T0);
