@@ -19,7 +19,7 @@ ATOL = 1e-4
 
 def hf_logits(model, ids):
     with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
+        return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
 def run(session, rows, keep):
@@ -171,19 +171,23 @@ def test_packing_replaces_weights_and_keeps_tied_ones():
     assert TorchSession(tiny_model("llama").to(torch.bfloat16), 1, 16, pack=True).packed == "avx2-bf16"
 
 
-def test_packed_linears_for_a_block_gives_the_modules_back():
-    from spd_cluster.sessions import packed
+@pytest.mark.parametrize("dtype, kind", [(torch.float32, "onednn"), (torch.bfloat16, "avx2-bf16")])
+def test_cpu_kernels_for_a_block_give_the_model_back(dtype, kind):
+    from spd_cluster.sessions.torch_session import cpu_kernels
 
-    model = tiny_model("llama")
+    model = tiny_model("llama").to(dtype)
     before = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    attn = model.config._attn_implementation
     toks = [5, 9, 3, 7]
     ref = hf_logits(model, toks)
-    with packed.packed_linears(model) as n:
-        assert n == len(before) and not any(type(m) is torch.nn.Linear for m in model.modules())
-        np.testing.assert_allclose(hf_logits(model, toks), ref, atol=ATOL)
+    with cpu_kernels(model) as ran:
+        assert ran == kind and not any(type(m) is torch.nn.Linear for m in model.modules())
+        np.testing.assert_allclose(hf_logits(model, toks), ref, atol=ATOL if dtype == torch.float32 else 0.05)
     after = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
     assert not any(p.is_meta for p in model.parameters())
+    assert model.config._attn_implementation == attn
+    np.testing.assert_array_equal(hf_logits(model, toks), ref)  # plain PyTorch again, bit for bit
 
 
 def test_bfloat16_argmax_agrees():

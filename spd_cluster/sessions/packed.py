@@ -17,8 +17,6 @@ on a model the caller owns (``load_session`` does, for its own copy).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -68,19 +66,3 @@ def pack_linears(root: nn.Module) -> int:
         setattr(parent, name, PackedLinear(child, keep_weight=id(child.weight) in shared))
         n += 1
     return n
-
-
-@contextmanager
-def packed_linears(root: nn.Module):
-    """Run ``root``'s linears packed inside the block and give the original ``nn.Linear`` modules
-    back after it, for a model the caller still needs as it was (the heads trainer generates with
-    the target, then trains through its lm_head). The originals stay alive meanwhile, so their
-    weights are held twice for the duration."""
-    swaps = list(_linears(root))
-    for parent, name, child in swaps:
-        setattr(parent, name, PackedLinear(child, keep_weight=True))
-    try:
-        yield len(swaps)
-    finally:
-        for parent, name, child in swaps:
-            setattr(parent, name, child)

@@ -37,8 +37,10 @@ def rowwise_attention(module, query, key, value, attention_mask, dropout: float 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     # the session's masks are causal by position: row (b, s) sees keys 0 .. lengths[b][s] - 1
-    if attention_mask is None:
-        lengths = [[key.shape[2]] * rows] * batch
+    if attention_mask is None:  # a plain forward: causal over the call's own keys, as SDPA's is_causal
+        n = key.shape[2]
+        causal = rows > 1 and kwargs.get("is_causal", getattr(module, "is_causal", True))
+        lengths = [[n - rows + 1 + s if causal else n for s in range(rows)]] * batch
     else:
         lengths = attention_mask[:, 0].sum(-1).tolist()
     kv_heads = key.shape[1]

@@ -10,6 +10,8 @@ mistral, ...) works without a forward of our own. Attention reads only the first
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from transformers.cache_utils import Cache
@@ -17,6 +19,51 @@ from transformers.cache_utils import Cache
 from .base import SessionInputError, check_inputs, keep_index
 from . import bf16, packed
 from .heads import TurboHeads
+
+
+def use_cpu_kernels(model, *extra) -> str | None:
+    """Run the linears of ``model`` (and of ``extra`` modules: heads) on the CPU kernels made for
+    few-row calls, in place: float32 on prepacked oneDNN weights (sessions/packed.py), bfloat16 on
+    our AVX2 kernel where the CPU has no native bfloat16 (sessions/bf16.py). Returns which ran
+    ("onednn", "avx2-bf16") or None where neither applies (GPU, float16, no AVX2...)."""
+    parts = (model, *extra)
+    if packed.available(model):
+        for m in parts:
+            packed.pack_linears(m)
+        return "onednn"
+    if bf16.available(model):
+        for m in parts:
+            bf16.use_kernel(m)
+        if model.config._attn_implementation == "sdpa":
+            # with batch-invariant linears, row-wise attention makes a verify compute what
+            # one-token decode steps would, bit for bit (sessions/rowwise.py)
+            from . import rowwise
+
+            model.set_attn_implementation(rowwise.NAME)
+        return "avx2-bf16"
+    return None
+
+
+@contextmanager
+def cpu_kernels(model):
+    """``use_cpu_kernels`` inside the block only: the model gets its own ``nn.Linear`` modules and
+    attention back after it, for a caller that still needs it as it was (the heads trainer
+    generates with the target, then trains through its lm_head). Yields which kernels ran."""
+    swaps = list(packed._linears(model))
+    attn = model.config._attn_implementation
+    if packed.available(model):  # keep the weights whole (pack_linears drops unshared ones)
+        for parent, name, child in swaps:
+            setattr(parent, name, packed.PackedLinear(child, keep_weight=True))
+        kind = "onednn"
+    else:
+        kind = use_cpu_kernels(model)
+    try:
+        yield kind
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)
+        if model.config._attn_implementation != attn:
+            model.set_attn_implementation(attn)
 
 
 class SlotCache(Cache):
@@ -116,22 +163,8 @@ class TorchSession:
             self.heads = heads.to(device=self.device, dtype=next(model.parameters()).dtype).eval()
         self.num_heads = heads.num_heads if heads is not None else 0
         self._head_lm, self._head_vocab = self._head_readout()
-        self.packed = None
-        parts = [m for m in (model, self.heads, self._head_lm) if m is not None]
-        if pack and packed.available(model):
-            self.packed = "onednn"
-            for m in parts:
-                packed.pack_linears(m)
-        elif pack and bf16.available(model):
-            self.packed = "avx2-bf16"
-            for m in parts:
-                bf16.use_kernel(m)
-            if model.config._attn_implementation == "sdpa":
-                # with batch-invariant linears, row-wise attention makes a verify compute what
-                # one-token decode steps would, bit for bit (sessions/rowwise.py)
-                from . import rowwise
-
-                model.set_attn_implementation(rowwise.NAME)
+        parts = [m for m in (self.heads, self._head_lm) if m is not None]
+        self.packed = use_cpu_kernels(model, *parts) if pack else None
         self.cache = SlotCache(full_batch_size, ctx_len)
         self.layer_types = sorted(set(getattr(self.config, "layer_types", None) or []))
         self.window = getattr(self.config, "sliding_window", None)
