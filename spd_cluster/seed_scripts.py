@@ -41,6 +41,9 @@ def parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0, help="with the prompt's index, seeds its random stream")
+    if mode != "pld":
+        p.add_argument("--confidence-threshold", type=float, default=0.0,
+                       help="stop proposing once the product of the proposals' probabilities falls below this; 0 = off")
     if mode == "draft":
         p.add_argument("--draft-model-name", default=DEFAULT_MODEL)
         p.add_argument("--target-model-name", default=DEFAULT_MODEL)
@@ -62,6 +65,7 @@ def main(mode: str, argv: list[str] | None = None) -> None:
     settings = SpDSettings(
         num_speculative_tokens=args.num_speculative_tokens,
         max_ngram_size=getattr(args, "max_ngram_size", 3),
+        confidence_threshold=getattr(args, "confidence_threshold", 0.0),
         prefill_seq_len=args.prefill_seq_len,
         ctx_len=args.ctx_len,
         max_new_tokens=args.max_new_tokens or args.ctx_len,

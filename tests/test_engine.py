@@ -113,6 +113,53 @@ def test_multiproj_proposes_from_the_heads():
     assert info.num_speculative_tokens == 4
 
 
+def test_confident_count_keeps_the_leading_proposals_whose_probabilities_multiply_above_the_threshold():
+    from spd_cluster.engine.proposers import MultiProjProposer, confident_count, top_prob
+
+    probs = np.array([0.9, 0.8, 0.5, 0.99])  # running products 0.9, 0.72, 0.36, 0.356
+    assert [confident_count(probs, t) for t in (0.0, 0.3, 0.5, 0.72, 0.95)] == [4, 4, 2, 2, 0]
+    logits = np.log(np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.5, 0.0, 0.5]]) + 1e-30)
+    np.testing.assert_allclose(top_prob(logits), [0.9, 0.8, 0.5], rtol=1e-6)
+    p = MultiProjProposer(3, confidence_threshold=0.7)
+    p.remember(0, logits)
+    assert p.propose([0], [np.array([1])], [3])[0].tolist() == [0, 1]
+    p.threshold = 0.0
+    p.remember(0, logits)
+    assert p.propose([0], [np.array([1])], [2])[0].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("mode", ["draft", "multiproj"])
+@pytest.mark.parametrize("fbs", [1, 3])
+def test_confidence_threshold_proposes_less_and_stays_lossless(mode, fbs):
+    """Stopping a row's proposals early changes how many tokens a step can emit, never which."""
+    proposed = {}
+    for t in (0.0, 0.1, 0.2):  # random tiny models: top probabilities ~0.07-0.25
+        info = engine(mode, 4, fbs, confidence_threshold=t).generate(PROMPTS)
+        assert [ids.tolist() for ids in info.generated_ids] == REFERENCE
+        proposed[t] = sum(info.perf_metrics.proposed_per_position)
+    assert proposed[0.0] > proposed[0.1] > proposed[0.2]
+
+
+def test_confident_draft_stops_running_early():
+    class Counting(TorchSession):
+        calls = 0
+
+        def run(self, inputs):
+            Counting.calls += 1
+            return super().run(inputs)
+
+    counts = {}
+    for t in (0.0, 0.99):
+        settings = SpDSettings(num_speculative_tokens=4, prefill_seq_len=8, ctx_len=128, max_new_tokens=MAX_NEW,
+                               full_batch_size=1, confidence_threshold=t)
+        Counting.calls = 0
+        info = SpDEngine("draft", TorchSession(TARGET, 1, 128), None, settings, draft=Counting(DRAFT, 1, 128),
+                         eos_token_ids=[EOS]).generate(PROMPTS[:3])
+        assert [ids.tolist() for ids in info.generated_ids] == REFERENCE[:3]
+        counts[t] = Counting.calls
+    assert counts[0.99] < counts[0.0]
+
+
 def test_ctx_len_and_length_finish_reasons():
     prompt = PROMPTS[5]  # 26 tokens
     info = engine("pld", 3, 1, ctx_len=32, ignore_eos=True).generate([prompt, PROMPTS[0]])
@@ -154,6 +201,7 @@ def test_bad_prompts_are_error_rows():
     "kwargs, message",
     [
         (dict(num_speculative_tokens=0), "num_speculative_tokens"),
+        (dict(confidence_threshold=1.0), "confidence_threshold"),
         (dict(ctx_len=16, prefill_seq_len=32), "ctx_len"),
         (dict(max_ngram_size=0), "max_ngram_size"),
     ],

@@ -222,7 +222,7 @@ class DeviceActor:
             from ..engine.proposers import DraftProposer
 
             self.server = DraftServer(DraftProposer(self.session, s.prefill_seq_len, s.num_speculative_tokens,
-                                                    sampling=s))
+                                                    sampling=s, confidence_threshold=s.confidence_threshold))
             return
         from ..engine.engine import SpDEngine
         from ..sessions import load_tokenizer

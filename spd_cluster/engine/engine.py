@@ -96,14 +96,15 @@ class SpDEngine:
                 raise ValueError(
                     f"draft and target vocabularies differ: {draft.vocab_size} vs {self.target.vocab_size} tokens"
                 )
-            return DraftProposer(draft, s.prefill_seq_len, s.num_speculative_tokens, sampling=s)
+            return DraftProposer(draft, s.prefill_seq_len, s.num_speculative_tokens, sampling=s,
+                                 confidence_threshold=s.confidence_threshold)
         if mode == "pld":
             return PromptLookupProposer(s.max_ngram_size, s.num_speculative_tokens)
         if mode == "multiproj":
             if self.target.num_heads < 1:
                 raise ValueError("multiproj needs projection heads: none were found for the target model "
                                  "(give speculator_path, or train them with `spd-cluster train-heads`)")
-            return MultiProjProposer(self.target.num_heads)
+            return MultiProjProposer(self.target.num_heads, s.confidence_threshold)
         return NoProposer()
 
     # -- prompts ---------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class SpDEngine:
         last = out[0, -1]  # [V] or [H + 1, V]
         if isinstance(self.proposer, MultiProjProposer):
             heads = self.target.head_logits(np.zeros(1, np.int64))[0] if self.defer_heads else last[1:]
-            self.proposer.remember(slot, heads.argmax(-1))
+            self.proposer.remember(slot, heads)
         if last.ndim == 2:  # a session with heads: base logits only (baseline over a multiproj session)
             last = last[0]
         buf = np.zeros(s.ctx_len, dtype=np.int64)
@@ -266,10 +267,9 @@ class SpDEngine:
             accepted, target_tokens = self._sample_accept(rows, ids, counts, base)
         else:
             accepted = greedy_accept(ids[:, 1:], counts, target_tokens)
-        head_tokens = None
+        heads = None
         if isinstance(self.proposer, MultiProjProposer):  # the heads' guesses where each row's accepted prefix ends
             heads = self.target.head_logits(accepted) if self.defer_heads else logits[np.arange(len(rows)), accepted, 1:]
-            head_tokens = heads.argmax(-1)
         done = []
         for i, row in enumerate(rows):
             n_acc, m = int(accepted[i]), int(counts[i])
@@ -284,8 +284,8 @@ class SpDEngine:
             if row.result.finish_reason is not None:
                 row.result.e2e_s = t2 - row.t0
                 done.append(row)
-            elif head_tokens is not None:
-                self.proposer.remember(row.slot, head_tokens[i])
+            elif heads is not None:
+                self.proposer.remember(row.slot, heads[i])
         return done
 
     def _sample_accept(self, rows, ids, counts, base):

@@ -19,6 +19,22 @@ from .sampling import row_rng, sample, warp
 EMPTY = np.zeros(0, dtype=np.int64)
 
 
+def top_prob(logits: np.ndarray) -> np.ndarray:
+    """Softmax probability of the argmax along the last axis."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return 1.0 / np.exp(z).sum(axis=-1)
+
+
+def confident_count(probs: np.ndarray, threshold: float) -> int:
+    """How many leading proposals to keep: while the product of their probabilities (the
+    proposer's estimate that every one of them is accepted) stays >= ``threshold``. A proposal
+    past that point would mostly cost a verify row for nothing; fewer rows never change the
+    output, only how much of it one step can emit."""
+    if threshold <= 0:
+        return len(probs)
+    return int((np.cumprod(probs) >= threshold).sum())
+
+
 class Proposer(Protocol):
     def start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
         """A new prompt takes ``slot``; ``key`` (the prompt id) seeds its random stream."""
@@ -84,10 +100,15 @@ class DraftProposer:
     rollback.
 
     With ``sampling`` (an SpDSettings with temperature > 0) it samples each proposal from its own
-    warped distribution q, with a random stream per prompt, and keeps q for the verifier."""
+    warped distribution q, with a random stream per prompt, and keeps q for the verifier.
 
-    def __init__(self, session: DeviceSession, prefill_seq_len: int, num_speculative_tokens: int, sampling=None):
+    With ``confidence_threshold`` a row stops proposing (and the draft stops running once every
+    row has) when the product of its proposals' draft probabilities falls below it."""
+
+    def __init__(self, session: DeviceSession, prefill_seq_len: int, num_speculative_tokens: int, sampling=None,
+                 confidence_threshold: float = 0.0):
         self.session = session
+        self.threshold = confidence_threshold
         self.prefill_seq_len = prefill_seq_len
         self.k = num_speculative_tokens
         self.sampling = sampling if sampling is not None and sampling.temperature > 0 else None
@@ -138,6 +159,7 @@ class DraftProposer:
         row_limits = np.array([min(limits[i], steps) for i in rows])
         proposals = np.zeros((len(rows), steps), dtype=np.int64)
         qs: list[np.ndarray] = []  # per draft forward: [rows, V] (sampling only)
+        confidence = np.ones(len(rows))
         last_pos = pos.max(axis=1)
         for j in range(steps):
             logits = self.session.run({
@@ -146,23 +168,29 @@ class DraftProposer:
             })["logits"]
             if self.sampling is None:
                 tok = logits[:, -1].argmax(-1).astype(np.int64)
+                prob = top_prob(logits[:, -1]) if self.threshold > 0 else None
             else:
                 s = self.sampling
                 q = warp(logits[:, -1], s.temperature, s.top_k, s.top_p)
                 tok = np.array([sample(q[r], self.rngs[slots[i]]) if j < row_limits[r] else 0
                                 for r, i in enumerate(rows)], dtype=np.int64)
                 qs.append(q)
+                prob = q[np.arange(len(rows)), tok] if self.threshold > 0 else None
             proposals[:, j] = tok
-            if j + 1 < steps:
-                # rows that need no more proposals ride along as padding (no KV write)
-                last_pos = last_pos + 1
-                ids, pos = tok[:, None], np.where(j + 1 < row_limits, last_pos, -1)[:, None]
+            if prob is not None:  # rows no longer confident keep the proposals before this one
+                confidence *= prob
+                row_limits = np.where(confidence < self.threshold, np.minimum(row_limits, j), row_limits)
+            if j + 1 >= row_limits.max():
+                break
+            # rows that need no more proposals ride along as padding (no KV write)
+            last_pos = last_pos + 1
+            ids, pos = tok[:, None], np.where(j + 1 < row_limits, last_pos, -1)[:, None]
         for r, i in enumerate(rows):
             seq = np.asarray(seqs[i], dtype=np.int64)
             n = int(row_limits[r])
             out[i] = proposals[r, :n].copy()
-            # KV now holds seq plus the first n - 1 proposals (the last one was never fed).
-            self.fed[slots[i]] = np.concatenate([seq, proposals[r, : n - 1]])
+            # KV holds seq plus at least the first n - 1 proposals (the last one was never fed).
+            self.fed[slots[i]] = np.concatenate([seq, proposals[r, : max(n - 1, 0)]])
             if qs:
                 self.q[slots[i]] = np.stack([q[r] for q in qs[:n]])
         return out
@@ -170,20 +198,26 @@ class DraftProposer:
 
 class MultiProjProposer:
     """Turbo/Medusa heads: the target's own verify forward also returns, at every position, the
-    heads' guesses for the tokens after it. The engine hands the guesses at the last accepted
-    position to ``remember``; the next step proposes them. Costs no forward of its own."""
+    heads' guesses for the tokens after it. The engine hands the heads' logits at the last
+    accepted position to ``remember``; the next step proposes their argmax (the leading ones whose
+    probabilities multiply to at least ``confidence_threshold``). Costs no forward of its own."""
 
-    def __init__(self, num_heads: int):
+    def __init__(self, num_heads: int, confidence_threshold: float = 0.0):
         if num_heads < 1:
             raise ValueError("multiproj needs a target session with projection heads (num_heads >= 1)")
         self.num_heads = num_heads
+        self.threshold = confidence_threshold
         self.next: dict[int, np.ndarray] = {}
 
     def start(self, slot, prompt_ids, key=None):
         self.next[slot] = EMPTY
 
-    def remember(self, slot: int, head_tokens: np.ndarray) -> None:
-        self.next[slot] = np.asarray(head_tokens, dtype=np.int64)
+    def remember(self, slot: int, head_logits: np.ndarray) -> None:
+        """``head_logits`` [H, V]: head h's logits for the token h + 2 ahead of the last accepted one."""
+        tokens = np.asarray(head_logits.argmax(-1), dtype=np.int64)
+        if self.threshold > 0:
+            tokens = tokens[: confident_count(top_prob(head_logits), self.threshold)]
+        self.next[slot] = tokens
 
     def propose(self, slots, seqs, limits):
         return [self.next.get(s, EMPTY)[:lim] for s, lim in zip(slots, limits)]

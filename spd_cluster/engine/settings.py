@@ -17,6 +17,10 @@ class SpDSettings(BaseModel):
 
     num_speculative_tokens: int = Field(4, ge=1, description="k: tokens proposed per step")
     max_ngram_size: int = Field(3, ge=1, description="pld: longest n-gram looked up")
+    confidence_threshold: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="draft/multiproj: stop proposing once the product of the proposals' probabilities (the "
+                    "proposer's own estimate that all of them are accepted) falls below this; 0 = always k")
     prefill_seq_len: int = Field(32, ge=1, description="prefill chunk length")
     ctx_len: int = Field(1024, ge=2, description="KV positions per slot (prompt + generation)")
     max_new_tokens: int = Field(128, ge=1, description="generated tokens per prompt, the prefill one included")
