@@ -59,6 +59,29 @@ TRAIN_TASKS = [
     "removes all whitespace from a string", "computes the area of a circle given its radius",
     "implements a stack with push, pop and peek",
 ]
+# 40 more training tasks (data/code_prompts_train.txt lines 201-400, after the first 200)
+MORE_TRAIN_TASKS = [
+    "computes the sum of the squares of a list", "returns the longest word in a sentence",
+    "checks whether a number is a perfect square", "converts a Roman numeral to an integer",
+    "finds the most frequent element of a list", "computes the n-th triangular number",
+    "reverses the order of the words in a sentence", "checks whether a matrix is symmetric",
+    "counts the words in a string", "returns the even numbers of a list",
+    "computes the Euclidean distance between two points", "implements selection sort",
+    "finds the smallest element of a list", "converts a hexadecimal string to an integer",
+    "checks whether all elements of a list are distinct", "computes the average of a list of numbers",
+    "returns the first n prime numbers", "replaces every vowel in a string with an asterisk",
+    "computes compound interest", "swaps the keys and values of a map",
+    "implements merge sort", "computes the sum of an arithmetic series",
+    "checks whether a string contains only digits", "returns the last n elements of a list",
+    "counts the occurrences of a character in a string", "computes the product of the elements of a list",
+    "finds the length of the longest increasing subsequence", "converts a snake_case string to camelCase",
+    "checks whether a number is an Armstrong number", "generates the first n rows of Pascal's triangle",
+    "implements a singly linked list with insert and delete", "returns the range (largest minus smallest) of a list",
+    "finds the elements common to three lists", "truncates a string to n characters with an ellipsis",
+    "computes the digital root of an integer", "returns the indices of all occurrences of a value in a list",
+    "implements quicksort", "computes the number of days between two dates",
+    "validates a hexadecimal color code", "shuffles a list in place with the Fisher-Yates algorithm",
+]
 EVAL_TASKS = [
     "finds the longest common prefix of a list of strings", "checks whether two strings are anagrams",
     "computes the least common multiple of two integers", "implements bubble sort",
@@ -78,10 +101,15 @@ TEMPLATES = [
 
 def write_prompts() -> None:
     rng = random.Random(0)
-    # every training task in every language (200 prompts), templates alternating
+    # every training task in every language (200 prompts), templates alternating; then the same
+    # for the 40 later tasks (200 more), so the first 200 lines stay what they were
     train = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
              for i, task in enumerate(TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
     rng.shuffle(train)
+    more = [TEMPLATES[(i + j + 1) % 2].format(lang=lang, task=task)
+            for i, task in enumerate(MORE_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
+    random.Random(1).shuffle(more)
+    train += more
     # different tasks (32 prompts): each in two languages
     evals = [TEMPLATES[i % 2].format(lang=LANGUAGES[i % 5], task=task) for i, task in enumerate(EVAL_TASKS * 2)]
     rng.shuffle(evals)
@@ -90,18 +118,22 @@ def write_prompts() -> None:
     EVAL_FILE.write_text("\n".join(dict.fromkeys(evals)) + "\n")
 
 
+def variant(threshold: float) -> str:
+    return f"multiproj@{threshold:g}" if threshold else "multiproj"
+
+
 def evaluate(model, tok, heads, prompts, args, eos):
     """Baseline and multiproj over the same prompts, alternating chunks; summed decode figures."""
     ctx = 512
     settings = SpDSettings(num_speculative_tokens=args.k, prefill_seq_len=64, ctx_len=ctx,
                            max_new_tokens=args.eval_new, full_batch_size=args.fbs, chat_template=True)
     pack = True  # as load_session: CPU kernels on (training is over: in place is fine)
-    engines = {
-        "baseline": SpDEngine("baseline", TorchSession(model, args.fbs, ctx, pack=pack), tok, settings,
-                              eos_token_ids=eos),
-        "multiproj": SpDEngine("multiproj", TorchSession(model, args.fbs, ctx, heads=heads, pack=pack), tok,
-                               settings, eos_token_ids=eos),
-    }
+    engines = {"baseline": SpDEngine("baseline", TorchSession(model, args.fbs, ctx, pack=pack), tok, settings,
+                                     eos_token_ids=eos)}
+    target = TorchSession(model, args.fbs, ctx, heads=heads, pack=pack)
+    for t in args.thresholds:  # one session, an engine per confidence threshold
+        engines[variant(t)] = SpDEngine("multiproj", target, tok, settings.model_copy(update={"confidence_threshold": t}),
+                                        eos_token_ids=eos)
     engines["baseline"].generate(prompts[:1])  # warm-up
     sums = {m: dict(tokens=0, time=0.0, target=0.0, iters=0, steps=[], ids=[], proposed=np.zeros(args.k),
                     accepted=np.zeros(args.k)) for m in engines}
@@ -137,6 +169,9 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=16)
     ap.add_argument("--eval-new", type=int, default=96)
     ap.add_argument("--k", type=int, default=4, help="speculative tokens per step (<= heads)")
+    ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0], metavar="T",
+                    help="confidence thresholds to evaluate multiproj at, each against the same baseline (0 = off)")
+    ap.add_argument("--heads-dir", default=None, help="evaluate these trained heads (no distillation or training)")
     ap.add_argument("--fbs", type=int, default=1, help="KV slots in the evaluation")
     ap.add_argument("--chunk", type=int, default=2, help="prompts per alternation of baseline / multiproj")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -168,7 +203,13 @@ def main() -> None:
     print(f"{args.model} {args.dtype}, {args.threads} threads: {source}, {args.heads} heads x {args.layers} "
           f"layer(s), {args.steps} steps", flush=True)
     t0 = perf_counter()
-    heads, report = train_heads(model, tok, [] if args.distilled else train_prompts, out, s, model_name=args.model,
+    if args.heads_dir:
+        out = Path(args.heads_dir)
+        cfg = json.loads((out / "speculator_config.json").read_text())
+        report = {"distilled_from": None, **cfg["training"], "top1_accuracy": cfg["top1_accuracy"],
+                  "accuracy_split": cfg["accuracy_split"]}
+    else:
+        _, report = train_heads(model, tok, [] if args.distilled else train_prompts, out, s, model_name=args.model,
                                 overwrite=True, eos_token_ids=eos, distilled=args.distilled,
                                 save_distilled=args.save_distilled)
     train_total = perf_counter() - t0
@@ -177,40 +218,51 @@ def main() -> None:
     print(f"evaluating on {len(eval_prompts)} held-out prompts x {args.eval_new} new tokens, fbs {args.fbs}, "
           f"k {args.k}", flush=True)
     sums = evaluate(model, tok, heads, eval_prompts, args, eos)
-    b, m = sums["baseline"], sums["multiproj"]
+    b = sums["baseline"]
     tps = {k: v["tokens"] / v["time"] if v["time"] else 0.0 for k, v in sums.items()}
     step_cost = {k: v["target"] / max(v["iters"], 1) for k, v in sums.items()}
-    accepted = float(np.mean(m["steps"])) if m["steps"] else 0.0
-    identical = b["ids"] == m["ids"]
-    same = sum(x == y for x, y in zip(b["ids"], m["ids"]))
-    rates = (m["accepted"] / np.maximum(m["proposed"], 1)).round(3).tolist()
+    results = {}
+    for name in (variant(t) for t in args.thresholds):
+        m = sums[name]
+        same = sum(x == y for x, y in zip(b["ids"], m["ids"]))
+        results[name] = {
+            "confidence_threshold": float(name.partition("@")[2] or 0),
+            "decode_tok_s": round(tps[name], 3),
+            "speedup": round(tps[name] / tps["baseline"], 3) if tps["baseline"] else 0.0,
+            "mean_accepted_tokens": round(float(np.mean(m["steps"])) if m["steps"] else 0.0, 3),
+            "verify_step_cost_ratio": round(step_cost[name] / step_cost["baseline"], 3) if step_cost["baseline"] else 0.0,
+            "acceptance_rate_per_position": (m["accepted"] / np.maximum(m["proposed"], 1)).round(3).tolist(),
+            "proposed_per_step": round(float(m["proposed"].sum()) / max(m["iters"], 1), 3),
+            "identical_outputs": b["ids"] == m["ids"], "identical_prompts": f"{same}/{len(eval_prompts)}",
+        }
+    best = max(results, key=lambda n: results[n]["speedup"])
     figures = {
         "model": args.model, "dtype": args.dtype, "threads": args.threads,
-        "train_prompts": report["num_prompts"], "train_new_tokens": args.train_new,
-        "distilled_from": report["distilled_from"],
+        "train_prompts": report["num_prompts"], "train_new_tokens": report.get("max_new_tokens", args.train_new),
+        "distilled_from": report["distilled_from"], "heads_dir": args.heads_dir,
         "distilled_tokens": report["generated_tokens"], "distill_time_s": report["gen_time_s"],
-        "train_steps": args.steps, "train_time_s": report["train_time_s"], "train_total_s": round(train_total, 1),
+        "train_steps": report.get("steps", args.steps), "train_time_s": report["train_time_s"], "train_total_s": round(train_total, 1),
         "heldout_top1": report["top1_accuracy"],
         "eval_prompts": len(eval_prompts), "eval_new_tokens": args.eval_new, "fbs": args.fbs, "k": args.k,
-        "baseline_decode_tok_s": round(tps["baseline"], 3), "multiproj_decode_tok_s": round(tps["multiproj"], 3),
-        "speedup": round(tps["multiproj"] / tps["baseline"], 3) if tps["baseline"] else 0.0,
-        "mean_accepted_tokens": round(accepted, 3),
-        "verify_step_cost_ratio": round(step_cost["multiproj"] / step_cost["baseline"], 3) if step_cost["baseline"] else 0.0,
-        "acceptance_rate_per_position": rates,
-        "identical_outputs": identical, "identical_prompts": f"{same}/{len(eval_prompts)}",
+        "baseline_decode_tok_s": round(tps["baseline"], 3), **results[best], "best": best, "variants": results,
     }
     print()
     print(format_accuracy(report))
     print(f"training: distilled {report['generated_tokens']} tokens from {report['num_prompts']} prompts in "
-          f"{report['gen_time_s']:.1f}s{' (earlier, saved rows)' if args.distilled else ''}, "
-          f"{args.steps} steps in {report['train_time_s']:.1f}s, total {train_total:.1f}s")
+          f"{report['gen_time_s']:.1f}s{' (earlier, saved rows)' if args.distilled or args.heads_dir else ''}, "
+          f"{report.get('steps', args.steps)} steps in {report['train_time_s']:.1f}s")
     print(f"baseline : decode {tps['baseline']:.2f} tok/s, {step_cost['baseline'] * 1e3:.0f} ms per target step")
-    print(f"multiproj: decode {tps['multiproj']:.2f} tok/s, {step_cost['multiproj'] * 1e3:.0f} ms per target step, "
-          f"mean accepted tokens per step {accepted:.2f}, acceptance per position {rates}")
+    for name, r in results.items():
+        print(f"{name:<14}: decode {r['decode_tok_s']:.2f} tok/s, {step_cost[name] * 1e3:.0f} ms per target step "
+              f"({r['verify_step_cost_ratio']:.2f}x), {r['proposed_per_step']:.2f} proposed and "
+              f"{r['mean_accepted_tokens']:.2f} accepted tokens per step, acceptance per position "
+              f"{r['acceptance_rate_per_position']}, speedup {r['speedup']:.2f}x, identical {r['identical_prompts']}")
+    identical = results[best]["identical_outputs"]
     note = "" if identical or args.dtype == "float32" else \
         " (in bfloat16 a k-token verify and a 1-token decode can round a near-tie differently)"
-    print(f"speedup {figures['speedup']:.2f}x (targets: >= 2.0 accepted, >= 2.0x); identical outputs: "
-          f"{'yes' if identical else 'NO'}, {same}/{len(eval_prompts)} prompts{note}")
+    print(f"best {best}: speedup {figures['speedup']:.2f}x, {figures['mean_accepted_tokens']:.2f} accepted per step "
+          f"(targets: >= 2.0 accepted, >= 2.0x); identical outputs: {'yes' if identical else 'NO'}, "
+          f"{results[best]['identical_prompts']} prompts{note}")
     print(json.dumps(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
