@@ -78,6 +78,46 @@ def test_bfloat16_session_on_the_kernel(arch):
     np.testing.assert_array_equal(verify, decode)
 
 
+class _Attn:
+    sliding_window, is_causal = None, True
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(12, 2, 128), (4, 4, 20), (6, 3, 8)])
+def test_rowwise_attention_matches_float64_and_is_batch_invariant(heads, kv_heads, dim):
+    """The C++ row-wise attention: each row over keys 0 .. its length - 1 only (GQA, lengths
+    differing by row and sequence, a padding row of length 0 gives zeros), float32-accurate, and a
+    row computed alone has the same bits as in the whole call; the Python fallback agrees."""
+    from spd_cluster.sessions import rowwise
+
+    g = torch.Generator().manual_seed(heads * 100 + dim)
+    B, S, N = 2, 5, 41
+    q, k, v = (torch.randn(B, h, n, dim, generator=g) for h, n in ((heads, S), (kv_heads, N), (kv_heads, N)))
+    lengths = torch.tensor([[30, 31, 32, 33, 0], [37, 38, 39, 40, 41]])
+    mask = (torch.arange(N)[None, None, :] < lengths[:, :, None])[:, None]  # [B, 1, S, N]
+    out, _ = rowwise.rowwise_attention(_Attn(), q, k, v, mask, scaling=dim ** -0.5)
+    assert out.shape == (B, S, heads, dim)
+    for b in range(B):
+        for s in range(S):
+            n = int(lengths[b, s])
+            for h in range(heads):
+                kv = h // (heads // kv_heads)
+                if n == 0:
+                    assert not out[b, s, h].any()
+                    continue
+                p = torch.softmax(q[b, h, s].double() @ k[b, kv, :n].double().T * dim ** -0.5, -1)
+                torch.testing.assert_close(out[b, s, h].double(), p @ v[b, kv, :n].double(), rtol=0, atol=2e-6)
+            alone, _ = rowwise.rowwise_attention(_Attn(), q[b : b + 1, :, s : s + 1], k[b : b + 1], v[b : b + 1],
+                                                 mask[b : b + 1, :, s : s + 1], scaling=dim ** -0.5)
+            assert torch.equal(alone[0, 0], out[b, s])
+    ext, bf16._ext = bf16._ext, None
+    bf16._error = RuntimeError("pretend the extension is missing")
+    try:
+        python, _ = rowwise.rowwise_attention(_Attn(), q, k, v, mask, scaling=dim ** -0.5)
+    finally:
+        bf16._ext, bf16._error = ext, None
+    torch.testing.assert_close(python, out, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("attn, bitwise", [("sdpa", False), ("spd_rowwise", True)])
 def test_verify_and_decode_agree_bit_for_bit_with_rowwise_attention(attn, bitwise):
     """On this model and context plain SDPA rounds a 5-query verify differently from 5 one-query

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("bf16_linear.cpp", "bf16_linear.h")
+SOURCES = ("bf16_linear.cpp", "bf16_linear.h", "attention.h")
 _ext, _error = None, None
 
 

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 
+#include "attention.h"
 #include "bf16_linear.h"
 
 using namespace spd_bf16;
@@ -43,4 +44,6 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "x[M,K] f32 @ w[N,K]^T bf16 (+ bias f32) -> f32, AVX2, batch invariant");
+  m.def("rowwise_attention", &rowwise_attention, "q[B,H,S,D] over k, v[B,G,N,D], keys 0..lengths[b,s]-1 per row; "
+        "float32, batch invariant -> [B,S,H,D]");
 }
