@@ -1,7 +1,7 @@
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias): bfloat16 weights, float32 activations and accumulation,
 // AVX2 + FMA, for CPUs without native bfloat16 (see sessions/bf16.py). Each weight row is read
 // from memory once per call (the next tile's rows prefetched meanwhile), widened to float32 in
-// registers and applied to up to 4 activation rows per pass while it sits in L1, so a k + 1 row
+// registers and applied to up to 5 activation rows per pass while it sits in L1, so a k + 1 row
 // verify costs little more than a one-row decode step, which is memory-bound.
 //
 // Batch invariant: every output element is one 8-lane float32 accumulator over k in order, then
