@@ -200,8 +200,11 @@ def main() -> None:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-heads-")) / "heads"
     source = (f"rows from {' '.join(args.distilled)}" if args.distilled else
               f"distilling {len(train_prompts)} prompts x {args.train_new} new tokens")
-    print(f"{args.model} {args.dtype}, {args.threads} threads: {source}, {args.heads} heads x {args.layers} "
-          f"layer(s), {args.steps} steps", flush=True)
+    if args.heads_dir:
+        print(f"{args.model} {args.dtype}, {args.threads} threads: heads from {args.heads_dir}", flush=True)
+    else:
+        print(f"{args.model} {args.dtype}, {args.threads} threads: {source}, {args.heads} heads x {args.layers} "
+              f"layer(s), {args.steps} steps", flush=True)
     t0 = perf_counter()
     if args.heads_dir:
         out = Path(args.heads_dir)
