@@ -58,11 +58,12 @@ def _linears(module: nn.Module):
             yield from _linears(child)
 
 
-def pack_linears(root: nn.Module) -> int:
-    """Replace every ``nn.Linear`` under ``root`` with a PackedLinear; returns how many."""
+def pack_linears(root: nn.Module, keep_weights: bool = False) -> int:
+    """Replace every ``nn.Linear`` under ``root`` with a PackedLinear; returns how many.
+    ``keep_weights``: keep every original weight (for a caller that will put them back)."""
     shared = {id(p) for m in root.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
     n = 0
     for parent, name, child in list(_linears(root)):
-        setattr(parent, name, PackedLinear(child, keep_weight=id(child.weight) in shared))
+        setattr(parent, name, PackedLinear(child, keep_weight=keep_weights or id(child.weight) in shared))
         n += 1
     return n

@@ -21,15 +21,17 @@ from . import bf16, packed
 from .heads import TurboHeads
 
 
-def use_cpu_kernels(model, *extra) -> str | None:
+def use_cpu_kernels(model, *extra, keep_weights: bool = False) -> str | None:
     """Run the linears of ``model`` (and of ``extra`` modules: heads) on the CPU kernels made for
     few-row calls, in place: float32 on prepacked oneDNN weights (sessions/packed.py), bfloat16 on
     our AVX2 kernel where the CPU has no native bfloat16 (sessions/bf16.py). Returns which ran
-    ("onednn", "avx2-bf16") or None where neither applies (GPU, float16, no AVX2...)."""
+    ("onednn", "avx2-bf16") or None where neither applies (GPU, float16, no AVX2...).
+    ``keep_weights``: float32 packing keeps the original weights too (by default it drops those
+    no other module shares)."""
     parts = (model, *extra)
     if packed.available(model):
         for m in parts:
-            packed.pack_linears(m)
+            packed.pack_linears(m, keep_weights)
         return "onednn"
     if bf16.available(model):
         for m in parts:
@@ -51,12 +53,7 @@ def cpu_kernels(model):
     generates with the target, then trains through its lm_head). Yields which kernels ran."""
     swaps = list(packed._linears(model))
     attn = model.config._attn_implementation
-    if packed.available(model):  # keep the weights whole (pack_linears drops unshared ones)
-        for parent, name, child in swaps:
-            setattr(parent, name, packed.PackedLinear(child, keep_weight=True))
-        kind = "onednn"
-    else:
-        kind = use_cpu_kernels(model)
+    kind = use_cpu_kernels(model, keep_weights=True)
     try:
         yield kind
     finally:
