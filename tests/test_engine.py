@@ -114,17 +114,17 @@ def test_multiproj_proposes_from_the_heads():
 
 
 def test_confident_count_keeps_the_leading_proposals_whose_probabilities_multiply_above_the_threshold():
-    from spd_cluster.engine.proposers import MultiProjProposer, confident_count, top_prob
+    from spd_cluster.engine.proposers import MultiProjProposer, confident_count, greedy_guesses, top_prob
 
     probs = np.array([0.9, 0.8, 0.5, 0.99])  # running products 0.9, 0.72, 0.36, 0.356
     assert [confident_count(probs, t) for t in (0.0, 0.3, 0.5, 0.72, 0.95)] == [4, 4, 2, 2, 0]
     logits = np.log(np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.5, 0.0, 0.5]]) + 1e-30)
     np.testing.assert_allclose(top_prob(logits), [0.9, 0.8, 0.5], rtol=1e-6)
     p = MultiProjProposer(3, confidence_threshold=0.7)
-    p.remember(0, logits)
+    p.remember(0, *greedy_guesses(logits))
     assert p.propose([0], [np.array([1])], [3])[0].tolist() == [0, 1]
     p.threshold = 0.0
-    p.remember(0, logits)
+    p.remember(0, *greedy_guesses(logits))
     assert p.propose([0], [np.array([1])], [2])[0].tolist() == [0, 1]
 
 
@@ -237,7 +237,7 @@ def test_printed_form_is_the_seeds():
 
 
 def test_multiproj_on_demand_heads_equal_full_head_logits():
-    """The session's on-demand heads (TorchSession.head_logits) and a session that returns every
+    """The session's on-demand heads (TorchSession.head_guesses) and a session that returns every
     head at every column (QEfficient's shape) give the same proposals, so the same steps."""
 
     class FullHeads:

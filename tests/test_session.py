@@ -125,9 +125,10 @@ def test_heads_add_an_axis_and_keep_base_logits(model):
     assert not np.allclose(out[0, :, 1], out[0, :, 0])
 
 
-def test_head_vocab_restricts_deferred_head_logits(model, tmp_path):
-    """Heads with a head_vocab: the deferred head logits are the full ones on those tokens and
-    -inf elsewhere (also after a save/load round trip); ids outside the vocabulary are refused."""
+def test_head_guesses_are_the_argmax_over_head_vocab(model, tmp_path):
+    """Deferred heads: ``head_guesses`` gives each head's argmax and softmax probability, over the
+    full vocabulary, or over ``head_vocab`` only where the heads have one (also after a save/load
+    round trip); ids outside the vocabulary are refused."""
     torch.manual_seed(0)
     heads = TurboHeads(model.config.hidden_size, num_heads=2)
     for p in heads.parameters():
@@ -143,10 +144,16 @@ def test_head_vocab_restricts_deferred_head_logits(model, tmp_path):
     for s in (full, part):
         s.run({"input_ids": np.array([toks]), "position_ids": np.arange(7)[None], "batch_index": np.zeros((1, 1), np.int64),
                "num_logits_to_keep": np.zeros((2, 1), np.int64), "defer_heads": np.array(True)})
-    want, got = full.head_logits(np.array([1])), part.head_logits(np.array([1]))
-    assert got.shape == want.shape == (1, 2, VOCAB)
-    np.testing.assert_allclose(got[..., vocab], want[..., vocab], atol=ATOL)
-    assert np.isneginf(np.delete(got, vocab, axis=-1)).all()
+    hidden = full.heads(torch.from_numpy(full._kept_hidden.numpy()[:, 1]))[:, 1:]  # [1, 2, D] at column 1
+    logits = (hidden @ model.lm_head.weight.T).detach().numpy()  # the heads' full logits, [1, 2, V]
+    for s, ids in ((full, np.arange(VOCAB)), (part, vocab)):
+        tokens, probs = s.head_guesses(np.array([1]))
+        sub = logits[..., ids]
+        assert tokens.shape == probs.shape == (1, 2)
+        assert tokens.tolist() == ids[sub.argmax(-1)].tolist()
+        want = np.exp(sub.max(-1)) / np.exp(sub).sum(-1)
+        np.testing.assert_allclose(probs, want, rtol=1e-4)
+    assert set(part.head_guesses(np.array([1]))[0].ravel()) <= set(vocab.tolist())
     heads.vocab = torch.tensor([0, VOCAB])
     with pytest.raises(ValueError, match="head_vocab"):
         TorchSession(model, 1, 32, heads=heads)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..sessions.base import DeviceSession, prefill_chunks
 from .metrics import CloudAI100ExecInfo, PromptResult, SpDPerfMetrics
-from .proposers import DraftProposer, MultiProjProposer, NoProposer, PromptLookupProposer, Proposer
+from .proposers import DraftProposer, MultiProjProposer, NoProposer, PromptLookupProposer, Proposer, greedy_guesses
 from .settings import MODES, SpDSettings
 from .sampling import row_rng, sample, speculative_sample, warp
 from .verifier import greedy_accept
@@ -78,10 +78,10 @@ class SpDEngine:
         if mode == "multiproj":
             self.k = min(self.k, target.num_heads)
         self.proposer = proposer
-        # A session that computes head logits on demand (see TorchSession.head_logits) is asked for
-        # base logits only; multiproj then fetches head logits where it needs them, and another
+        # A session that computes the heads on demand (see TorchSession.head_guesses) is asked for
+        # base logits only; multiproj then fetches the heads' guesses where it needs them, and another
         # mode over a session with heads (the audit's baseline of a multiproj job) never pays for them.
-        self.defer_heads = getattr(target, "num_heads", 0) > 0 and hasattr(target, "head_logits")
+        self.defer_heads = getattr(target, "num_heads", 0) > 0 and hasattr(target, "head_guesses")
         self._extra = {"defer_heads": np.array(True)} if self.defer_heads else {}
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_token_ids = [tokenizer.eos_token_id]
@@ -195,8 +195,9 @@ class SpDEngine:
         s = self.settings
         last = out[0, -1]  # [V] or [H + 1, V]
         if isinstance(self.proposer, MultiProjProposer):
-            heads = self.target.head_logits(np.zeros(1, np.int64))[0] if self.defer_heads else last[1:]
-            self.proposer.remember(slot, heads)
+            tokens, probs = (self.target.head_guesses(np.zeros(1, np.int64)) if self.defer_heads
+                             else greedy_guesses(last[None, 1:]))
+            self.proposer.remember(slot, tokens[0], probs[0])
         if last.ndim == 2:  # a session with heads: base logits only (baseline over a multiproj session)
             last = last[0]
         buf = np.zeros(s.ctx_len, dtype=np.int64)
@@ -267,9 +268,10 @@ class SpDEngine:
             accepted, target_tokens = self._sample_accept(rows, ids, counts, base)
         else:
             accepted = greedy_accept(ids[:, 1:], counts, target_tokens)
-        heads = None
+        guesses = None
         if isinstance(self.proposer, MultiProjProposer):  # the heads' guesses where each row's accepted prefix ends
-            heads = self.target.head_logits(accepted) if self.defer_heads else logits[np.arange(len(rows)), accepted, 1:]
+            guesses = (self.target.head_guesses(accepted) if self.defer_heads
+                       else greedy_guesses(logits[np.arange(len(rows)), accepted, 1:]))
         done = []
         for i, row in enumerate(rows):
             n_acc, m = int(accepted[i]), int(counts[i])
@@ -284,8 +286,8 @@ class SpDEngine:
             if row.result.finish_reason is not None:
                 row.result.e2e_s = t2 - row.t0
                 done.append(row)
-            elif heads is not None:
-                self.proposer.remember(row.slot, heads[i])
+            elif guesses is not None:
+                self.proposer.remember(row.slot, guesses[0][i], guesses[1][i])
         return done
 
     def _sample_accept(self, rows, ids, counts, base):

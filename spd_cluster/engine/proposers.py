@@ -27,6 +27,12 @@ def top_prob(logits: np.ndarray) -> np.ndarray:
     return 1.0 / z.sum(axis=-1)
 
 
+def greedy_guesses(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax along the last axis and its softmax probability: what ``MultiProjProposer.remember``
+    takes, from head logits [..., H, V]."""
+    return np.asarray(logits.argmax(-1), dtype=np.int64), top_prob(logits)
+
+
 def confident_count(probs: np.ndarray, threshold: float) -> int:
     """How many leading proposals to keep: while the product of their probabilities (the
     proposer's estimate that every one of them is accepted) stays >= ``threshold``. A proposal
@@ -200,9 +206,10 @@ class DraftProposer:
 
 class MultiProjProposer:
     """Turbo/Medusa heads: the target's own verify forward also returns, at every position, the
-    heads' guesses for the tokens after it. The engine hands the heads' logits at the last
-    accepted position to ``remember``; the next step proposes their argmax (the leading ones whose
-    probabilities multiply to at least ``confidence_threshold``). Costs no forward of its own."""
+    heads' guesses for the tokens after it. The engine hands the heads' argmax tokens and their
+    probabilities at the last accepted position to ``remember`` (``greedy_guesses`` makes them
+    from logits); the next step proposes those tokens (the leading ones whose probabilities
+    multiply to at least ``confidence_threshold``). Costs no forward of its own."""
 
     def __init__(self, num_heads: int, confidence_threshold: float = 0.0):
         if num_heads < 1:
@@ -214,11 +221,12 @@ class MultiProjProposer:
     def start(self, slot, prompt_ids, key=None):
         self.next[slot] = EMPTY
 
-    def remember(self, slot: int, head_logits: np.ndarray) -> None:
-        """``head_logits`` [H, V]: head h's logits for the token h + 2 ahead of the last accepted one."""
-        tokens = np.asarray(head_logits.argmax(-1), dtype=np.int64)
+    def remember(self, slot: int, tokens: np.ndarray, probs: np.ndarray) -> None:
+        """``tokens`` [H]: head h's guess for the token h + 2 ahead of the last accepted one;
+        ``probs`` [H]: the head's softmax probability of it."""
+        tokens = np.asarray(tokens, dtype=np.int64)
         if self.threshold > 0:
-            tokens = tokens[: confident_count(top_prob(head_logits), self.threshold)]
+            tokens = tokens[: confident_count(probs, self.threshold)]
         self.next[slot] = tokens
 
     def propose(self, slots, seqs, limits):

@@ -226,27 +226,33 @@ class TorchSession:
                 hidden = hidden[:, :, None]  # [B, n, 1, D]: base logits only, heads on demand
             else:
                 hidden = self.heads(hidden)  # [B, n, H + 1, D]
-        return {"logits": self._logits(hidden)}
+        return {"logits": self._logits(hidden).cpu().numpy()}
 
-    def _logits(self, hidden: torch.Tensor, lm_head=None) -> np.ndarray:
+    def _logits(self, hidden: torch.Tensor, lm_head=None) -> torch.Tensor:
         logits = (self.model.lm_head if lm_head is None else lm_head)(hidden)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float().cpu().numpy()
+        return logits.float()
 
-    @torch.inference_mode()
-    def head_logits(self, columns: np.ndarray) -> np.ndarray:
-        """[B, H, V]: the heads' logits at one kept column per row of the last ``run`` that passed
-        ``defer_heads``. An optional extension of the contract for multiproj: the verifier needs
-        base logits at every column but head logits only where a row's accepted prefix ends, so
-        the lm_head runs on n + H rows instead of n * (H + 1) (most of a step's cost with a
-        150k-token vocabulary)."""
+    def _heads_at(self, columns: np.ndarray) -> torch.Tensor:
+        """[B, H, D]: the heads' hidden states at one kept column per row of the last ``run`` that
+        passed ``defer_heads``."""
         rows = torch.arange(self._kept_hidden.shape[0], device=self.device)
         cols = torch.from_numpy(np.asarray(columns, dtype=np.int64)).to(self.device)
-        hidden = self.heads(self._kept_hidden[rows, cols])[:, 1:]
-        if self._head_lm is None:
-            return self._logits(hidden)
-        part = self._logits(hidden, self._head_lm)  # [B, H, |head_vocab|]
-        out = np.full(part.shape[:-1] + (self.vocab_size,), -np.inf, dtype=part.dtype)
-        out[..., self._head_vocab] = part
-        return out
+        return self.heads(self._kept_hidden[rows, cols])[:, 1:]
+
+    @torch.inference_mode()
+    def head_guesses(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """([B, H] token ids, [B, H] probabilities): each head's argmax (over ``head_vocab`` where
+        the heads have one) at one kept column per row of the last ``run`` that passed
+        ``defer_heads``, and its softmax probability: what multiproj proposes from. An optional
+        extension of the contract: the verifier needs base logits at every column but the heads
+        only where a row's accepted prefix ends, so the lm_head runs on n + H rows instead of
+        n * (H + 1) (most of a step's cost with a 150k-token vocabulary), and the host never sees
+        a [B, H, V] array."""
+        logits = self._logits(self._heads_at(columns), self._head_lm)
+        index = logits.argmax(dim=-1, keepdim=True)
+        probs = torch.softmax(logits, dim=-1).gather(-1, index)[..., 0]
+        index = index[..., 0].cpu().numpy()
+        tokens = index if self._head_vocab is None else self._head_vocab[index]
+        return tokens.astype(np.int64, copy=False), probs.cpu().numpy()
