@@ -52,6 +52,32 @@ def test_bfloat16_in_and_out_and_leading_dims():
     torch.testing.assert_close(y, (x.float() @ w.float().T).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("m, n, k", SHAPES)
+def test_bfloat16_input_gives_the_float32_path_rounded_bit_for_bit(m, n, k):
+    """bfloat16 x goes to the kernel as it is and comes back rounded in C++: the same bits as
+    widening x, the float32 call and PyTorch's .to(bfloat16); ties, overflow, infinities and NaN
+    included (through the bias, with x = 0)."""
+    g = torch.Generator().manual_seed(m + n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g)
+    kernel = bf16.extension().bf16_linear  # takes bfloat16 x itself, no float32 copy
+    for bias in (None, b):
+        y = kernel(x, w, bias)
+        assert y.dtype == torch.bfloat16 and torch.equal(bf16.linear(x, w, bias), y)
+        assert torch.equal(y.view(torch.int16), bf16.linear(x.float(), w, bias).to(torch.bfloat16).view(torch.int16))
+    words = torch.tensor([0x3F808000, 0x3F818000, 0x3F80C001, 0xBF808000, 0x7F7FFFFF, 0x7F800000, 0xFF800000,
+                          0x7FC00001, 0x00000001, 0x80000000], dtype=torch.int64).to(torch.int32)
+    n = max(n, len(words))
+    special = words.view(torch.float32).repeat(n // len(words) + 1)[:n].contiguous()
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    zeros = torch.zeros(m, k)
+    y, want = kernel(zeros.to(torch.bfloat16), w, special), bf16.linear(zeros, w, special).to(torch.bfloat16)
+    nan = want.isnan()  # PyTorch's own NaN bits differ between its scalar and vector paths
+    assert nan.any() and torch.equal(y.isnan(), nan)
+    assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
 def run(session, toks, p0, keep):
     out = session.run({"input_ids": np.array([toks]), "position_ids": np.array([np.arange(p0, p0 + len(toks))]),
                        "batch_index": np.zeros((1, 1), np.int64), "num_logits_to_keep": np.zeros((keep, 1), np.int64)})

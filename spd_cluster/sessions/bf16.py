@@ -65,7 +65,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` for a bfloat16 [N, K] weight (bias float32 or None): float32
     accumulation, the result in ``x``'s dtype."""
     shape = x.shape
-    y = extension().bf16_linear(x.reshape(-1, shape[-1]).float().contiguous(), weight.contiguous(), bias)
+    flat = x.reshape(-1, shape[-1])
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        flat = flat.float()
+    y = extension().bf16_linear(flat.contiguous(), weight.contiguous(), bias)  # in x's dtype where bf16 / f32
     return y.to(x.dtype).view(*shape[:-1], weight.shape[0])
 
 

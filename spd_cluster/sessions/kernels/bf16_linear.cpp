@@ -19,7 +19,9 @@
 using namespace spd_bf16;
 
 torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
+  const bool half = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK(x.dim() == 2 && (half || x.scalar_type() == torch::kFloat) && x.is_contiguous(),
+              "x: contiguous float32 or bfloat16 [M, K]");
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kBFloat16 && w.is_contiguous(), "w: contiguous bfloat16 [N, K]");
   TORCH_CHECK(x.size(1) == w.size(1), "x and w disagree on K");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
@@ -28,22 +30,35 @@ torch::Tensor bf16_linear(const torch::Tensor& x, const torch::Tensor& w, const 
     TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->is_contiguous() && bias->numel() == N, "bias: float32 [N]");
     b = bias->data_ptr<float>();
   }
-  auto y = torch::empty({M, N}, x.options());
-  auto xi = torch::empty_like(x);
-  interleave(x.data_ptr<float>(), xi.data_ptr<float>(), M, K);
+  auto f32 = x.options().dtype(torch::kFloat);
+  auto acc = torch::empty({M, N}, f32);
+  auto xi = torch::empty({M, K}, f32);
+  if (half)
+    interleave(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), xi.data_ptr<float>(), M, K);
+  else
+    interleave(x.data_ptr<float>(), xi.data_ptr<float>(), M, K);
   const float* xp = xi.data_ptr<float>();
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
+  float* ap = acc.data_ptr<float>();
+  // bfloat16 in, bfloat16 out (rounded as .to(bfloat16) would): no float32 copies of x and y
+  // around every call for the caller to make
+  auto y = half ? torch::empty({M, N}, x.options()) : acc;
+  uint16_t* yp = half ? reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()) : nullptr;
   // one task per 48 weight rows (whole tiles of 2, 3 or 4 rows); the next tile's rows are prefetched
   constexpr int64_t BLOCK = 48;
   at::parallel_for(0, (N + BLOCK - 1) / BLOCK, 1, [&](int64_t lo, int64_t hi) {
-    block(xp, wp, b, yp, M, K, N, lo * BLOCK, std::min(N, hi * BLOCK));
+    const int64_t n0 = lo * BLOCK, n1 = std::min(N, hi * BLOCK);
+    block(xp, wp, b, ap, M, K, N, n0, n1);
+    if (yp)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = n0; n < n1; ++n) yp[m * N + n] = round_bf16(ap[m * N + n]);
   });
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bf16_linear", &bf16_linear, "x[M,K] f32 @ w[N,K]^T bf16 (+ bias f32) -> f32, AVX2, batch invariant");
+  m.def("bf16_linear", &bf16_linear, "x[M,K] f32 or bf16 @ w[N,K]^T bf16 (+ bias f32) -> x's dtype, float32 "
+        "accumulation, AVX2, batch invariant");
   m.def("rowwise_attention", &rowwise_attention, "q[B,H,S,D] over k, v[B,G,N,D], keys 0..lengths[b,s]-1 per row; "
         "float32, batch invariant -> [B,S,H,D]");
 }

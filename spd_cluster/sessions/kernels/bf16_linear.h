@@ -15,6 +15,14 @@ inline float widen1(uint16_t h) {
   return f;
 }
 
+// float32 -> bfloat16, round to nearest even, NaN -> quiet NaN: what PyTorch's .to(bfloat16) does
+inline uint16_t round_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -26,17 +34,22 @@ inline float hsum(__m256 v) {
 // half) and 2j + 1 (high half), so `word << 16` is element 2j as float32 and `word & 0xffff0000`
 // is element 2j + 1, two cheap integer ops for 16 weights. The activations are laid out to match
 // once per call (interleave()): per 16-block, the 8 even elements, then the 8 odd ones.
-inline void interleave(const float* x, float* xi, int64_t M, int64_t K) {
+// x is float32 or bfloat16 (uint16_t, widened exactly).
+inline float as_float(float v) { return v; }
+inline float as_float(uint16_t v) { return widen1(v); }
+
+template <typename T>
+inline void interleave(const T* x, float* xi, int64_t M, int64_t K) {
   const int64_t K16 = K & ~int64_t(15);
   for (int64_t m = 0; m < M; ++m) {
-    const float* r = x + m * K;
+    const T* r = x + m * K;
     float* o = xi + m * K;
     for (int64_t k = 0; k < K16; k += 16)
       for (int j = 0; j < 8; ++j) {
-        o[k + j] = r[k + 2 * j];
-        o[k + 8 + j] = r[k + 2 * j + 1];
+        o[k + j] = as_float(r[k + 2 * j]);
+        o[k + 8 + j] = as_float(r[k + 2 * j + 1]);
       }
-    for (int64_t k = K16; k < K; ++k) o[k] = r[k];
+    for (int64_t k = K16; k < K; ++k) o[k] = as_float(r[k]);
   }
 }
 
