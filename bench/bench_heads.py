@@ -82,6 +82,29 @@ MORE_TRAIN_TASKS = [
     "implements quicksort", "computes the number of days between two dates",
     "validates a hexadecimal color code", "shuffles a list in place with the Fisher-Yates algorithm",
 ]
+# 40 more (lines 401-600): data structures, dynamic programming, parsing
+EXTRA_TRAIN_TASKS = [
+    "computes the nth Catalan number", "checks whether a graph given as an adjacency list has a cycle",
+    "performs a breadth-first search on a graph", "performs a depth-first search on a graph",
+    "computes the shortest path lengths with Dijkstra's algorithm", "implements a binary search tree with insert and search",
+    "computes the height of a binary tree", "checks whether a binary tree is balanced",
+    "implements a min-heap with push and pop", "finds the k-th smallest element of a list",
+    "computes the edit distance between two strings", "finds the longest common subsequence of two strings",
+    "solves the 0/1 knapsack problem with dynamic programming", "counts the ways to climb n stairs taking one or two steps",
+    "computes the maximum subarray sum", "encodes a string with run-length encoding",
+    "decodes a run-length encoded string", "implements a Caesar cipher",
+    "converts an integer to a Roman numeral", "parses a comma-separated line into fields",
+    "formats a number with thousands separators", "checks whether a sudoku row is valid",
+    "generates all subsets of size k of a list", "computes the prime factors of an integer",
+    "implements an LRU cache", "computes the moving average of a list with a window size",
+    "transposes the rows and columns of a CSV table held in a list of lists", "removes duplicate characters from a string",
+    "finds the majority element of a list", "groups a list of words by their first letter",
+    "computes the sum of a matrix's diagonal", "rotates a square matrix by 90 degrees",
+    "checks whether a string is a valid floating point number", "computes the greatest element of each row of a matrix",
+    "zips two lists into a list of pairs", "counts the leaves of a binary tree",
+    "finds the intersection point of two line segments", "computes the nth number of the Tribonacci sequence",
+    "converts a Unix timestamp to a date string", "pads a string on the left to a given width",
+]
 EVAL_TASKS = [
     "finds the longest common prefix of a list of strings", "checks whether two strings are anagrams",
     "computes the least common multiple of two integers", "implements bubble sort",
@@ -102,14 +125,18 @@ TEMPLATES = [
 def write_prompts() -> None:
     rng = random.Random(0)
     # every training task in every language (200 prompts), templates alternating; then the same
-    # for the 40 later tasks (200 more), so the first 200 lines stay what they were
+    # for the 40 later tasks (200 more) and the 40 after those (200 more), so earlier lines stay
+    # what they were
     train = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
              for i, task in enumerate(TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
     rng.shuffle(train)
     more = [TEMPLATES[(i + j + 1) % 2].format(lang=lang, task=task)
             for i, task in enumerate(MORE_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
     random.Random(1).shuffle(more)
-    train += more
+    extra = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
+             for i, task in enumerate(EXTRA_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
+    random.Random(2).shuffle(extra)
+    train += more + extra
     # different tasks (32 prompts): each in two languages
     evals = [TEMPLATES[i % 2].format(lang=LANGUAGES[i % 5], task=task) for i, task in enumerate(EVAL_TASKS * 2)]
     rng.shuffle(evals)
