@@ -15,7 +15,8 @@ inline float widen1(uint16_t h) {
   return f;
 }
 
-// float32 -> bfloat16, round to nearest even, NaN -> quiet NaN: what PyTorch's .to(bfloat16) does
+// float32 -> bfloat16, round to nearest even as PyTorch's .to(bfloat16); NaN stays NaN (0x7fc0, the
+// bits of PyTorch's scalar path; its vector path gives 0xffff)
 inline uint16_t round_bf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
