@@ -35,9 +35,8 @@ from spd_cluster.training.heads import read_prompts
 EVAL_FILE = Path(__file__).resolve().parent.parent / "data" / "code_prompts_eval.txt"
 
 
-def continuations(model_name: str, prompts, new: int, slots: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+def continuations(model, model_name: str, prompts, new: int, slots: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
     """(hidden [1 + G, D] from the last prompt token on, greedy continuation [G]) per prompt."""
-    model = load_model(model_name, "bfloat16")
     tok = load_tokenizer(model_name)
     s = SpDSettings(prefill_seq_len=64, ctx_len=512, max_new_tokens=new, full_batch_size=slots, chat_template=True)
     engine = SpDEngine("baseline", TorchSession(model, slots, 512, pack=True), tok, s,
@@ -119,15 +118,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    model = load_model(args.model, "bfloat16")
     if args.cache and Path(args.cache).exists():
         with np.load(args.cache) as f:
             data = [(f[f"h{i}"], f[f"g{i}"]) for i in range(int(f["n"]))]
     else:
-        data = continuations(args.model, read_prompts(args.prompts)[: args.num_prompts], args.new)
+        data = continuations(model, args.model, read_prompts(args.prompts)[: args.num_prompts], args.new)
         if args.cache:
             np.savez(args.cache, n=len(data), **{f"h{i}": h for i, (h, _) in enumerate(data)},
                      **{f"g{i}": g for i, (_, g) in enumerate(data)})
-    lm_head = load_model(args.model, "bfloat16").get_output_embeddings().weight.detach()
+    lm_head = model.get_output_embeddings().weight.detach()
     print(f"{len(data)} prompts x {args.new} tokens of {args.prompts}")
     for d in args.heads_dir:
         heads = TurboHeads.load(d, hidden_size=lm_head.shape[1]).float().eval()
