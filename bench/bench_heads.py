@@ -105,6 +105,29 @@ EXTRA_TRAIN_TASKS = [
     "finds the intersection point of two line segments", "computes the nth number of the Tribonacci sequence",
     "converts a Unix timestamp to a date string", "pads a string on the left to a given width",
 ]
+# 40 more (lines 601-800): strings, numbers, collections, small utilities
+LATE_TRAIN_TASKS = [
+    "checks whether a string is a pangram", "computes the sum of the cubes of the first n integers",
+    "returns the characters of a string sorted by frequency", "checks whether two rectangles overlap",
+    "converts a number of seconds to a human-readable duration", "finds the second smallest element of a list",
+    "computes the nth Lucas number", "returns the words of a sentence that are longer than n characters",
+    "checks whether a number is a happy number", "computes the weighted average of two lists",
+    "removes consecutive duplicate elements from a list", "finds the longest run of equal elements in a list",
+    "converts a list of key-value pairs to a map", "computes the perimeter of a polygon given its vertices",
+    "checks whether a list is a permutation of 1 to n", "returns the difference of two sets",
+    "counts the digits of an integer", "reverses the digits of an integer",
+    "computes the binomial coefficient n choose k", "implements counting sort",
+    "implements a circular buffer with a fixed capacity", "checks whether a number is a palindrome",
+    "finds the peak element of a list", "computes the angle between the hands of a clock",
+    "splits a string into words and removes punctuation", "converts a camelCase string to snake_case",
+    "computes the number of trailing zeros of n factorial", "returns the pairwise differences of a list",
+    "checks whether a string has all unique characters", "computes the mode of a list of numbers",
+    "finds the closest pair of numbers in a sorted list", "implements a trie with insert and search",
+    "computes the sum of all elements of a nested list", "returns the minimum and maximum of a list in one pass",
+    "validates a date string in the format YYYY-MM-DD", "counts the islands in a grid of zeros and ones",
+    "computes the cross product of two 3D vectors", "merges overlapping intervals",
+    "checks whether a number is a Fibonacci number", "encodes a string in base64",
+]
 EVAL_TASKS = [
     "finds the longest common prefix of a list of strings", "checks whether two strings are anagrams",
     "computes the least common multiple of two integers", "implements bubble sort",
@@ -125,7 +148,7 @@ TEMPLATES = [
 def write_prompts() -> None:
     rng = random.Random(0)
     # every training task in every language (200 prompts), templates alternating; then the same
-    # for the 40 later tasks (200 more) and the 40 after those (200 more), so earlier lines stay
+    # for each later list of 40 tasks (200 more each: lines 201-400, 401-600, 601-800), so earlier lines stay
     # what they were
     train = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
              for i, task in enumerate(TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
@@ -136,7 +159,10 @@ def write_prompts() -> None:
     extra = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
              for i, task in enumerate(EXTRA_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
     random.Random(2).shuffle(extra)
-    train += more + extra
+    late = [TEMPLATES[(i + j + 1) % 2].format(lang=lang, task=task)
+            for i, task in enumerate(LATE_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
+    random.Random(3).shuffle(late)
+    train += more + extra + late
     # different tasks (32 prompts): each in two languages
     evals = [TEMPLATES[i % 2].format(lang=LANGUAGES[i % 5], task=task) for i, task in enumerate(EVAL_TASKS * 2)]
     rng.shuffle(evals)
