@@ -171,8 +171,15 @@ def write_prompts() -> None:
     EVAL_FILE.write_text("\n".join(dict.fromkeys(evals)) + "\n")
 
 
-def variant(threshold: float) -> str:
-    return f"multiproj@{threshold:g}" if threshold else "multiproj"
+def variant(threshold: float, lookup: bool = False) -> str:
+    name = "multiproj+lookup" if lookup else "multiproj"
+    return f"{name}@{threshold:g}" if threshold else name
+
+
+def variants(args) -> list[tuple[str, float, bool]]:
+    """(name, confidence threshold, prompt lookup) of every multiproj variant to evaluate."""
+    both = (False, True) if args.prompt_lookup else (False,)
+    return [(variant(t, lookup), t, lookup) for lookup in both for t in args.thresholds]
 
 
 def evaluate(model, tok, heads, prompts, args, eos):
@@ -184,9 +191,10 @@ def evaluate(model, tok, heads, prompts, args, eos):
     engines = {"baseline": SpDEngine("baseline", TorchSession(model, args.fbs, ctx, pack=pack), tok, settings,
                                      eos_token_ids=eos)}
     target = TorchSession(model, args.fbs, ctx, heads=heads, pack=pack)
-    for t in args.thresholds:  # one session, an engine per confidence threshold
-        engines[variant(t)] = SpDEngine("multiproj", target, tok, settings.model_copy(update={"confidence_threshold": t}),
-                                        eos_token_ids=eos)
+    for name, t, lookup in variants(args):  # one session, an engine per variant
+        engines[name] = SpDEngine("multiproj", target, tok,
+                                  settings.model_copy(update={"confidence_threshold": t, "prompt_lookup": lookup}),
+                                  eos_token_ids=eos)
     engines["baseline"].generate(prompts[:1])  # warm-up
     sums = {m: dict(tokens=0, time=0.0, target=0.0, iters=0, steps=[], ids=[], proposed=np.zeros(args.k),
                     accepted=np.zeros(args.k)) for m in engines}
@@ -224,6 +232,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="speculative tokens per step (<= heads)")
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0], metavar="T",
                     help="confidence thresholds to evaluate multiproj at, each against the same baseline (0 = off)")
+    ap.add_argument("--prompt-lookup", action="store_true",
+                    help="also evaluate each threshold with spd.prompt_lookup (heads + the row's own text)")
     ap.add_argument("--heads-dir", default=None, help="evaluate these trained heads (no distillation or training)")
     ap.add_argument("--fbs", type=int, default=1, help="KV slots in the evaluation")
     ap.add_argument("--chunk", type=int, default=2, help="prompts per alternation of baseline / multiproj")
@@ -278,11 +288,11 @@ def main() -> None:
     tps = {k: v["tokens"] / v["time"] if v["time"] else 0.0 for k, v in sums.items()}
     step_cost = {k: v["target"] / max(v["iters"], 1) for k, v in sums.items()}
     results = {}
-    for name in (variant(t) for t in args.thresholds):
+    for name, t, lookup in variants(args):
         m = sums[name]
         same = sum(x == y for x, y in zip(b["ids"], m["ids"]))
         results[name] = {
-            "confidence_threshold": float(name.partition("@")[2] or 0),
+            "confidence_threshold": t, "prompt_lookup": lookup,
             "decode_tok_s": round(tps[name], 3),
             "speedup": round(tps[name] / tps["baseline"], 3) if tps["baseline"] else 0.0,
             "mean_accepted_tokens": round(float(np.mean(m["steps"])) if m["steps"] else 0.0, 3),
@@ -309,16 +319,18 @@ def main() -> None:
           f"{report.get('steps', args.steps)} steps in {report['train_time_s']:.1f}s")
     print(f"baseline : decode {tps['baseline']:.2f} tok/s, {step_cost['baseline'] * 1e3:.0f} ms per target step")
     for name, r in results.items():
-        print(f"{name:<14}: decode {r['decode_tok_s']:.2f} tok/s, {step_cost[name] * 1e3:.0f} ms per target step "
+        print(f"{name:<21}: decode {r['decode_tok_s']:.2f} tok/s, {step_cost[name] * 1e3:.0f} ms per target step "
               f"({r['verify_step_cost_ratio']:.2f}x), {r['proposed_per_step']:.2f} proposed and "
               f"{r['mean_accepted_tokens']:.2f} accepted tokens per step, acceptance per position "
               f"{r['acceptance_rate_per_position']}, speedup {r['speedup']:.2f}x, identical {r['identical_prompts']}")
-    identical = results[best]["identical_outputs"]
-    note = "" if identical or args.dtype == "float32" else \
-        " (in bfloat16 a k-token verify and a 1-token decode can round a near-tie differently)"
-    print(f"best {best}: speedup {figures['speedup']:.2f}x, {figures['mean_accepted_tokens']:.2f} accepted per step "
-          f"(targets: >= 2.0 accepted, >= 2.0x); identical outputs: {'yes' if identical else 'NO'}, "
-          f"{results[best]['identical_prompts']} prompts{note}")
+    for lookup in sorted({v[2] for v in variants(args)}):  # the best of the heads alone, then with lookup
+        name = max((v[0] for v in variants(args) if v[2] == lookup), key=lambda n: results[n]["speedup"])
+        r = results[name]
+        note = "" if r["identical_outputs"] or args.dtype == "float32" else \
+            " (in bfloat16 a k-token verify and a 1-token decode can round a near-tie differently)"
+        print(f"best {'with prompt lookup' if lookup else 'heads alone'}, {name}: speedup {r['speedup']:.2f}x, "
+              f"{r['mean_accepted_tokens']:.2f} accepted per step (targets: >= 2.0 accepted, >= 2.0x); identical "
+              f"outputs: {'yes' if r['identical_outputs'] else 'NO'}, {r['identical_prompts']} prompts{note}")
     print(json.dumps(figures))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))

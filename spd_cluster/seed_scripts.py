@@ -55,6 +55,10 @@ def parser(mode: str) -> argparse.ArgumentParser:
     else:
         p.add_argument("--pretrained-model-name-or-path", default=DEFAULT_MODEL, help="target model")
         p.add_argument("--speculator-path", default=None, help="heads directory, if not in the model directory")
+        p.add_argument("--prompt-lookup", action="store_true",
+                       help="also propose what followed the latest earlier match of the text's tail, when that is "
+                            "longer than the heads' guesses and starts with the same token")
+        p.add_argument("--max-ngram-size", type=int, default=3, help="with --prompt-lookup: longest n-gram looked up")
     return p
 
 
@@ -66,6 +70,7 @@ def main(mode: str, argv: list[str] | None = None) -> None:
         num_speculative_tokens=args.num_speculative_tokens,
         max_ngram_size=getattr(args, "max_ngram_size", 3),
         confidence_threshold=getattr(args, "confidence_threshold", 0.0),
+        prompt_lookup=getattr(args, "prompt_lookup", False),
         prefill_seq_len=args.prefill_seq_len,
         ctx_len=args.ctx_len,
         max_new_tokens=args.max_new_tokens or args.ctx_len,

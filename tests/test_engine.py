@@ -128,6 +128,38 @@ def test_confident_count_keeps_the_leading_proposals_whose_probabilities_multipl
     assert p.propose([0], [np.array([1])], [2])[0].tolist() == [0, 1]
 
 
+def test_multiproj_prompt_lookup_replaces_shorter_guesses_that_agree():
+    from spd_cluster.engine.proposers import MultiProjProposer, PromptLookupProposer
+
+    p = MultiProjProposer(4, confidence_threshold=0.5, lookup=PromptLookupProposer(3, 4))
+    seq = np.array([4, 5, 6, 7, 8, 9, 1, 4, 5])  # tail [4, 5] occurred before: lookup finds [6, 7, 8, 9]
+    p.remember(0, np.array([6, 3, 3, 3]), np.array([0.9, 0.2, 0.9, 0.9]))  # heads keep [6]
+    assert p.propose([0], [seq], [4])[0].tolist() == [6, 7, 8, 9]
+    assert p.propose([0], [seq], [2])[0].tolist() == [6, 7]  # limits still hold
+    p.remember(0, np.array([2, 3, 3, 3]), np.array([0.9, 0.2, 0.9, 0.9]))  # heads disagree: they win
+    assert p.propose([0], [seq], [4])[0].tolist() == [2]
+    p.remember(0, np.array([6, 3, 3, 3]), np.array([0.1, 0.9, 0.9, 0.9]))  # heads guess nothing
+    assert p.propose([0], [seq], [4])[0].tolist() == [6, 7, 8, 9]
+    p.remember(0, np.array([6, 7, 8, 3]), np.array([0.9, 0.9, 0.9, 0.9]))  # heads as long: heads
+    assert p.propose([0], [seq], [3])[0].tolist() == [6, 7, 8]
+    assert p.propose([0], [np.array([1, 2, 3])], [4])[0].tolist() == [6, 7, 8, 3]  # no match
+
+
+@pytest.mark.parametrize("fbs", [1, 3])
+def test_multiproj_prompt_lookup_stays_lossless_and_emits_more_per_step(fbs):
+    model = tiny_model("llama", seed=11)
+    loop = [5, 9, 14, 33, 40, 41, 7]
+    prompts = PROMPTS[:4] + [loop * 6]
+    ref = [hf_greedy(model, p, max_new=30) for p in prompts]
+    info = {}
+    for lookup in (False, True):
+        info[lookup] = engine("multiproj", 4, fbs, target=model, max_new_tokens=30, confidence_threshold=0.3,
+                              prompt_lookup=lookup).generate(prompts)
+        assert [ids.tolist() for ids in info[lookup].generated_ids] == ref
+    assert info[True].perf_metrics.decode_iterations < info[False].perf_metrics.decode_iterations
+    assert info[True].perf_metrics.mean_num_accepted_tokens > info[False].perf_metrics.mean_num_accepted_tokens
+
+
 @pytest.mark.parametrize("mode", ["draft", "multiproj"])
 @pytest.mark.parametrize("fbs", [1, 3])
 def test_confidence_threshold_proposes_less_and_stays_lossless(mode, fbs):

@@ -104,7 +104,8 @@ class SpDEngine:
             if self.target.num_heads < 1:
                 raise ValueError("multiproj needs projection heads: none were found for the target model "
                                  "(give speculator_path, or train them with `spd-cluster train-heads`)")
-            return MultiProjProposer(self.target.num_heads, s.confidence_threshold)
+            lookup = PromptLookupProposer(s.max_ngram_size, s.num_speculative_tokens) if s.prompt_lookup else None
+            return MultiProjProposer(self.target.num_heads, s.confidence_threshold, lookup)
         return NoProposer()
 
     # -- prompts ---------------------------------------------------------------------------

@@ -209,13 +209,20 @@ class MultiProjProposer:
     heads' guesses for the tokens after it. The engine hands the heads' argmax tokens and their
     probabilities at the last accepted position to ``remember`` (``greedy_guesses`` makes them
     from logits); the next step proposes those tokens (the leading ones whose probabilities
-    multiply to at least ``confidence_threshold``). Costs no forward of its own."""
+    multiply to at least ``confidence_threshold``). Costs no forward of its own.
 
-    def __init__(self, num_heads: int, confidence_threshold: float = 0.0):
+    With ``lookup`` (a PromptLookupProposer) the row's own text is searched too: where the text
+    after the latest match of its tail is longer than the heads' confident guesses and starts
+    with the same token (or the heads guess nothing), that is proposed instead. Heads see one
+    hidden state and fade with depth; code repeats names and lines that a lookup copies whole."""
+
+    def __init__(self, num_heads: int, confidence_threshold: float = 0.0,
+                 lookup: PromptLookupProposer | None = None):
         if num_heads < 1:
             raise ValueError("multiproj needs a target session with projection heads (num_heads >= 1)")
         self.num_heads = num_heads
         self.threshold = confidence_threshold
+        self.lookup = lookup
         self.next: dict[int, np.ndarray] = {}
 
     def start(self, slot, prompt_ids, key=None):
@@ -230,4 +237,11 @@ class MultiProjProposer:
         self.next[slot] = tokens
 
     def propose(self, slots, seqs, limits):
-        return [self.next.get(s, EMPTY)[:lim] for s, lim in zip(slots, limits)]
+        out = [self.next.get(s, EMPTY)[:lim] for s, lim in zip(slots, limits)]
+        if self.lookup is not None:
+            for i, (guess, seq, lim) in enumerate(zip(out, seqs, limits)):
+                if len(guess) < lim:
+                    found = self.lookup.lookup(np.asarray(seq), lim)
+                    if len(found) > len(guess) and (len(guess) == 0 or found[0] == guess[0]):
+                        out[i] = found
+        return out

@@ -16,7 +16,10 @@ class SpDSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_speculative_tokens: int = Field(4, ge=1, description="k: tokens proposed per step")
-    max_ngram_size: int = Field(3, ge=1, description="pld: longest n-gram looked up")
+    max_ngram_size: int = Field(3, ge=1, description="pld (and multiproj with prompt_lookup): longest n-gram looked up")
+    prompt_lookup: bool = Field(
+        False, description="multiproj: also look the row's tail up in its own text; propose what followed when that "
+                           "is longer than the heads' confident guesses and starts with the same token")
     confidence_threshold: float = Field(
         0.0, ge=0.0, lt=1.0,
         description="draft/multiproj: stop proposing once the product of the proposals' probabilities (the "
