@@ -128,6 +128,30 @@ LATE_TRAIN_TASKS = [
     "computes the cross product of two 3D vectors", "merges overlapping intervals",
     "checks whether a number is a Fibonacci number", "encodes a string in base64",
 ]
+# 40 more (lines 801-1000): text, numbers, matrices, small data structures
+LAST_TRAIN_TASKS = [
+    "counts the sentences in a text", "computes the sum of the proper divisors of an integer",
+    "checks whether a number is a perfect number", "returns the Collatz sequence starting at n",
+    "converts an integer to its hexadecimal representation", "finds the longest word that appears in two sentences",
+    "computes the nth root of a number with Newton's method", "checks whether a string is an isogram",
+    "returns the indices of the two largest elements of a list", "counts the pairs of equal elements in a list",
+    "computes the trace of a square matrix", "checks whether a matrix is an identity matrix",
+    "adds two matrices element by element", "returns the column sums of a matrix",
+    "implements a deque with push and pop at both ends", "implements a set of integers with a bit vector",
+    "computes the running maximum of a list", "returns the list of differences between consecutive elements",
+    "checks whether a list contains three consecutive increasing numbers", "finds the smallest missing positive integer",
+    "converts degrees to radians", "computes the distance between two points on a sphere",
+    "returns the initials of a full name", "masks all but the last four characters of a card number",
+    "checks whether a password has an uppercase letter, a digit and at least eight characters",
+    "counts the vowels and consonants of a word",
+    "replaces tabs in a string with four spaces", "returns the longest line of a text",
+    "wraps a text to a given line width", "centers a string in a field of a given width",
+    "computes the simple interest on a loan", "computes the monthly payment of a loan",
+    "converts kilometers to miles", "computes the body mass index from weight and height",
+    "returns the number of days in a given month and year", "returns the day of the week for a date",
+    "checks whether a triangle with three given sides is valid", "computes the volume of a sphere",
+    "finds the element that appears exactly once when every other appears twice", "sorts the characters of a string",
+]
 EVAL_TASKS = [
     "finds the longest common prefix of a list of strings", "checks whether two strings are anagrams",
     "computes the least common multiple of two integers", "implements bubble sort",
@@ -148,8 +172,8 @@ TEMPLATES = [
 def write_prompts() -> None:
     rng = random.Random(0)
     # every training task in every language (200 prompts), templates alternating; then the same
-    # for each later list of 40 tasks (200 more each: lines 201-400, 401-600, 601-800), so earlier lines stay
-    # what they were
+    # for each later list of 40 tasks (200 more each: lines 201-400, 401-600, 601-800, 801-1000),
+    # so earlier lines stay what they were
     train = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
              for i, task in enumerate(TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
     rng.shuffle(train)
@@ -162,7 +186,10 @@ def write_prompts() -> None:
     late = [TEMPLATES[(i + j + 1) % 2].format(lang=lang, task=task)
             for i, task in enumerate(LATE_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
     random.Random(3).shuffle(late)
-    train += more + extra + late
+    last = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
+            for i, task in enumerate(LAST_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
+    random.Random(4).shuffle(last)
+    train += more + extra + late + last
     # different tasks (32 prompts): each in two languages
     evals = [TEMPLATES[i % 2].format(lang=LANGUAGES[i % 5], task=task) for i, task in enumerate(EVAL_TASKS * 2)]
     rng.shuffle(evals)

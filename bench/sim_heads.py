@@ -150,7 +150,8 @@ def main() -> None:
     print(f"{len(data)} prompts x {args.new} tokens of {args.prompts}")
     for d in args.heads_dir:
         heads = TurboHeads.load(d, hidden_size=lm_head.shape[1]).float().eval()
-        seqs = [(ids, *head_candidates(heads, lm_head, h, args.tree_width), g) for ids, (h, g) in zip(prompt_ids, data)]
+        seqs = [(ids, *head_candidates(heads, lm_head, h, args.tree_width), g)
+                for ids, (h, g) in zip(prompt_ids, data)]
         for t in args.thresholds:
             tokens, rows = replay(seqs, chain(t), heads.num_heads)
             line = f"{d}  threshold {t:g}: {tokens:.3f} tokens/step, {rows:.2f} proposed/step"
