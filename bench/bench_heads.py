@@ -169,27 +169,21 @@ TEMPLATES = [
 ]
 
 
+def task_prompts(tasks: list[str], offset: int, rng: random.Random) -> list[str]:
+    """Every task in every language, the two templates alternating, shuffled."""
+    prompts = [TEMPLATES[(i + j + offset) % 2].format(lang=lang, task=task)
+               for i, task in enumerate(tasks) for j, lang in enumerate(LANGUAGES)]
+    rng.shuffle(prompts)
+    return prompts
+
+
 def write_prompts() -> None:
     rng = random.Random(0)
-    # every training task in every language (200 prompts), templates alternating; then the same
-    # for each later list of 40 tasks (200 more each: lines 201-400, 401-600, 601-800, 801-1000),
-    # so earlier lines stay what they were
-    train = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
-             for i, task in enumerate(TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
-    rng.shuffle(train)
-    more = [TEMPLATES[(i + j + 1) % 2].format(lang=lang, task=task)
-            for i, task in enumerate(MORE_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
-    random.Random(1).shuffle(more)
-    extra = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
-             for i, task in enumerate(EXTRA_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
-    random.Random(2).shuffle(extra)
-    late = [TEMPLATES[(i + j + 1) % 2].format(lang=lang, task=task)
-            for i, task in enumerate(LATE_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
-    random.Random(3).shuffle(late)
-    last = [TEMPLATES[(i + j) % 2].format(lang=lang, task=task)
-            for i, task in enumerate(LAST_TRAIN_TASKS) for j, lang in enumerate(LANGUAGES)]
-    random.Random(4).shuffle(last)
-    train += more + extra + late + last
+    # the first 40 training tasks (200 prompts), then each later list of 40 (200 more each: lines
+    # 201-400, 401-600, 601-800, 801-1000) after them, so earlier lines stay what they were
+    train = task_prompts(TRAIN_TASKS, 0, rng)
+    for n, tasks in enumerate([MORE_TRAIN_TASKS, EXTRA_TRAIN_TASKS, LATE_TRAIN_TASKS, LAST_TRAIN_TASKS], 1):
+        train += task_prompts(tasks, n % 2, random.Random(n))
     # different tasks (32 prompts): each in two languages
     evals = [TEMPLATES[i % 2].format(lang=LANGUAGES[i % 5], task=task) for i, task in enumerate(EVAL_TASKS * 2)]
     rng.shuffle(evals)
