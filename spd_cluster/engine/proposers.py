@@ -239,9 +239,14 @@ class MultiProjProposer:
     def propose(self, slots, seqs, limits):
         out = [self.next.get(s, EMPTY)[:lim] for s, lim in zip(slots, limits)]
         if self.lookup is not None:
-            for i, (guess, seq, lim) in enumerate(zip(out, seqs, limits)):
-                if len(guess) < lim:
-                    found = self.lookup.lookup(np.asarray(seq), lim)
-                    if len(found) > len(guess) and (len(guess) == 0 or found[0] == guess[0]):
-                        out[i] = found
+            out = [with_lookup(guess, seq, lim, self.lookup) for guess, seq, lim in zip(out, seqs, limits)]
         return out
+
+
+def with_lookup(guess: np.ndarray, seq, limit: int, lookup: PromptLookupProposer) -> np.ndarray:
+    """The heads' ``guess``, or what ``lookup`` finds after the latest match of ``seq``'s tail when
+    that is longer and starts with the same token (or the heads guess nothing)."""
+    if len(guess) >= limit:
+        return guess
+    found = lookup.lookup(np.asarray(seq), limit)
+    return found if len(found) > len(guess) and (len(guess) == 0 or found[0] == guess[0]) else guess
