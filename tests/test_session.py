@@ -54,7 +54,8 @@ def make(model, *args, **kw) -> TorchSession:
     if not model.pack:
         return TorchSession(model, *args, **kw)
     s = TorchSession(copy.deepcopy(model), *args, pack=True, **kw)
-    assert s.packed and not any(type(m) is torch.nn.Linear for m in s.model.modules())
+    parts = [m for m in (s.model, s.heads, s._head_lm) if m is not None]  # the heads' readout too
+    assert s.packed and not any(type(m) is torch.nn.Linear for part in parts for m in part.modules())
     return s
 
 
