@@ -152,6 +152,55 @@ LAST_TRAIN_TASKS = [
     "checks whether a triangle with three given sides is valid", "computes the volume of a sphere",
     "finds the element that appears exactly once when every other appears twice", "sorts the characters of a string",
 ]
+# 40 more (lines 1001-1200): strings, number theory, lists, linked lists, dynamic programming
+NEXT_TRAIN_TASKS = [
+    "computes the sum of the even Fibonacci numbers below n", "checks whether a string is a rotation of another string",
+    "returns the frequency of each character of a string", "implements heap sort",
+    "finds the first non-repeating character of a string", "computes the square root of a number with binary search",
+    "converts a decimal number to octal", "checks whether a number is a power of two",
+    "returns the product of all elements of a list except the current one", "finds the longest palindromic substring of a string",
+    "counts the distinct elements of a list", "implements shell sort",
+    "computes the determinant of a 3x3 matrix", "returns the elements of a matrix in spiral order",
+    "checks whether a linked list has a cycle", "reverses a singly linked list",
+    "counts the paths in a grid from the top-left to the bottom-right corner",
+    "finds the minimum number of coins that make a given amount",
+    "generates all valid combinations of n pairs of parentheses", "computes the sum of the numbers in a string",
+    "removes the vowels from a string", "returns the last word of a sentence",
+    "interleaves two lists", "converts a list of strings to uppercase",
+    "computes the geometric mean of a list of numbers", "checks whether a point lies inside a circle",
+    "computes the area of a triangle given its three vertices", "returns the factors of an integer",
+    "implements the sieve of Eratosthenes", "computes a power of a number by repeated squaring",
+    "finds the longest substring without repeating characters", "counts the inversions in a list",
+    "checks whether a list of numbers forms an arithmetic progression", "returns the k most frequent words of a text",
+    "implements a hash map with separate chaining", "converts a string of digits to an integer without library functions",
+    "counts the ones in the binary representations of 0 to n", "returns the nesting depth of a nested list",
+    "checks whether a number is a strong number", "parses a query string into a map of keys and values",
+]
+# 40 more (lines 1201-1400): expressions, graphs, trees, dates, statistics
+FINAL_TRAIN_TASKS = [
+    "computes the variance of a list of numbers", "splits a string on a delimiter without library functions",
+    "returns the elements of a list at even indices", "checks whether two lists hold the same elements in any order",
+    "multiplies two polynomials given as coefficient lists", "evaluates a polynomial at a point with Horner's method",
+    "counts the lines, words and characters of a text", "splits an arithmetic expression into tokens",
+    "evaluates an arithmetic expression in reverse Polish notation", "converts an infix expression to postfix",
+    "finds the maximum nesting depth of parentheses in a string", "computes the area and the diagonal of a rectangle",
+    "counts the vowels at even positions of a string", "checks whether a number is divisible by the sum of its digits",
+    "computes the least number of perfect squares that sum to n",
+    "implements a stack that returns its minimum in constant time",
+    "finds the duplicate in a list of n + 1 integers from 1 to n", "rotates a string to the left by k characters",
+    "computes the frequencies of the letters of a text, ignoring case", "returns a list with every element repeated twice",
+    "computes the length of the last word of a string", "finds the words of a list that start with a given prefix",
+    "generates a random password of a given length", "checks whether a graph is bipartite",
+    "computes a topological order of a directed acyclic graph", "finds the connected components of an undirected graph",
+    "computes a minimum spanning tree with Kruskal's algorithm", "implements union-find with path compression",
+    "computes the diameter of a binary tree", "returns the level order traversal of a binary tree",
+    "checks whether two binary trees are identical", "computes the sum of the left leaves of a binary tree",
+    "finds the lowest common ancestor of two nodes in a binary search tree", "serializes a binary tree to a string",
+    "computes the absolute difference between the sums of the two diagonals of a matrix",
+    "converts a temperature from Fahrenheit to Kelvin",
+    "computes the harmonic mean of a list of numbers", "checks whether a year, month and day form a valid date",
+    "counts the weekdays between two dates", "joins a list of names with commas and 'and' before the last",
+]
 EVAL_TASKS = [
     "finds the longest common prefix of a list of strings", "checks whether two strings are anagrams",
     "computes the least common multiple of two integers", "implements bubble sort",
@@ -180,9 +229,10 @@ def task_prompts(tasks: list[str], offset: int, rng: random.Random) -> list[str]
 def write_prompts() -> None:
     rng = random.Random(0)
     # the first 40 training tasks (200 prompts), then each later list of 40 (200 more each: lines
-    # 201-400, 401-600, 601-800, 801-1000) after them, so earlier lines stay what they were
+    # 201-400, 401-600, 601-800, 801-1000, 1001-1200, 1201-1400) after them, so earlier lines stay what they were
     train = task_prompts(TRAIN_TASKS, 0, rng)
-    for n, tasks in enumerate([MORE_TRAIN_TASKS, EXTRA_TRAIN_TASKS, LATE_TRAIN_TASKS, LAST_TRAIN_TASKS], 1):
+    for n, tasks in enumerate([MORE_TRAIN_TASKS, EXTRA_TRAIN_TASKS, LATE_TRAIN_TASKS, LAST_TRAIN_TASKS,
+                                NEXT_TRAIN_TASKS, FINAL_TRAIN_TASKS], 1):
         train += task_prompts(tasks, n % 2, random.Random(n))
     # different tasks (32 prompts): each in two languages
     evals = [TEMPLATES[i % 2].format(lang=LANGUAGES[i % 5], task=task) for i, task in enumerate(EVAL_TASKS * 2)]
