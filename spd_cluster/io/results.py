@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import tempfile
-import typing
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Optional
