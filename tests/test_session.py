@@ -179,6 +179,13 @@ def test_packing_replaces_weights_and_keeps_tied_ones():
     assert TorchSession(tiny_model("llama").to(torch.bfloat16), 1, 16, pack=True).packed == "avx2-bf16"
 
 
+def test_cpu_kernels_refuse_a_bare_linear_they_could_not_swap():
+    from spd_cluster.sessions.torch_session import use_cpu_kernels
+
+    with pytest.raises(TypeError, match="bare nn.Linear"):
+        use_cpu_kernels(tiny_model("llama"), torch.nn.Linear(8, 4))
+
+
 @pytest.mark.parametrize("dtype, kind", [(torch.float32, "onednn"), (torch.bfloat16, "avx2-bf16")])
 def test_cpu_kernels_for_a_block_give_the_model_back(dtype, kind):
     from spd_cluster.sessions.torch_session import cpu_kernels

@@ -29,6 +29,9 @@ def use_cpu_kernels(model, *extra, keep_weights: bool = False) -> str | None:
     ``keep_weights``: float32 packing keeps the original weights too (by default it drops those
     no other module shares)."""
     parts = (model, *extra)
+    if any(type(m) is torch.nn.Linear for m in parts):  # it would stay as it is, silently
+        raise TypeError("use_cpu_kernels swaps the linears under each module it is given, not a bare "
+                        "nn.Linear: pass it inside a module (nn.Sequential(linear))")
     if packed.available(model):
         for m in parts:
             packed.pack_linears(m, keep_weights)
