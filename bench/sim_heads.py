@@ -83,7 +83,7 @@ def chain(threshold: float, lookup: PromptLookupProposer | None = None):
     def policy(probs, cands, truth, limit, text):
         m = limit if threshold <= 0 else int((np.cumprod(probs[:limit, 0]) >= threshold).sum())
         guess = cands[:m, 0]
-        if lookup is not None and m < limit:  # as MultiProjProposer.propose
+        if lookup is not None:  # as MultiProjProposer.propose
             guess = with_lookup(guess, text(), limit, lookup)
         n = 0
         while n < len(guess) and guess[n] == truth[n]:
