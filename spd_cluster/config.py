@@ -40,6 +40,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class QaicSpec(_Strict):
+    """How a ``device: qaic`` model is compiled and run (QEfficient's compile knobs, its defaults)."""
+
+    runtime: Literal["qaic", "onnxruntime"] = Field(
+        "qaic", description="qaic: Cloud AI 100 cards; onnxruntime: QEfficient's exported graph on the CPU, "
+        "the compiler call recorded, not run (a dry run of a card job)")
+    aic_num_cores: int = Field(16, ge=1, description="AI cores per card (qaic-compile -aic-num-cores)")
+    mxfp6_matmul: bool = Field(False, description="MXFP6-compressed weights")
+    mxint8_kv_cache: bool = Field(False, description="MXINT8-compressed KV cache")
+    compile_dir: Optional[str] = Field(None, description="exports and QPCs; default: under the spd_cluster cache")
+
+
 class ModelSpec(_Strict):
     model: str = Field(min_length=1, description="HF id, local dir, .gguf file or store alias")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -51,9 +63,18 @@ class ModelSpec(_Strict):
     # prepacked oneDNN weights; bfloat16: our AVX2 kernel where the CPU has no native bfloat16).
     # false: PyTorch's own F.linear, bit for bit what HF `generate` computes, and slower.
     cpu_kernels: bool = True
+    qaic: Optional[QaicSpec] = None  # device qaic only; null: QaicSpec's defaults
 
     @model_validator(mode="after")
     def _ids(self) -> "ModelSpec":
+        if self.device == "qaic":
+            if self.qaic is None:
+                self.qaic = QaicSpec()
+            if self.dtype != "float32":
+                raise ValueError(f"device qaic loads float32 weights and the compiler converts them to fp16 "
+                                 f"(QEfficient's way); dtype {self.dtype!r} does not apply there")
+        elif self.qaic is not None:
+            raise ValueError(f"a qaic section is for device qaic only (device is {self.device!r})")
         if self.device_ids is not None:
             if self.device != "qaic":
                 raise ValueError(f"device_ids is for device qaic only (device is {self.device!r}); "
@@ -126,8 +147,8 @@ class JobConfig(_Strict):
         d = self.model_dump(mode="json")
         ident = {
             "mode": d["mode"],
-            "target": {k: d["target"][k] for k in ("model", "dtype", "device")},
-            "draft": {k: d["draft"][k] for k in ("model", "dtype", "device")} if self.mode == "draft" else None,
+            "target": _spec_identity(d["target"]),
+            "draft": _spec_identity(d["draft"]) if self.mode == "draft" else None,
             "speculator_path": d["speculator_path"] if self.mode == "multiproj" else None,
             "dataset": d["dataset"],
             "spd": d["spd"],
@@ -139,6 +160,15 @@ class JobConfig(_Strict):
     def identity_hash(self, dataset_digest: str = "") -> str:
         blob = json.dumps({"config": self.output_identity(), "dataset_sha256": dataset_digest}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _spec_identity(spec: dict) -> dict:
+    """What of a model spec decides its outputs: the model, dtype and device, and on qaic how it
+    is compiled and run (not where the QPC is kept)."""
+    out = {k: spec[k] for k in ("model", "dtype", "device")}
+    if spec.get("qaic"):
+        out["qaic"] = {k: v for k, v in spec["qaic"].items() if k != "compile_dir"}
+    return out
 
 
 def _format_errors(err: ValidationError, data: Any) -> str:

@@ -4,6 +4,7 @@ that enforces the compiled specialisations — the calls it makes and the contra
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from spd_cluster.sessions.base import SessionInputError, keep_index
+from spd_cluster.sessions.qaic import compile_root
 
 V = 101  # fake vocab
 
@@ -96,6 +98,10 @@ class FakeQEFFModel:
         FakeQEFFModel.calls.append({"from_pretrained": (name, kwargs)})
         return cls(name, kwargs)
 
+    def export(self, export_dir):
+        FakeQEFFModel.calls.append({"export": export_dir})
+        return str(Path(export_dir) / "model.onnx")
+
     def compile(self, **kwargs):
         FakeQEFFModel.calls.append({"compile": kwargs})
         qc = self.kwargs.get("qaic_config") or {}
@@ -127,13 +133,38 @@ def fake_qeff(monkeypatch, tmp_path):
     gen = types.ModuleType("QEfficient.generation")
     ci = types.ModuleType("QEfficient.generation.cloud_infer")
     ci.QAICInferenceSession = FakeQpcSession
-    for name, mod in {"QEfficient": root, "QEfficient.generation": gen, "QEfficient.generation.cloud_infer": ci}.items():
+    ci.is_qaicrt_imported = ci.is_aicapi_imported = True  # the SDK is "there"
+    utils = types.ModuleType("QEfficient.utils")
+    utils.constants = types.ModuleType("QEfficient.utils.constants")
+    compiler = tmp_path / "qaic-compile"
+    compiler.write_text("")
+    utils.constants.COMPILER = [str(compiler), "-aic-hw"]
+    for name, mod in {"QEfficient": root, "QEfficient.generation": gen, "QEfficient.generation.cloud_infer": ci,
+                      "QEfficient.utils": utils, "QEfficient.utils.constants": utils.constants}.items():
         monkeypatch.setitem(sys.modules, name, mod)
     monkeypatch.setenv("SPD_CLUSTER_CACHE", str(tmp_path / "cache"))
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    (model_dir / "config.json").write_text("{}")
+    (model_dir / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": V}))
     return model_dir
+
+
+def save_heads(d: Path, num_heads: int = 2, num_layers: int = 1, vocab=None, same_layers: bool = False) -> str:
+    import torch
+
+    from spd_cluster.sessions.heads import TurboHeads
+
+    torch.manual_seed(0)
+    heads = TurboHeads(8, num_heads, num_layers, extra_config=None if vocab is None else {"head_vocab": vocab})
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_()
+        if same_layers:
+            for proj in heads.projections:
+                for block in proj:
+                    block.load_state_dict(proj[0].state_dict())
+    heads.save(d)
+    return str(d)
 
 
 def test_import_does_not_import_qefficient():
@@ -150,9 +181,54 @@ def test_missing_qefficient_raises_clear_error(monkeypatch):
         load_qaic_session("any/model", "target", full_batch_size=2, ctx_len=64, prefill_seq_len=8,
                           num_speculative_tokens=3, device_ids=[0])
     msg = str(e.value)
-    assert "pip install git+https://github.com/quic/efficient-transformers" in msg
-    assert "platform SDK" in msg and "device: cpu" in msg
+    assert "make setup-qaic" in msg and "pip install --no-deps" in msg and "constraints/qaic.txt" in msg
+    assert "runtime: onnxruntime" in msg and "device: cpu" in msg
     assert isinstance(e.value, RuntimeError)
+
+
+def test_the_install_hint_is_what_make_setup_qaic_runs():
+    """The hint installs QEfficient --no-deps beside its pins, as the Makefile does (its metadata
+    names torch wheels by URL, so a plain pip install cannot work)."""
+    root = Path(__file__).resolve().parents[1]
+    make = (root / "Makefile").read_text()
+    assert "setup-qaic:" in make and "--no-deps $(or $(QEFF_WHEEL),$(QEFF_UPSTREAM))" in make
+    pins = (root / "constraints" / "qaic.txt").read_text().split()
+    assert {"transformers==5.5.4", "numpy==1.26.4", "onnxruntime==1.22.0"} <= set(pins)
+
+
+def test_a_missing_card_sdk_is_reported_before_any_export(fake_qeff, tmp_path):
+    from spd_cluster.sessions.qaic import QaicUnavailableError, load_qaic_session
+
+    sys.modules["QEfficient.utils.constants"].COMPILER = [str(tmp_path / "no" / "qaic-compile"), "-aic-hw"]
+    with pytest.raises(QaicUnavailableError, match="missing the compiler") as e:
+        load_qaic_session(str(fake_qeff), "target", full_batch_size=2, ctx_len=64, prefill_seq_len=8,
+                          num_speculative_tokens=3, device_ids=[0])
+    assert "runtime: onnxruntime" in str(e.value)
+    assert FakeQEFFModel.calls == []  # nothing loaded, nothing exported
+
+
+def test_an_unsupported_target_architecture_is_refused_before_loading(fake_qeff):
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    (fake_qeff / "config.json").write_text(json.dumps({"model_type": "gemma3_text"}))
+    with pytest.raises(ValueError, match="for llama, qwen2, qwen3 only; .* is 'gemma3_text'"):
+        load_qaic_session(str(fake_qeff), "target", full_batch_size=2, ctx_len=64, prefill_seq_len=8,
+                          num_speculative_tokens=3, device_ids=[0])
+    assert FakeQEFFModel.calls == []
+    load_qaic_session(str(fake_qeff), "draft", full_batch_size=2, ctx_len=64, prefill_seq_len=8,
+                      num_speculative_tokens=3, device_ids=[0])  # as a draft QEfficient takes it
+
+
+def test_multi_layer_heads_are_refused_unless_their_layers_are_one(fake_qeff, tmp_path):
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    kw = dict(full_batch_size=2, ctx_len=64, prefill_seq_len=8, num_speculative_tokens=3, device_ids=[0])
+    with pytest.raises(ValueError, match="ResBlock repeated turbo_num_layers times"):
+        load_qaic_session(str(fake_qeff), "target", speculator_path=save_heads(tmp_path / "h2", num_layers=2), **kw)
+    assert FakeQEFFModel.calls == []
+    s = load_qaic_session(str(fake_qeff), "target", **kw,
+                          speculator_path=save_heads(tmp_path / "same", num_layers=2, same_layers=True))
+    assert s.num_heads == 2  # layers that are one module: what the card computes
 
 
 def test_bad_role_rejected():
@@ -167,12 +243,17 @@ def test_target_calls(fake_qeff):
     from spd_cluster.sessions.qaic import load_qaic_session
 
     s = load_qaic_session(str(fake_qeff), "target", full_batch_size=4, ctx_len=64, prefill_seq_len=8,
-                          num_speculative_tokens=3, device_ids=[2, 3], num_cores=14)
-    fp, cp = FakeQEFFModel.calls[0]["from_pretrained"], FakeQEFFModel.calls[1]["compile"]
+                          num_speculative_tokens=3, device_ids=[2, 3], aic_num_cores=14, mxfp6_matmul=True)
+    fp, ex, cp = (FakeQEFFModel.calls[0]["from_pretrained"], FakeQEFFModel.calls[1]["export"],
+                  FakeQEFFModel.calls[2]["compile"])
     assert fp == (str(fake_qeff.resolve()), {"continuous_batching": True, "qaic_config": {"speculative_model_type": "target"}})
     cp = {k: v for k, v in cp.items() if k != "_qpc_dir"}
-    assert cp == {"num_cores": 14, "num_devices": 2, "prefill_seq_len": 8, "ctx_len": 64, "full_batch_size": 4,
-                  "num_speculative_tokens": 3, "aic_enable_depth_first": True}
+    root = compile_root(str(fake_qeff.resolve()), "target", None)
+    assert str(root).startswith(str(Path(os.environ["SPD_CLUSTER_CACHE"]))) and ex == str(root / "onnx")
+    assert cp == {"compile_dir": str(root), "onnx_path": str(root / "onnx" / "model.onnx"), "num_cores": 14,
+                  "num_devices": 2, "prefill_seq_len": 8, "ctx_len": 64, "full_batch_size": 4,
+                  "mxfp6_matmul": True, "mxint8_kv_cache": False, "num_speculative_tokens": 3,
+                  "aic_enable_depth_first": True}
     qpc = FakeQpcSession.instances[0]
     assert qpc.device_ids == [2, 3]
     assert qpc.skipped == {"past_key.0", "past_value.0", "past_key.0_RetainedState", "past_value.0_RetainedState"}
@@ -186,16 +267,14 @@ def test_draft_calls(fake_qeff):
                       num_speculative_tokens=3, device_ids=[0])
     name, kw = FakeQEFFModel.calls[0]["from_pretrained"]
     assert kw == {"continuous_batching": True, "qaic_config": None}
-    assert "num_speculative_tokens" not in FakeQEFFModel.calls[1]["compile"]
+    assert "num_speculative_tokens" not in FakeQEFFModel.calls[2]["compile"]
 
 
 def test_turbo_joins_speculator_dir(fake_qeff, tmp_path):
     from spd_cluster.sessions.qaic import load_qaic_session
 
     heads = tmp_path / "heads"
-    heads.mkdir()
-    (heads / "speculator_config.json").write_text("{}")
-    (heads / "speculator.safetensors").write_bytes(b"x")
+    save_heads(heads)
     s = load_qaic_session(str(fake_qeff), "target", full_batch_size=2, ctx_len=64, prefill_seq_len=8,
                           num_speculative_tokens=5, device_ids=[0], speculator_path=str(heads))
     name, kw = FakeQEFFModel.calls[0]["from_pretrained"]
@@ -203,7 +282,7 @@ def test_turbo_joins_speculator_dir(fake_qeff, tmp_path):
     joined = Path(name)
     assert sorted(p.name for p in joined.iterdir()) == ["config.json", "speculator.safetensors", "speculator_config.json"]
     assert (joined / "speculator.safetensors").resolve() == (heads / "speculator.safetensors").resolve()
-    assert "num_speculative_tokens" not in FakeQEFFModel.calls[1]["compile"]  # fixed by the heads
+    assert "num_speculative_tokens" not in FakeQEFFModel.calls[2]["compile"]  # fixed by the heads
     assert s.num_heads == 2
 
 
@@ -265,8 +344,7 @@ def test_run_maps_calls_onto_specialisations(fake_qeff, role):
 def test_turbo_run_returns_head_logits(fake_qeff, tmp_path):
     from spd_cluster.sessions.qaic import load_qaic_session
 
-    (fake_qeff / "speculator_config.json").write_text("{}")
-    (fake_qeff / "speculator.safetensors").write_bytes(b"x")
+    save_heads(fake_qeff)
     s = load_qaic_session(str(fake_qeff), "target", full_batch_size=2, ctx_len=64, prefill_seq_len=4,
                           num_speculative_tokens=2, device_ids=[0], speculator_path=str(fake_qeff))
     assert FakeQEFFModel.calls[0]["from_pretrained"][0] == str(fake_qeff.resolve())  # used in place
@@ -274,3 +352,20 @@ def test_turbo_run_returns_head_logits(fake_qeff, tmp_path):
     _check(s, ids, _positions([0], [6], 6), [1], 1, heads=2)
     ids = np.array([[5, 6, 7], [8, 9, 10]])
     _check(s, ids, _positions([6, 3], [3, 2], 3), [1, 0], 3, heads=2)
+
+
+def test_turbo_heads_propose_only_from_their_head_vocab(fake_qeff, tmp_path):
+    """The card's turbo graph applies the whole lm_head to the heads; the session keeps the
+    heads' logits to ``head_vocab``, as our PyTorch session computes them."""
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    vocab = list(range(0, V, 3))
+    s = load_qaic_session(str(fake_qeff), "target", full_batch_size=2, ctx_len=64, prefill_seq_len=4,
+                          num_speculative_tokens=2, device_ids=[0], speculator_path=save_heads(tmp_path / "hv", vocab=vocab))
+    ids = np.array([[5, 6, 7, 8]])
+    out = s.run({"input_ids": ids, "position_ids": np.arange(4)[None], "batch_index": np.array([[0]]),
+                 "num_logits_to_keep": np.zeros((1, 1), np.int64)})["logits"][0, 0]
+    off = np.setdiff1d(np.arange(V), vocab)
+    assert np.isneginf(out[1:, off]).all() and np.isfinite(out[1:, vocab]).all()
+    assert np.isfinite(out[0]).all()  # the base logits keep every token
+    assert out[0].argmax() == token_of(8, 3, 0)

@@ -215,6 +215,8 @@ class DeviceActor:
         if self.device_id is not None:
             kwargs["device_ids"] = [self.device_id]
         kwargs["packed_linears"] = spec.cpu_kernels  # CPU only; other devices ignore it
+        if spec.qaic is not None:
+            kwargs["qaic"] = spec.qaic.model_dump()
         if self.role == "target" and cfg.mode == "multiproj":
             kwargs.update(with_heads=True, speculator_path=cfg.speculator_path)
         self.session = load_session(spec.model, **kwargs)

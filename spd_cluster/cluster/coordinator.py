@@ -129,9 +129,38 @@ def check_job_models(cfg: JobConfig) -> None:
     draft = cfg.draft.model if cfg.mode == "draft" and cfg.draft else None
     try:
         check_models(cfg.mode, cfg.target.model, draft, cfg.speculator_path)
+        _check_qaic_models(cfg)
     except (ValueError, OSError) as e:
         raise ConfigError(f"models (target.model={cfg.target.model!r}"
                           + (f", draft.model={draft!r}" if draft else "") + f"): {e}") from None
+
+
+def local_qaic_resources(cfg: JobConfig) -> dict[str, float]:
+    """The ``qaic`` resource of a local Ray: one per card the job's specs name (``device_ids``),
+    else one per qaic actor the job starts (the onnxruntime stand-in has no cards to count)."""
+    specs = [cfg.target] + ([cfg.draft] if cfg.mode == "draft" else [])
+    qaic = [s for s in specs if s.device == "qaic"]
+    if not qaic:
+        return {}
+    if all(s.device_ids for s in qaic):
+        return {"qaic": float(len({i for s in qaic for i in s.device_ids}))}
+    return {"qaic": float(cfg.cluster.num_pairs * len(qaic))}
+
+
+def _check_qaic_models(cfg: JobConfig) -> None:
+    """What a qaic compile would refuse or get wrong (architecture, multi-layer heads), found
+    from the configs alone before any actor imports QEfficient and exports."""
+    from ..sessions.heads import TurboHeads
+    from ..sessions.qaic import check_qaic_model
+    from ..store import resolve_model
+
+    roles = [("target", cfg.target)] + ([("draft", cfg.draft)] if cfg.mode == "draft" else [])
+    for role, spec in roles:
+        if spec.device != "qaic":
+            continue
+        path = resolve_model(spec.model)
+        heads = TurboHeads.find(path, cfg.speculator_path) if role == "target" and cfg.mode == "multiproj" else None
+        check_qaic_model(path, role, None if heads is None else str(heads))
 
 
 class _Run:
@@ -412,7 +441,8 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
     try:
         if len(records) < num_shards:
             per_pair = 2 if cfg.mode == "draft" else 1
-            started = init_ray(c.address, num_cpus=c.num_pairs * per_pair * c.cpus_per_actor)
+            started = init_ray(c.address, num_cpus=c.num_pairs * per_pair * c.cpus_per_actor,
+                               resources=local_qaic_resources(cfg))
             job["ray"] = _ray_info(started)
             rio.write_job_json(out, job)
             run.start_pairs()

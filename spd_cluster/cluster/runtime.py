@@ -31,8 +31,10 @@ def loopback_env() -> None:
         pass
 
 
-def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None) -> bool:
-    """Make sure Ray is up; return True when this call started a local Ray (stop it after)."""
+def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None,
+             resources: dict[str, float] | None = None) -> bool:
+    """Make sure Ray is up; return True when this call started a local Ray (stop it after).
+    ``resources``: custom resources of the local Ray (``{"qaic": cards}``)."""
     import ray
 
     if ray.is_initialized():
@@ -44,7 +46,7 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None) ->
     # Ray starts workers at niceness 15; here the actors are the job, so they run at the
     # driver's priority (otherwise any other process on the machine starves them).
     ray.init(_node_ip_address=LOCAL_IP, include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus,
-             logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
+             resources=resources or None, logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
     return True
 
 

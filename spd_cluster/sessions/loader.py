@@ -64,13 +64,15 @@ def load_session(
     speculator_path: str | None = None,
     device_ids: list[int] | None = None,
     packed_linears: bool | None = None,
+    qaic: dict | None = None,
 ):
     """A session for ``model`` in ``role`` (target | draft) on ``device`` (cpu | cuda[:N] | qaic).
     ``with_heads`` attaches multi-projection heads (multiproj targets): from ``speculator_path``,
     else from the model directory. The session carries ``eos_token_ids`` for the engine.
     ``packed_linears`` (default: on, on CPU) runs linears on kernels that make a k+1-token verify
     nearly as cheap as one decode step: float32 on prepacked oneDNN weights (sessions/packed.py),
-    bfloat16 on our AVX2 kernel where the CPU lacks native bfloat16 (sessions/bf16.py)."""
+    bfloat16 on our AVX2 kernel where the CPU lacks native bfloat16 (sessions/bf16.py).
+    ``qaic``: how a qaic model is compiled and run (``QaicSpec`` of the job config, as a dict)."""
     if device == "qaic":
         from .qaic import load_qaic_session
 
@@ -78,6 +80,7 @@ def load_session(
             model, role, full_batch_size=full_batch_size, ctx_len=ctx_len, prefill_seq_len=prefill_seq_len,
             num_speculative_tokens=num_speculative_tokens, device_ids=device_ids or [0],
             speculator_path=(speculator_path or model) if with_heads else None,
+            num_threads=torch.get_num_threads(), **(qaic or {}),
         )
     from .heads import TurboHeads
     from .torch_session import TorchSession
