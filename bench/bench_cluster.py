@@ -127,7 +127,7 @@ def main() -> None:
     from spd_cluster.cluster import run_job
     from spd_cluster.config import config_from_dict
 
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, logging_level="WARNING",
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, logging_level="WARNING",
              _system_config={"worker_niceness": 0})  # as runtime.init_ray: actors at the driver's priority
     figures = {}
     try:

@@ -213,13 +213,14 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantize ``gguf`` to float32 and save model + tokenizer as safetensors into ``out_dir``.
     transformers/torch are imported here so that importing the store stays cheap."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Force dense weights (with `kernels` installed they would stay packed), then drop the GGUF
-    # quantizer: transformers refuses to save a model that still carries it.
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-    )
+    # quantizer: transformers refuses to save a model that still carries it. Releases before
+    # GgufConfig (QEfficient's 5.5.4) always dequantize.
+    dense = {"quantization_config": transformers.GgufConfig(dequantize=True)} if hasattr(transformers, "GgufConfig") else {}
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **dense)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

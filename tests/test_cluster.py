@@ -77,7 +77,7 @@ def tiny(tmp_path_factory) -> str:
 def local_ray():
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, logging_level="WARNING")
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, logging_level="WARNING")
     yield
     ray.shutdown()
 

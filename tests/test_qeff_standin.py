@@ -253,7 +253,7 @@ def test_a_ray_job_on_the_standin_in_every_mode(tmp_path):
     assert local_qaic_resources(draft_cfg) == {"qaic": 3.0}
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, resources={"qaic": 3},
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2, resources={"qaic": 3},
              logging_level="WARNING")
     try:
         outs = {}

@@ -4,7 +4,9 @@ Order of choice:
   1. Ray already initialised in this process (tests, notebooks): use it, leave it running.
   2. `cluster.address` set ("auto", "127.0.0.1:6379", "ray://..."): join it.
   3. RAY_ADDRESS in the environment (what `ray job submit` gives the job's driver): join it.
-  4. Otherwise start a local Ray on loopback (the embedded default) and stop it at the end.
+  4. Otherwise start a local Ray on loopback (the embedded default) and stop it at the end:
+     always a new one of this job's own (``address="local"``), whatever other Ray runs on the
+     machine (a `ray start` head, another job), on ports free at that moment.
 
 For the local Ray, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes Ray use loopback for every address
 it would otherwise take from the machine's outward interface; it is set in the environment
@@ -45,7 +47,7 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None,
     loopback_env()
     # Ray starts workers at niceness 15; here the actors are the job, so they run at the
     # driver's priority (otherwise any other process on the machine starves them).
-    ray.init(_node_ip_address=LOCAL_IP, include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus,
+    ray.init(address="local", _node_ip_address=LOCAL_IP, include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus,
              resources=resources or None, logging_level=logging.WARNING, _system_config={"worker_niceness": 0})
     return True
 
