@@ -14,7 +14,7 @@ PIP_QAIC := $(PIP_CPU) -c constraints/qaic.txt
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-qaic demo test test-cpu test-qaic bench
+.PHONY: setup setup-qaic demo test test-cpu test-qaic check-install bench
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,15 @@ test: test-cpu test-qaic
 
 test-cpu: setup
 	$(PY) -m pytest -q
+
+# `pip install .` alone (no extras) imports every module and runs the command line.
+check-install:
+	rm -rf $(VENV)-plain && $(PYTHON) -m venv $(VENV)-plain
+	$(VENV)-plain/bin/python $(PIP_CPU) .
+	$(VENV)-plain/bin/python -c 'import importlib, pkgutil, spd_cluster; \
+		[importlib.import_module(m.name) for m in pkgutil.walk_packages(spd_cluster.__path__, "spd_cluster.")]'
+	$(VENV)-plain/bin/spd-cluster --help > /dev/null && $(VENV)-plain/bin/spd-cluster models list
+	rm -rf $(VENV)-plain
 
 test-qaic: setup-qaic
 	SPD_CLUSTER_QEFF_LANE=1 $(QPY) -m pytest -q
