@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from spd_cluster.engine import PromptLookupProposer, SpDEngine, SpDSettings
-from spd_cluster.engine.proposers import with_lookup
+from spd_cluster.engine.proposers import NgramIndex, with_lookup
 from spd_cluster.sessions import eos_token_ids, load_model, load_tokenizer
 from spd_cluster.sessions.heads import TurboHeads
 from spd_cluster.sessions.torch_session import TorchSession
@@ -84,7 +84,7 @@ def chain(threshold: float, lookup: PromptLookupProposer | None = None):
         m = limit if threshold <= 0 else int((np.cumprod(probs[:limit, 0]) >= threshold).sum())
         guess = cands[:m, 0]
         if lookup is not None:  # as MultiProjProposer.propose
-            guess = with_lookup(guess, text(), limit, lookup)
+            guess = with_lookup(guess, text(), limit, NgramIndex(lookup.max_ngram_size))
         n = 0
         while n < len(guess) and guess[n] == truth[n]:
             n += 1

@@ -65,37 +65,73 @@ class NoProposer:
         return [EMPTY for _ in slots]
 
 
+class NgramIndex:
+    """Where each n-gram (1..max_n tokens) of a growing sequence last started, among those that
+    end before the sequence's last token: what prompt lookup searches. Each new token adds
+    ``max_n`` entries, so a step costs a few dict look-ups, not a scan of the whole row. The
+    sequence may only grow between calls (the engine's rows do); a shorter one is re-indexed."""
+
+    def __init__(self, max_n: int):
+        self.max_n = max_n
+        self.last: dict[tuple, int] = {}
+        self.done = 0  # n-grams ending before this position are indexed
+
+    def extend(self, seq: np.ndarray) -> None:
+        end = seq.shape[0] - 1  # n-grams ending at the last token stay out: they are the query
+        if end < self.done:
+            self.last.clear()
+            self.done = 0
+        if end <= self.done:
+            return
+        lo = max(0, self.done - self.max_n + 1)
+        tail = seq[lo:end].tolist()
+        for e in range(self.done, end):  # n-grams ending at e
+            for n in range(1, min(self.max_n, e + 1) + 1):
+                self.last[tuple(tail[e - lo - n + 1 : e - lo + 1])] = e - n + 1
+        self.done = end
+
+    def find(self, seq: np.ndarray, k: int) -> np.ndarray:
+        """Up to ``k`` tokens that followed the latest earlier occurrence of the longest suffix
+        n-gram of ``seq`` that occurred before; nothing when none did."""
+        self.extend(seq)
+        n_tokens = seq.shape[0]
+        if k <= 0 or n_tokens < 2:
+            return EMPTY
+        tail = seq[max(0, n_tokens - self.max_n):].tolist()
+        for n in range(min(self.max_n, n_tokens - 1), 0, -1):
+            start = self.last.get(tuple(tail[len(tail) - n:]))
+            if start is not None:
+                return seq[start + n : start + n + k].astype(np.int64, copy=True)
+        return EMPTY
+
+
 class PromptLookupProposer:
     """Prompt lookup decoding: find the longest suffix n-gram (max_ngram_size down to 1) that
     occurred earlier in the row's own tokens and propose what followed its most recent earlier
-    occurrence. Vectorised with numpy per row; no match proposes nothing, so the step costs a
-    one-token decode, not a verify of junk."""
+    occurrence. Each slot keeps an NgramIndex of its row, grown with the row; no match proposes
+    nothing, so the step costs a one-token decode, not a verify of junk."""
 
     def __init__(self, max_ngram_size: int = 3, num_speculative_tokens: int = 4):
         if max_ngram_size < 1:
             raise ValueError(f"max_ngram_size must be >= 1, got {max_ngram_size}")
         self.max_ngram_size = max_ngram_size
         self.k = num_speculative_tokens
+        self.index: dict[int, NgramIndex] = {}
 
     def start(self, slot, prompt_ids, key=None):
-        pass
+        self.index[slot] = NgramIndex(self.max_ngram_size)
+
+    def index_of(self, slot: int) -> NgramIndex:
+        if slot not in self.index:
+            self.index[slot] = NgramIndex(self.max_ngram_size)
+        return self.index[slot]
 
     def propose(self, slots, seqs, limits):
-        return [self.lookup(np.asarray(s), min(self.k, lim)) for s, lim in zip(seqs, limits)]
+        return [self.index_of(sl).find(np.asarray(s), min(self.k, lim)) for sl, s, lim in zip(slots, seqs, limits)]
 
     def lookup(self, seq: np.ndarray, k: int) -> np.ndarray:
-        n_tokens = seq.shape[0]
-        if k <= 0 or n_tokens < 2:
-            return EMPTY
-        for n in range(min(self.max_ngram_size, n_tokens - 1), 0, -1):
-            suffix = seq[n_tokens - n :]
-            # candidate starts 0 .. n_tokens - n - 1: every window that ends before the suffix's end
-            windows = np.lib.stride_tricks.sliding_window_view(seq[: n_tokens - 1], n)
-            hits = np.flatnonzero((windows == suffix).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n
-                return seq[start : start + k].astype(np.int64, copy=True)
-        return EMPTY
+        """The same search on a sequence of no slot (indexed from scratch)."""
+        return NgramIndex(self.max_ngram_size).find(np.asarray(seq), k)
 
 
 class DraftProposer:
@@ -227,6 +263,8 @@ class MultiProjProposer:
 
     def start(self, slot, prompt_ids, key=None):
         self.next[slot] = EMPTY
+        if self.lookup is not None:
+            self.lookup.start(slot, prompt_ids, key)
 
     def remember(self, slot: int, tokens: np.ndarray, probs: np.ndarray) -> None:
         """``tokens`` [H]: head h's guess for the token h + 2 ahead of the last accepted one;
@@ -239,14 +277,17 @@ class MultiProjProposer:
     def propose(self, slots, seqs, limits):
         out = [self.next.get(s, EMPTY)[:lim] for s, lim in zip(slots, limits)]
         if self.lookup is not None:
-            out = [with_lookup(guess, seq, lim, self.lookup) for guess, seq, lim in zip(out, seqs, limits)]
+            out = [with_lookup(guess, seq, lim, self.lookup.index_of(s))
+                   for s, guess, seq, lim in zip(slots, out, seqs, limits)]
         return out
 
 
-def with_lookup(guess: np.ndarray, seq, limit: int, lookup: PromptLookupProposer) -> np.ndarray:
-    """The heads' ``guess``, or what ``lookup`` finds after the latest match of ``seq``'s tail when
+def with_lookup(guess: np.ndarray, seq, limit: int, index: NgramIndex) -> np.ndarray:
+    """The heads' ``guess``, or what ``index`` finds after the latest match of ``seq``'s tail when
     that is longer and starts with the same token (or the heads guess nothing)."""
+    seq = np.asarray(seq)
+    index.extend(seq)  # kept up to date even on steps that do not search
     if len(guess) >= limit:
         return guess
-    found = lookup.lookup(np.asarray(seq), limit)
+    found = index.find(seq, limit)
     return found if len(found) > len(guess) and (len(guess) == 0 or found[0] == guess[0]) else guess
