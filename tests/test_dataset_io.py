@@ -109,8 +109,10 @@ def test_bad_files_fail_naming_file_and_column(tmp_path):
         scan(p)
     with pytest.raises(DatasetError, match="no rows"):
         scan(jsonl(tmp_path / "empty.jsonl", []))
-    with pytest.raises(DatasetError, match="not a file"):
-        scan(tmp_path)
+    empty = tmp_path / "empty-dir"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="empty-dir: no csv, jsonl, parquet files"):
+        scan(empty)  # a directory is a file set (tests/test_file_sets.py), here one without data
 
 
 def test_format_override(tmp_path):
@@ -127,3 +129,43 @@ def test_streaming_does_not_read_ahead(tmp_path):
     first = next(it)
     assert len(first) == 16 and first.rows[0].prompt == "p0"
     assert sum(len(s) for s in it) == 10_000 - 16
+
+
+def test_unreadable_files_name_the_file_and_line(tmp_path):
+    # a damaged uncompressed Parquet page: one byte of a string turned into invalid UTF-8
+    good = tmp_path / "u.parquet"
+    pq.write_table(pa.table({"prompt": [f"prompt {i} h\u00e9llo" for i in range(20)]}), good, compression="NONE")
+    data = bytearray(good.read_bytes())
+    at = data.find("prompt 7 h".encode()) + len("prompt 7 h")
+    data[at] = 0xFF
+    bad = tmp_path / "damaged.parquet"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=r"damaged.parquet: corrupt Parquet data: column 'prompt' row 7 is not valid UTF-8"):
+        scan(bad)
+    # JSONL: the line (and column) of the bad byte, not a buffer offset; a BOM is not an error
+    j = tmp_path / "bad.jsonl"
+    j.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DatasetError, match=r"bad.jsonl: line 4 is not valid UTF-8 \(byte 0xe9 at column 16\)"):
+        scan(j)
+    j.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n')
+    assert [r.prompt for r in iter_rows(j)] == ["a"]
+    # CSV: the line of the first invalid byte
+    c = tmp_path / "bad.csv"
+    c.write_bytes(b'prompt,other\nok,1\n"two\nlines",2\nbad \xff here,3\n')
+    with pytest.raises(DatasetError, match=r"bad.csv: line 5 is not valid UTF-8 \(byte 0xff at column 5\)"):
+        scan(c)
+    c.write_bytes(b"\xff\xfeprompt\nx\n")
+    with pytest.raises(DatasetError, match=r"bad.csv: line 1 is not valid UTF-8"):
+        scan(c)
+
+
+def test_missing_column_lists_what_the_file_has(tmp_path):
+    good = parquet(tmp_path / "t.parquet", text=PROMPTS, key=list(range(10)))
+    with pytest.raises(DatasetError, match=r"no column 'txt' \(dataset.prompt_column\); columns found: \['key', 'text'\]; "
+                                           r"did you mean 'text'\?"):
+        scan(good, "txt")
+    with pytest.raises(DatasetError, match=r"d.csv: no column 'prompt'.*columns found: \['body', 'id'\]"):
+        scan(csv(tmp_path / "d.csv", "id,body\n1,x\n"))
+    with pytest.raises(DatasetError, match=r"d.jsonl: no row has the key 'promt' \(dataset.prompt_column\); "
+                                           r"keys found: \['id', 'prompt'\]; did you mean 'prompt'\?"):
+        scan(jsonl(tmp_path / "d.jsonl", [{"id": 1, "prompt": "x"}]), "promt")

@@ -8,25 +8,36 @@ a few shards, not the dataset.
 
 Rows: `row` is the 0-based row number (JSONL blank lines are not rows); `prompt_id` is the id
 column's value as a string (ids are compared as strings: 7 and "7" are the same id), or the row
-number when there is no id column. `prompt` is the raw value; the engine turns non-strings,
-empty prompts and overlong prompts into error rows. A duplicate or null id makes an error row
-here, since only the driver sees the whole dataset.
+number when there is no id column. A prompt is a string: any other value (null, a number, a
+list of strings, a list of token ids) makes an error row here, named by its line (JSONL) or
+row, and so does a duplicate or null id, since only the driver sees the whole dataset; the
+engine turns empty and overlong prompts into error rows. A file that cannot be read (bad UTF-8,
+bad JSON, damaged Parquet) is a DatasetError naming the file and, where it can be found, the line.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import io
 import json
+import logging
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from . import fs as fsmod
+from .fs import Location
+
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+COMPRESSION = (".gz", ".zst", ".bz2")  # text formats only; read through pyarrow's decompressing streams
+SUFFIXES = tuple(s + c for s in FORMATS for c in ("", *COMPRESSION) if not (c and FORMATS[s] == "parquet"))
 BATCH_ROWS = 1024
+log = logging.getLogger("spd_cluster.dataset")
 
 
 class DatasetError(ValueError):
@@ -39,6 +50,15 @@ class Row:
     prompt_id: Optional[str]
     prompt: Any
     error: Optional[str] = None
+    line: Optional[int] = None  # JSONL: the 1-based line of the row in its file
+    file: Optional[str] = None  # a file set: the row's file, relative to the dataset's root
+    file_row: Optional[int] = None  # and its 0-based row in that file
+
+    def where(self) -> str:
+        """The row as a user finds it: its file (in a file set), line (JSONL) or row number, and its id."""
+        at = f"line {self.line}" if self.line is not None else f"row {self.row if self.file is None else self.file_row}"
+        at = f"{self.file} {at}" if self.file is not None else at
+        return at + (f" (id {self.prompt_id!r})" if self.prompt_id is not None else "")
 
 
 @dataclass
@@ -53,36 +73,70 @@ class Shard:
 
 @dataclass
 class DatasetInfo:
-    path: Path
+    path: str  # as the config names it: a file, a directory or a glob; local or a URI
     format: str
     num_rows: int
     sha256: str
-    # row number -> error message for rows the driver rejects (duplicate or null id)
+    # row number -> error message for rows the driver rejects (duplicate or null id, not a string)
     row_errors: dict[int, str] = field(default_factory=dict)
+    options: Optional[dict] = None  # filesystem options the dataset is read with
 
     def num_shards(self, shard_size: int) -> int:
         return -(-self.num_rows // shard_size)
 
 
-def detect_format(path: Path, fmt: Optional[str] = None) -> str:
+def detect_format(path, fmt: Optional[str] = None) -> str:
+    """The format named by ``fmt``, else by the file's suffix (a .gz/.zst/.bz2 one stripped)."""
     if fmt:
         return fmt
-    f = FORMATS.get(path.suffix.lower())
+    name = PurePosixPath(str(path)).name.lower()
+    stem = next((name[: -len(c)] for c in COMPRESSION if name.endswith(c)), name)
+    f = FORMATS.get(PurePosixPath(stem).suffix)
     if f is None:
+        suffix = PurePosixPath(name).suffix
         raise DatasetError(
-            f"dataset {path}: unknown format {path.suffix or '(no suffix)'!r}; "
-            f"use one of {sorted(FORMATS)} or set dataset.format (parquet | jsonl | csv)"
+            f"dataset {path}: unknown format {suffix or '(no suffix)'!r}; use one of {sorted(FORMATS)} "
+            "(text ones also compressed: .gz, .zst, .bz2) or set dataset.format (parquet | jsonl | csv)"
         )
     return f
 
 
-def _missing(path: Path, column: str, role: str, columns) -> DatasetError:
-    return DatasetError(f"dataset {path}: no column {column!r} (dataset.{role}); columns are {sorted(columns)}")
+def _open_text(loc: Location):
+    """A byte stream of a text file, decompressed by its suffix."""
+    return io.BufferedReader(loc.fs.open_input_stream(loc.path, compression="detect"))
 
 
-def _parquet_batches(path: Path, prompt_col: str, id_col: Optional[str]) -> Iterator[tuple[list, Optional[list]]]:
+def _missing(path: Path, column: str, role: str, columns, jsonl: bool = False) -> DatasetError:
+    found = sorted(map(str, columns))
+    near = difflib.get_close_matches(column, found, n=1)
+    listed = found[:30] + ([f"... {len(found) - 30} more"] if len(found) > 30 else [])
+    what = f"no row has the key {column!r}" if jsonl else f"no column {column!r}"
+    return DatasetError(f"dataset {path}: {what} (dataset.{role}); {'keys' if jsonl else 'columns'} found: {listed}"
+                        + (f"; did you mean {near[0]!r}?" if near else ""))
+
+
+def _utf8_error_at(path: Location) -> Optional[tuple[int, int, int]]:
+    """(line, column, byte) of the first byte of ``path`` that is not UTF-8, or None. Line by
+    line is exact: no UTF-8 character holds a newline byte."""
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return lineno, len(line[: e.start].decode("utf-8")) + 1, line[e.start]
+    return None
+
+
+def _utf8_message(path: Location) -> str:
+    at = _utf8_error_at(path)
+    if at is None:
+        return "not UTF-8 text"
+    return f"line {at[0]} is not valid UTF-8 (byte 0x{at[2]:02x} at column {at[1]})"
+
+
+def _parquet_batches(path: Location, prompt_col: str, id_col: Optional[str]) -> Iterator[tuple]:
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path.fs.open_input_file(path.path))
         names = pf.schema_arrow.names
     except (pa.ArrowException, OSError) as e:
         raise DatasetError(f"dataset {path}: not a readable Parquet file ({e})") from None
@@ -90,50 +144,80 @@ def _parquet_batches(path: Path, prompt_col: str, id_col: Optional[str]) -> Iter
         if col is not None and col not in names:
             raise _missing(path, col, role, names)
     cols = [prompt_col] + ([id_col] if id_col else [])
+    n = 0
     try:
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
-            yield batch.column(0).to_pylist(), batch.column(1).to_pylist() if id_col else None
-    except (pa.ArrowException, OSError) as e:
-        raise DatasetError(f"dataset {path}: corrupt Parquet data ({e})") from None
-
-
-def _jsonl_batches(path: Path, prompt_col: str, id_col: Optional[str]) -> Iterator[tuple[list, Optional[list]]]:
-    seen_prompt = seen_id = False
-    prompts, ids, total = [], [], 0
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+            out = []
+            for name, col in zip(cols, batch.columns):
                 try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"dataset {path}: line {lineno} is not valid JSON ({e})") from None
-                if not isinstance(obj, dict):
-                    raise DatasetError(f"dataset {path}: line {lineno} is not a JSON object: {line.strip()[:80]!r}")
-                total += 1
-                seen_prompt |= prompt_col in obj
-                prompts.append(obj.get(prompt_col))
-                if id_col:
-                    seen_id |= id_col in obj
-                    ids.append(obj.get(id_col))
-                if len(prompts) == BATCH_ROWS:
-                    yield prompts, ids if id_col else None
-                    prompts, ids = [], []
-        except UnicodeDecodeError as e:
-            raise DatasetError(f"dataset {path}: not UTF-8 text ({e})") from None
+                    out.append(col.to_pylist())
+                except UnicodeDecodeError:  # a damaged page: name the first bad row
+                    bad = next(i for i in range(len(col)) if not _decodes(col[i]))
+                    raise DatasetError(f"dataset {path}: corrupt Parquet data: column {name!r} row {n + bad} "
+                                       "is not valid UTF-8 (the file is damaged)") from None
+            yield out[0], out[1] if id_col else None, None
+            n += batch.num_rows
+    except DatasetError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, say which file
+        raise DatasetError(f"dataset {path}: corrupt Parquet data after row {n} ({type(e).__name__}: {e})") from None
+
+
+def _decodes(scalar) -> bool:
+    try:
+        scalar.as_py()
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _jsonl_batches(path: Location, prompt_col: str, id_col: Optional[str]) -> Iterator[tuple]:
+    seen_prompt = seen_id = False
+    keys: set = set()
+    prompts, ids, lines, total = [], [], [], 0
+    with _open_text(path) as f:  # bytes: a bad UTF-8 byte is found on its line, not at a buffer offset
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                col = len(raw[: e.start].decode("utf-8", "replace")) + 1
+                raise DatasetError(f"dataset {path}: line {lineno} is not valid UTF-8 "
+                                   f"(byte 0x{raw[e.start]:02x} at column {col})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise DatasetError(f"dataset {path}: line {lineno} is not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise DatasetError(f"dataset {path}: line {lineno} is not a JSON object: {line.strip()[:80]!r}")
+            total += 1
+            seen_prompt |= prompt_col in obj
+            if len(keys) < 100:
+                keys.update(obj)
+            prompts.append(obj.get(prompt_col))
+            lines.append(lineno)
+            if id_col:
+                seen_id |= id_col in obj
+                ids.append(obj.get(id_col))
+            if len(prompts) == BATCH_ROWS:
+                yield prompts, ids if id_col else None, lines
+                prompts, ids, lines = [], [], []
     if prompts:
-        yield prompts, ids if id_col else None
+        yield prompts, ids if id_col else None, lines
     # A key that no row has is a missing column (a row without it is a bad row).
     if total and not seen_prompt:
-        raise DatasetError(f"dataset {path}: no row has the key {prompt_col!r} (dataset.prompt_column)")
+        raise _missing(path, prompt_col, "prompt_column", keys, jsonl=True)
     if total and id_col and not seen_id:
-        raise DatasetError(f"dataset {path}: no row has the key {id_col!r} (dataset.id_column)")
+        raise _missing(path, id_col, "id_column", keys, jsonl=True)
 
 
-def _csv_batches(path: Path, prompt_col: str, id_col: Optional[str]) -> Iterator[tuple[list, Optional[list]]]:
+def _csv_batches(path: Location, prompt_col: str, id_col: Optional[str]) -> Iterator[tuple]:
     try:
-        names = pacsv.open_csv(path).schema.names
+        with _open_text(path) as f:
+            names = pacsv.open_csv(f).schema.names
+    except UnicodeDecodeError:
+        raise DatasetError(f"dataset {path}: {_utf8_message(path)}") from None
     except (pa.ArrowException, OSError) as e:
         raise DatasetError(f"dataset {path}: not a readable CSV file ({e})") from None
     for col, role in ((prompt_col, "prompt_column"), (id_col, "id_column")):
@@ -144,11 +228,14 @@ def _csv_batches(path: Path, prompt_col: str, id_col: Optional[str]) -> Iterator
     conv = pacsv.ConvertOptions(include_columns=cols, column_types={c: pa.string() for c in cols},
                                 strings_can_be_null=False)
     try:
-        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 20), convert_options=conv)
-        for batch in reader:
-            yield batch.column(0).to_pylist(), batch.column(1).to_pylist() if id_col else None
-    except (pa.ArrowException, OSError) as e:
-        raise DatasetError(f"dataset {path}: corrupt CSV data ({e})") from None
+        with _open_text(path) as f:
+            reader = pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20), convert_options=conv)
+            for batch in reader:
+                yield batch.column(0).to_pylist(), batch.column(1).to_pylist() if id_col else None, None
+    except Exception as e:  # noqa: BLE001 - whatever a bad file raises, say which file (and line)
+        if isinstance(e, UnicodeDecodeError) or "UTF8" in str(e):
+            raise DatasetError(f"dataset {path}: {_utf8_message(path)}") from None
+        raise DatasetError(f"dataset {path}: corrupt CSV data ({type(e).__name__}: {e})") from None
 
 
 _READERS = {"parquet": _parquet_batches, "jsonl": _jsonl_batches, "csv": _csv_batches}
@@ -159,51 +246,121 @@ def _id_str(value: Any) -> Optional[str]:
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    return value if isinstance(value, str) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+
+def prompt_problem(value: Any, column: str = "prompt") -> Optional[str]:
+    """Why a dataset value is not a prompt, or None. Prompts are strings: a list of token ids is
+    refused like any other non-string (the in-process engine still takes token ids; a dataset
+    cell that happens to hold numbers is far more often a mistake than a tokenized prompt)."""
+    if isinstance(value, str):
+        return None  # empty and overlong prompts are the engine's to judge (it has the tokenizer)
+    if value is None:
+        return f"no prompt: {column!r} is null or missing"
+    if isinstance(value, (list, tuple)):
+        kinds = ", ".join(sorted({type(x).__name__ for x in value})) or "nothing"
+        return f"prompt is a list of {len(value)} ({kinds}), not a string; a prompt is text"
+    text = repr(value)
+    return f"prompt is {type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}, not a string"
+
+
+def dataset_files(path: str | Path, options: Optional[dict] = None) -> tuple[list[Location], Optional[Location]]:
+    """The files of a dataset and, for a file set (a directory or a glob), its root: the prefix
+    that row identities (``file:row``) are relative to. Sorted by path, so the same whatever
+    order a listing gives."""
+    try:
+        loc = fsmod.resolve(str(path), options)
+    except ValueError as e:
+        raise DatasetError(f"dataset {e}") from None
+    try:
+        if not fsmod.has_glob(loc.path) and loc.is_file():
+            return [loc], None
+        files = fsmod.list_files(loc, SUFFIXES)
+    except OSError as e:
+        raise DatasetError(f"dataset {path}: cannot be listed ({e})") from None
+    if not files:
+        if fsmod.has_glob(loc.path) or loc.is_dir():
+            raise DatasetError(f"dataset {path}: no {', '.join(sorted(set(FORMATS.values())))} files "
+                               "(text ones also .gz/.zst/.bz2) there")
+        raise DatasetError(f"dataset file not found: {path}")
+    root = loc.path
+    while fsmod.has_glob(root):
+        root = str(PurePosixPath(root).parent)
+    return files, Location(loc.fs, root, str(path))
 
 
 def iter_rows(path: str | Path, prompt_column: str = "prompt", id_column: Optional[str] = None,
-              format: Optional[str] = None) -> Iterator[Row]:
-    """Every row of the file, streaming (no id/duplicate errors here; see scan)."""
-    p = Path(path)
-    if not p.exists():
-        raise DatasetError(f"dataset file not found: {p}")
-    if not p.is_file():
-        raise DatasetError(f"dataset {p}: not a file")
-    fmt = detect_format(p, format)
+              format: Optional[str] = None, options: Optional[dict] = None) -> Iterator[Row]:
+    """Every row of the dataset, streaming, file after file (no row errors here; see scan).
+    Without an id column a row's id is its row number, in a file set ``file:row`` (its file
+    relative to the set's root and its row there), so it survives files added beside it."""
+    files, root = dataset_files(path, options)
     n = 0
-    for prompts, ids in _READERS[fmt](p, prompt_column, id_column):
-        for j, prompt in enumerate(prompts):
-            yield Row(n, _id_str(ids[j]) if ids is not None else str(n), prompt)
-            n += 1
+    for f in files:
+        fmt = detect_format(f.path, format)
+        rel = None if root is None else f.path[len(root.path):].lstrip("/")
+        i = 0
+        try:
+            for prompts, ids, lines in _READERS[fmt](f, prompt_column, id_column):
+                for j, prompt in enumerate(prompts):
+                    pid = _id_str(ids[j]) if ids is not None else (str(n) if rel is None else f"{rel}:{i}")
+                    yield Row(n, pid, prompt, line=lines[j] if lines is not None else None, file=rel, file_row=i)
+                    n += 1
+                    i += 1
+        except DatasetError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an unreadable file is a clear error, never a traceback
+            raise DatasetError(f"dataset {f}: cannot be read as {fmt} after row {i} ({type(e).__name__}: {e})") from None
 
 
-def _sha256(path: Path) -> str:
+def fingerprint(path: str | Path, options: Optional[dict] = None) -> str:
+    """What resume compares to know the dataset is unchanged: a single local file's sha256 (as
+    before), else a sha256 over each file's name, size and modification time, which costs one
+    listing, not another read, on object storage."""
+    files, root = dataset_files(path, options)
+    if root is None and files[0].local:
+        h = hashlib.sha256()
+        with files[0].fs.open_input_stream(files[0].path) as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    for f in files:
+        info = f.info()
+        h.update(json.dumps([f.path, info.size, info.mtime_ns]).encode())
     return h.hexdigest()
 
 
 def scan(path: str | Path, prompt_column: str = "prompt", id_column: Optional[str] = None,
-         format: Optional[str] = None) -> DatasetInfo:
-    """One streaming pass that validates the whole file; see the module docstring."""
-    p = Path(path)
+         format: Optional[str] = None, options: Optional[dict] = None) -> DatasetInfo:
+    """One streaming pass that validates the whole dataset; see the module docstring."""
     first_seen: dict[str, int] = {}
     errors: dict[int, str] = {}
     n = 0
-    for r in iter_rows(p, prompt_column, id_column, format):
+    formats = set()
+    for r in iter_rows(path, prompt_column, id_column, format, options):
         n += 1
         if r.prompt_id is None:
-            errors[r.row] = f"id column {id_column!r} is null"
+            why = f"id column {id_column!r} is null"
         elif r.prompt_id in first_seen:
-            errors[r.row] = f"duplicate prompt_id {r.prompt_id!r} (first at row {first_seen[r.prompt_id]})"
+            why = f"duplicate prompt_id {r.prompt_id!r} (first at row {first_seen[r.prompt_id]})"
         else:
             first_seen[r.prompt_id] = r.row
+            why = prompt_problem(r.prompt, prompt_column)
+        if why:
+            name = PurePosixPath(str(path)).name if r.file is None else ""
+            errors[r.row] = f"{name} {r.where()}: {why}".lstrip()
     if n == 0:
-        raise DatasetError(f"dataset {p}: no rows")
-    return DatasetInfo(p, detect_format(p, format), n, _sha256(p), errors)
+        raise DatasetError(f"dataset {path}: no rows")
+    if errors:
+        first = [errors[k] for k in sorted(errors)[:3]]
+        log.warning("dataset %s: %d row(s) cannot run and become error rows: %s%s", path, len(errors),
+                    "; ".join(first), "; ..." if len(errors) > 3 else "")
+    files, _ = dataset_files(path, options)
+    formats = sorted({detect_format(f.path, format) for f in files})
+    return DatasetInfo(str(path), "+".join(formats), n, fingerprint(path, options), errors, options)
 
 
 def iter_shards(info: DatasetInfo, shard_size: int, prompt_column: str = "prompt",
@@ -213,7 +370,7 @@ def iter_shards(info: DatasetInfo, shard_size: int, prompt_column: str = "prompt
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     rows: list[Row] = []
     sid = 0
-    for r in iter_rows(info.path, prompt_column, id_column, info.format):
+    for r in iter_rows(info.path, prompt_column, id_column, None if "+" in info.format else info.format, info.options):
         r.error = info.row_errors.get(r.row)
         rows.append(r)
         if len(rows) == shard_size:

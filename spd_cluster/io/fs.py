@@ -146,7 +146,7 @@ def publish(loc: Location, write: Callable[[pafs.FileSystem, str], None]) -> Non
 
 def write_bytes(loc: Location, data: bytes) -> None:
     def put(fs: pafs.FileSystem, path: str) -> None:
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, compression=None) as f:  # bytes as given, whatever the suffix
             f.write(data)
 
     publish(loc, put)
