@@ -4,7 +4,8 @@
         python jobs/spd_batch.py --config configs/demo.yaml [--set key.path=value ...]
 
 Under `ray job submit` the driver joins the cluster that runs it (RAY_ADDRESS); run by hand
-without one it starts a local Ray on 127.0.0.1.
+without one it starts a local Ray on 127.0.0.1. `ray job stop` sends SIGTERM: the job ends as
+cancelled (exit 143), every written shard kept; submitting the same command again resumes it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="job config (YAML)")
     add_arguments(p)
     args = p.parse_args(argv)
-    return run_main(args.config, args.overrides, progress=not args.no_progress)
+    # a cancelled job's resume line: this script again (under `ray job submit`, after its `--`)
+    prog = ["python", "jobs/spd_batch.py", "--config"]
+    return run_main(args.config, args.overrides, progress=not args.no_progress, prog=prog)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,11 @@ class DatasetSpec(_Strict):
     prompt_column: str = "prompt"
     # null: ids are row numbers (0, 1, ...). A named column that the file lacks is an error.
     id_column: Optional[str] = None
-    format: Optional[Literal["parquet", "jsonl", "csv"]] = None  # default: from the file suffix
+    format: Optional[Literal["parquet", "jsonl", "csv"]] = None  # default: from each file's suffix
+    # path: a file, a directory or a glob (data/**/*.parquet), local or a URI pyarrow.fs reaches
+    # (s3://, gs://, hdfs://, file://). filesystem: that filesystem's options (pyarrow.fs
+    # S3FileSystem(**filesystem), ...); null: from the URI and the environment (AWS_* variables).
+    filesystem: Optional[dict[str, Any]] = None
 
 
 class OutputSpec(_Strict):
@@ -125,6 +129,8 @@ class JobConfig(_Strict):
     spd: SpDSettings = Field(default_factory=SpDSettings)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     audit: AuditSpec = Field(default_factory=AuditSpec)
+    # error rows (finish_reason "error") above this share of the dataset fail the job (exit 1)
+    max_error_fraction: float = Field(0.1, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _mode(self) -> "JobConfig":
@@ -172,6 +178,21 @@ def _spec_identity(spec: dict) -> dict:
 
 
 def _format_errors(err: ValidationError, data: Any) -> str:
+    import difflib
+    import typing
+
+    def keys_at(path) -> list[str]:  # the valid keys of the section at ``path`` (a model's fields)
+        model = JobConfig
+        for part in path:
+            field = model.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return []
+            cands = [field.annotation, *typing.get_args(field.annotation)]
+            model = next((c for c in cands if isinstance(c, type) and issubclass(c, BaseModel)), None)
+            if model is None:
+                return []
+        return list(model.model_fields)
+
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<config>"
@@ -179,7 +200,9 @@ def _format_errors(err: ValidationError, data: Any) -> str:
         if e["type"] == "missing":
             lines.append(f"{loc}: required field is missing")
         elif e["type"] == "extra_forbidden":
-            lines.append(f"{loc}: unknown key (value {e['input']!r})")
+            near = difflib.get_close_matches(str(e["loc"][-1]), keys_at(e["loc"][:-1]), n=1)
+            hint = f"; did you mean {'.'.join(map(str, (*e['loc'][:-1], near[0])))!r}?" if near else ""
+            lines.append(f"{loc}: unknown key (value {e['input']!r}){hint}")
         else:
             lines.append(f"{loc}: {msg} (got {e['input']!r})")
     return "invalid job config:\n  " + "\n  ".join(lines)

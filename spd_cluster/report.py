@@ -28,7 +28,8 @@ Where the figures come from:
                             shard end (start = finished_at - wall_s).
   tokens/s per pair         each shard's generated tokens spread evenly over [finished_at -
                             wall_s, finished_at] (driver seconds, dispatch to result), summed per
-                            time bin; the table's per-pair figure is tokens / busy seconds.
+                            time bin; the table's per-pair figure is tokens / busy seconds
+                            (busy_s: wall_s less the audit's re-runs, audit_s).
   audit speedup             exec_info's audit_speedup when the job has ended, else mean baseline
                             time per token / mean SpD time per token over audit.parquet's rows.
 """
@@ -68,7 +69,7 @@ PNG = {
     "shards": "shard_e2e.png",
     "audit": "audit.png",
 }
-_SHARD_NUMERIC = ("pair_id", "wall_s", "e2e_time", "decode_time", "num_generated_tokens", "num_decode_tokens",
+_SHARD_NUMERIC = ("pair_id", "wall_s", "busy_s", "audit_s", "e2e_time", "decode_time", "num_generated_tokens", "num_decode_tokens",
                   "num_row_steps", "decode_iterations", "mean_num_accepted_tokens", "num_prompts", "num_errors",
                   "attempts")
 
@@ -262,6 +263,8 @@ def compute(data: JobData) -> Figures:
         srows["pair_id"] = sh.get("pair_id", pd.Series(np.nan, index=sh.index))
         srows["e2e_time"] = sh.get("e2e_time", pd.Series(np.nan, index=sh.index))
         srows["wall_s"] = sh.get("wall_s", pd.Series(np.nan, index=sh.index))
+        # busy_s = wall_s less the audit's re-runs (records before it existed: wall_s)
+        srows["busy_s"] = sh["busy_s"].fillna(srows["wall_s"]) if "busy_s" in sh else srows["wall_s"]
         srows["attempts"] = sh.get("attempts", pd.Series(1, index=sh.index))
         tokens = sh.get("num_generated_tokens", pd.Series(np.nan, index=sh.index))
         if len(res):
@@ -284,7 +287,7 @@ def compute(data: JobData) -> Figures:
     pairs = pd.DataFrame(columns=["pair_id", "shards", "prompts", "tokens", "busy_s", "tokens_per_s"])
     if len(srows) and srows["pair_id"].notna().any():
         g = srows.dropna(subset=["pair_id"]).groupby("pair_id")
-        pairs = pd.DataFrame({"shards": g.size(), "tokens": g["tokens"].sum(), "busy_s": g["wall_s"].sum()})
+        pairs = pd.DataFrame({"shards": g.size(), "tokens": g["tokens"].sum(), "busy_s": g["busy_s"].sum()})
         prompts = sh.groupby("pair_id")["num_prompts"].sum() if "num_prompts" in sh else None
         pairs["prompts"] = prompts if prompts is not None else np.nan
         pairs["tokens_per_s"] = pairs["tokens"] / pairs["busy_s"].where(pairs["busy_s"] > 0)

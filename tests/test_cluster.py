@@ -222,7 +222,7 @@ def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
                  {"id": "p0", "prompt": "duplicate id"}, {"id": "long", "prompt": "the quick brown fox " * 60}]
     ds = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "out"
-    cfg = make_cfg(tiny, ds, out)
+    cfg = make_cfg(tiny, ds, out, max_error_fraction=1)  # 5 of 11 rows are errors by design
     events = []
     res = run_job(cfg, progress=False, on_event=lambda kind, **kw: events.append((kind, kw)))
     assert res.status == "completed" and res.num_prompts == 11 and res.shards_run == 3 and res.shards_skipped == 0
@@ -287,9 +287,9 @@ def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
 
     # a changed config on the same output is refused, unless asked to overwrite
     with pytest.raises(OutputError, match=r"spd.max_new_tokens: 24 -> 12"):
-        run_job(make_cfg(tiny, ds, out, **{"spd.max_new_tokens": 12}), progress=False)
-    res4 = run_job(make_cfg(tiny, ds, out, **{"spd.max_new_tokens": 12, "output.overwrite": "true",
-                                              "cluster.num_pairs": 1}), progress=False)
+        run_job(make_cfg(tiny, ds, out, max_error_fraction=1, **{"spd.max_new_tokens": 12}), progress=False)
+    res4 = run_job(make_cfg(tiny, ds, out, max_error_fraction=1, **{"spd.max_new_tokens": 12, "output.overwrite": "true",
+                                                                    "cluster.num_pairs": 1}), progress=False)
     assert res4.shards_run == 3 and results(out).num_generated_tokens.max() <= 12
 
 

@@ -132,3 +132,56 @@ def test_shipped_configs_validate():
     demo = load_config(REPO / "configs" / "demo.yaml")
     assert demo.target.model == "smollm2-135m" and demo.mode == "pld" and demo.target.dtype == "float32"
     assert load_config(REPO / "configs" / "qwen_draft.yaml").mode == "draft"
+
+
+@pytest.mark.parametrize("overrides, hint", [
+    (["cluster.num_pair=2"], "cluster.num_pair: unknown key (value 2); did you mean 'cluster.num_pairs'?"),
+    (["spd.max_new_token=8"], "did you mean 'spd.max_new_tokens'?"),
+    (["dataset.prompt_col=text"], "did you mean 'dataset.prompt_column'?"),
+    (["target.cpu_kernel=false"], "did you mean 'target.cpu_kernels'?"),
+    (["clustr.num_pairs=2"], "clustr: unknown key (value {'num_pairs': 2}); did you mean 'cluster'?"),
+    (["audit.fraktion=0.1"], "did you mean 'audit.fraction'?"),
+])
+def test_a_typo_gets_the_nearest_key(tmp_path, overrides, hint):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), overrides)
+    assert hint in str(e.value), str(e.value)
+
+
+def test_an_unknown_key_far_from_any_gets_no_guess(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, BASE), ["cluster.zzzzqqq=1"])
+    assert "cluster.zzzzqqq: unknown key" in str(e.value) and "did you mean" not in str(e.value)
+
+
+def _model_dir(path: Path, vocab: dict) -> str:
+    """A model directory with a config and a tokenizer and no weights: all check_models reads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>").save_pretrained(path)
+    LlamaConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                num_attention_heads=1).save_pretrained(path)
+    return str(path)
+
+
+def test_a_draft_with_another_tokenizer_of_the_same_size_is_refused(tmp_path):
+    from spd_cluster.cluster.coordinator import check_job_models
+
+    words = ["<unk>", "the", "quick", "brown", "fox", "jumps"]
+    target = _model_dir(tmp_path / "target", {w: i for i, w in enumerate(words)})
+    same = _model_dir(tmp_path / "same", {w: i for i, w in enumerate(words)})
+    swapped = {w: i for i, w in enumerate(words)}
+    swapped["quick"], swapped["brown"] = swapped["brown"], swapped["quick"]
+    other = _model_dir(tmp_path / "other", swapped)
+    cfg = lambda draft: config_from_dict(dict(BASE, mode="draft", target={"model": target},  # noqa: E731
+                                              draft={"model": draft}))
+    check_job_models(cfg(same))  # the same tokenizer in another directory passes
+    with pytest.raises(ConfigError) as e:
+        check_job_models(cfg(other))
+    msg = str(e.value)
+    assert f"draft {other!r} and target {target!r} have different tokenizers" in msg, msg
+    assert "2 map to other ids" in msg and "'brown' is 2 in the draft, 3 in the target" in msg, msg
+    assert "a draft must share the target's tokenizer" in msg

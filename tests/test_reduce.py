@@ -25,7 +25,7 @@ def shard(gen, ttft, acc_steps, *, e2e, prefill, draft=0.0, target=0.0, iters=No
         mean_num_accepted_tokens=sum(steps) / len(steps), max_gen_len=max(gen), generated_tokens_per_prompt=list(gen),
         e2e_time=e2e, decode_time=decode_time, decode_draft_time=draft, decode_target_time=target,
         decode_iterations=iters if iters is not None else max(len(s) for s in acc_steps), prefill_time=prefill,
-        num_generated_tokens=sum(gen), num_decode_tokens=decode_tokens, num_row_steps=len(steps),
+        num_generated_tokens=sum(gen), num_decode_tokens=decode_tokens, num_row_steps=len(steps), num_accepted_tokens=sum(steps),
         target_forwards=(iters or 0) + len(gen), ttft_per_prompt=list(ttft),
         num_accepted_tokens_per_prompt=[sum(s) / len(s) for s in acc_steps],
         proposed_per_position=list(proposed), accepted_per_position=list(accepted))
@@ -122,3 +122,13 @@ def test_record_roundtrip_and_exec_info():
     text = str(info)
     assert "E2E Throughput = 12.8" in text and "Avg number of accepted tokens" in text
     assert info.mode == "pld" and info.full_batch_size == SpDSettings().full_batch_size
+
+
+def test_mean_accepted_is_the_ratio_of_the_summed_counts():
+    r = reduce_metrics([A, B], 2.5)
+    assert r.num_accepted_tokens == A.num_accepted_tokens + B.num_accepted_tokens == 14 + 13
+    assert r.mean_num_accepted_tokens == r.num_accepted_tokens / r.num_row_steps  # exactly, not approx
+    # a record written before num_accepted_tokens existed: recovered from mean * row steps
+    old = [metrics_from_record({k: v for k, v in metrics_record(m).items() if k != "num_accepted_tokens"})
+           for m in (A, B)]
+    assert reduce_metrics(old, 2.5).mean_num_accepted_tokens == r.mean_num_accepted_tokens

@@ -6,6 +6,9 @@ A DeviceActor owns one device and one session, in the role ``target`` or ``draft
           RemoteDraftProposer, one round trip per speculative step, token ids only.
 A pair is a target actor plus, in draft mode, a draft actor.
 
+Placement: each pair is one Ray placement group (see ``Pair``), so a pair starts whole or waits
+whole, never half-placed holding resources.
+
 Devices: ``num_cpus=cpus_per_actor`` always (torch gets that many threads); ``num_gpus=1`` for
 cuda (Ray picks the GPU and sets CUDA_VISIBLE_DEVICES); ``{"qaic": 1}`` for Cloud AI 100, where
 the actor locks one id of its role's ``device_ids`` with a per-node lock file held for the
@@ -46,12 +49,34 @@ def lock_device(kind: str, ids: Sequence[int], lock_dir: str | Path | None = Non
     raise RuntimeError(f"no free {kind} device on node {socket.gethostname()}: ids {list(ids)} are all taken")
 
 
-def actor_options(device: str, cpus: int, max_restarts: int) -> dict:
-    opts: dict[str, Any] = {"num_cpus": cpus, "max_restarts": max_restarts, "max_task_retries": 0}
+# A pair's placement group: PACK puts target and draft on one node whenever one node can hold
+# both (the draft's round trip per speculative step stays on the node), and still places a pair
+# across nodes where no single node can (a cluster of one-GPU nodes runs cuda draft mode);
+# STRICT_PACK would refuse those pairs outright.
+PAIR_STRATEGY = "PACK"
+
+
+def bundle(device: str, cpus: int) -> dict[str, int]:
+    """What one actor on ``device`` takes: its placement-group bundle, and its Ray resources."""
+    need = {"CPU": cpus}
     if device == "cuda":
-        opts["num_gpus"] = 1
+        need["GPU"] = 1
     elif device == "qaic":
-        opts["resources"] = {"qaic": 1}
+        need["qaic"] = 1
+    return need
+
+
+def actor_options(device: str, cpus: int, max_restarts: int, placement_group=None, bundle_index: int = -1) -> dict:
+    need = bundle(device, cpus)
+    opts: dict[str, Any] = {"num_cpus": cpus, "max_restarts": max_restarts, "max_task_retries": 0}
+    if "GPU" in need:
+        opts["num_gpus"] = need["GPU"]
+    if "qaic" in need:
+        opts["resources"] = {"qaic": need["qaic"]}
+    if placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, bundle_index)
     return opts
 
 
@@ -171,6 +196,7 @@ def _result_row(r) -> dict:
         "error": r.error,
         "ttft_s": float(r.ttft_s),
         "num_decode_iterations": int(r.num_decode_iterations),
+        "num_accepted_tokens": int(r.num_accepted_tokens),
         "mean_num_accepted_tokens": float(r.mean_num_accepted_tokens),
     }
 
@@ -186,6 +212,8 @@ class DeviceActor:
         self.role, self.pair_id = role, pair_id
         self.error: Optional[str] = None
         self.device_id: Optional[int] = None
+        self._live: list = [None, 0, 0, 0, 0]  # see live()
+        self.threads = 1
         self._lock_fd: Optional[int] = None
         t0 = time.perf_counter()
         try:
@@ -194,6 +222,7 @@ class DeviceActor:
             import torch
 
             torch.set_num_threads(cfg.cluster.cpus_per_actor)
+            self.threads = cfg.cluster.cpus_per_actor
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # no "Loading weights" bars in the driver log
@@ -251,7 +280,7 @@ class DeviceActor:
                "pid": os.getpid(), "device_id": self.device_id, "vocab_size": int(self.session.vocab_size),
                "load_s": self.load_s}
         if self.role == "target" and draft is not None:
-            d = ray.get(draft.info.remote())
+            d = ray.get(draft.info.options(max_task_retries=-1).remote())  # a read: retried while it restarts
             if d["vocab_size"] != out["vocab_size"]:
                 raise ValueError(f"draft and target vocabularies differ: {d['vocab_size']} vs "
                                  f"{out['vocab_size']} tokens")
@@ -260,21 +289,43 @@ class DeviceActor:
 
     # target
     def run_shard(self, shard_id: int, prompts: list, prompt_ids: list, draft=None, audit: Sequence[int] = ()) -> dict:
-        """Run a shard; then audit the prompts at positions ``audit`` (see cluster/audit.py)."""
+        """Run a shard; then audit the prompts at positions ``audit`` (see cluster/audit.py).
+        ``audit_s``: the seconds the audit's re-runs took, which the driver keeps apart from the
+        shard's own busy time (the shard's metrics are those of its one ``generate``)."""
         import ray
 
         self._check()
         if isinstance(self.engine.proposer, RemoteDraftProposer):
             self.engine.proposer.reset()
             self.engine.proposer.actor = draft
-        info = self.engine.generate(prompts, prompt_ids)
+        import torch
+
+        torch.set_num_threads(self.threads)  # calls run on the actor's thread pool: keep its thread count
+        self._live = [shard_id, 0, 0, 0, 0]
+        info = self.engine.generate(prompts, prompt_ids, on_result=self._count)
         out = {"shard_id": shard_id, "pair_id": self.pair_id,
                "node_id": ray.get_runtime_context().get_node_id(),
                "rows": [_result_row(r) for r in info.results], "metrics": info.perf_metrics, "audit": []}
+        out["audit_s"] = 0.0
         if audit:
+            t0 = time.perf_counter()
             out["audit"] = self._audit(shard_id, [info.results[i] for i in audit], [prompts[i] for i in audit],
                                        [prompt_ids[i] for i in audit])
+            out["audit_s"] = time.perf_counter() - t0
         return out
+
+    def _count(self, r) -> None:
+        live = self._live
+        live[1] += 1
+        live[2] += r.num_generated_tokens
+        live[3] += len(r.accepted_per_step)
+        live[4] += sum(r.accepted_per_step)
+
+    def live(self) -> list:
+        """[shard id, prompts finished, their tokens, speculative steps, tokens those steps
+        emitted] of the shard running now: answered while ``run_shard`` runs (a target actor
+        takes two calls at a time), so the driver's progress moves per prompt."""
+        return list(self._live)
 
     def _audit(self, shard_id: int, job_results: list, prompts: list, prompt_ids: list) -> list[dict]:
         from .audit import baseline_engine, run_audit
@@ -294,18 +345,29 @@ class DeviceActor:
 
 
 class Pair:
-    """Driver-side handle of one pair."""
+    """Driver-side handle of one pair, placed as one unit: a placement group of one bundle per
+    actor (target at 0, draft at 1; PAIR_STRATEGY), both actors scheduled into it. Ray starts
+    the actors once the group is placed, restarts a dead actor in its own bundle, and places the
+    bundles of a dead node again; ``kill`` removes the group, freeing what it held."""
 
     def __init__(self, pair_id: int, job: dict, mode: str, target_device: str, draft_device: Optional[str],
                  cpus: int, max_restarts: int):
         import ray
+        from ray.util import placement_group
 
         cls = ray.remote(DeviceActor)
         self.pair_id = pair_id
         self.draft = None
+        devices = [target_device] + ([draft_device] if mode == "draft" else [])
+        self.bundles = [bundle(d, cpus) for d in devices]
+        self.pg = placement_group(self.bundles, strategy=PAIR_STRATEGY)
+        self.placed = self.pg.ready()  # resolves once Ray has reserved every bundle
         if mode == "draft":
-            self.draft = cls.options(**actor_options(draft_device, cpus, max_restarts)).remote("draft", job, pair_id)
-        self.target = cls.options(**actor_options(target_device, cpus, max_restarts)).remote("target", job, pair_id)
+            self.draft = cls.options(**actor_options(draft_device, cpus, max_restarts, self.pg, 1)).remote(
+                "draft", job, pair_id)
+        # two calls at a time: `live` answers while `run_shard` runs (a draft keeps one, in order)
+        self.target = cls.options(**actor_options(target_device, cpus, max_restarts, self.pg, 0),
+                                  max_concurrency=2).remote("target", job, pair_id)
         self.node_id: Optional[str] = None
         self.state = "starting"  # starting | ready | busy | recovering | dead
         self.probe_failures = 0
@@ -314,7 +376,9 @@ class Pair:
         self.last_error: Optional[str] = None
 
     def probe(self):
-        return self.target.info.remote(self.draft)
+        # A read, safe to repeat: Ray retries it while the actor restarts (in its bundle), so a
+        # restart answers when the actor is back rather than burning the probe's retries at once.
+        return self.target.info.options(max_task_retries=-1).remote(self.draft)
 
     def run(self, shard_id: int, prompts: list, prompt_ids: list, audit: Sequence[int] = ()):
         return self.target.run_shard.remote(shard_id, prompts, prompt_ids, self.draft, list(audit))
@@ -328,3 +392,11 @@ class Pair:
                     ray.kill(a, no_restart=True)
                 except Exception:  # noqa: BLE001 - already gone
                     pass
+        if self.pg is not None:
+            from ray.util import remove_placement_group
+
+            try:
+                remove_placement_group(self.pg)
+            except Exception:  # noqa: BLE001 - already removed, or Ray is gone
+                pass
+            self.pg = None

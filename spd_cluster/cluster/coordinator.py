@@ -22,26 +22,26 @@ import platform
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from ..config import JobConfig
+from .errors import JobCancelled, JobError  # noqa: F401 - re-exported
 from ..engine.metrics import CloudAI100ExecInfo
 from ..io import results as rio
-from ..io.dataset import Shard, iter_shards, scan
+from ..io.dataset import Shard, iter_shards
 from . import audit as audit_mod
+from .progress import Progress
 from .reduce import aggregate_exec_info, first_batch_ttft, metrics_from_record, reduce_metrics
 
 log = logging.getLogger("spd_cluster.cluster")
 
 RECOVER_TIMEOUT_S = 600.0  # give up when every live pair has been recovering this long
+LIVE_EVERY_S = 1.0  # how often the progress bar asks a busy pair what its shard has finished
 AUDIT_WRITE_EVERY_S = 30.0  # audit.parquet is rewritten at most this often while a job runs, and at its end
-
-
-class JobError(RuntimeError):
-    """The job could not finish (every pair failed, or a shard failed past its retries)."""
 
 
 @dataclass
@@ -87,19 +87,41 @@ def _prompt_text(p: Any) -> Optional[str]:
     return repr(p)
 
 
-def prepare_output(out: Path, cfg: JobConfig, ident: str, dataset_sha: str, num_shards: int) -> tuple[dict, dict]:
-    """Check an existing output against this job. Returns (records of shards already written,
-    the previous job.json or {}). Raises OutputError for a changed config without overwrite."""
+@dataclass
+class OutputState:
+    """What an existing output means for this job (inspect_output); prepare_output acts on it."""
+
+    records: dict  # shard id -> record of the shards already written (resume skips them)
+    prev: dict  # the previous job.json whose runs this job continues, or {}
+    stale: list = field(default_factory=list)  # unreadable shard files, re-run
+    clear: bool = False  # remove what a previous job wrote first (overwrite, or a job that wrote no shard)
+    note: str = "new"
+
+
+def inspect_output(out: Path, cfg: JobConfig, ident: str, dataset_sha: str, num_shards: int) -> OutputState:
+    """Read (never change) an existing output against this job. Raises OutputError when a job
+    still runs there, and for a changed config over written shards without overwrite. An output
+    whose jobs wrote no shard holds nothing to protect: whatever its job.json says, it is replaced."""
+    from ..status import driver_gone
+
     prev = rio.read_job_json(out)
     on_disk = rio.written_shards(out)
+    if prev and prev.get("status") == "running" and not driver_gone(prev) and not _ours(prev):
+        d = prev.get("driver") or {}
+        raise rio.OutputError(f"output path {out} is in use by a running job (driver pid {d.get('pid')} on "
+                              f"{d.get('host')}, started {prev.get('runs', [{}])[-1].get('started_at')}); wait for "
+                              "it, stop it (Ctrl-C, `ray job stop`), or use another output.path")
     if cfg.output.overwrite:
-        rio.clear_output(out)
-        return {}, {}
+        return OutputState({}, {}, clear=True,
+                           note=f"overwrite: the {len(on_disk)} shard file(s) there are deleted first" if on_disk else "new")
+    if not on_disk:
+        if prev is None or prev.get("config_hash") != ident:
+            note = "new" if prev is None else f"new (replaces the job.json of a {prev.get('status')} run that wrote no shard)"
+            return OutputState({}, {}, clear=prev is not None or any((out / n).exists() for n in rio.OUR_FILES), note=note)
+        return OutputState({}, prev, note=f"resumes a {prev.get('status')} job that wrote no shard yet")
     if prev is None:
-        if on_disk or any((out / n).exists() for n in rio.OUR_FILES):
-            raise rio.OutputError(f"output path {out} holds results without a readable job.json; "
-                                  "set output.overwrite=true to replace them")
-        return {}, {}
+        raise rio.OutputError(f"output path {out} holds results without a readable job.json; "
+                              "set output.overwrite=true to replace them")
     if prev.get("config_hash") != ident:
         old, new = _flat(prev.get("identity", {})), _flat(cfg.output_identity())
         changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
@@ -108,31 +130,69 @@ def prepare_output(out: Path, cfg: JobConfig, ident: str, dataset_sha: str, num_
         raise rio.OutputError(
             f"output path {out} holds a job with a different config ({'; '.join(changes) or 'config changed'}); "
             "use another output.path or set output.overwrite=true")
-    records = {}
+    records, stale = {}, []
     for sid, path in on_disk.items():
         rec = rio.read_shard_record(path)
         if rec is None or sid >= num_shards:
-            log.warning("re-running shard %d: %s is unreadable", sid, path)
-            path.unlink(missing_ok=True)
+            stale.append(path)
             continue
         records[sid] = rec
-    return records, prev
+    todo = num_shards - len(records)
+    note = (f"resumes a {prev.get('status')} job: {len(records)} of {num_shards} shards written, {todo} to run"
+            if todo else f"complete: all {num_shards} shards written; a run rewrites only the summary files")
+    return OutputState(records, prev, stale, note=note + (f"; {len(stale)} unreadable shard file(s) re-run" if stale else ""))
 
 
-def check_job_models(cfg: JobConfig) -> None:
+def _ours(job: dict) -> bool:
+    """job.json was left by this very process (an earlier job of it), not by another driver."""
+    import os
+
+    from ..status import driver_record
+
+    d, me = job.get("driver") or {}, driver_record()
+    return all(d.get(k) == me[k] for k in ("host", "pid", "start_time")) and d.get("pid") == os.getpid()
+
+
+def prepare_output(out: Path, cfg: JobConfig, ident: str, dataset_sha: str, num_shards: int,
+                   state: Optional[OutputState] = None) -> tuple[dict, dict]:
+    """Check an existing output against this job (inspect_output, unless ``state`` is given) and
+    make it ready: clear it (overwrite, or a job that wrote no shard), drop unreadable shard
+    files. Returns (records of shards already written, the previous job.json or {})."""
+    state = state or inspect_output(out, cfg, ident, dataset_sha, num_shards)
+    if state.clear:
+        rio.clear_output(out)
+    for path in state.stale:
+        log.warning("re-running shard file %s: unreadable, or not a shard of this job", path)
+        path.unlink(missing_ok=True)
+    return state.records, state.prev
+
+
+def check_job_models(cfg: JobConfig, prepare: bool = True) -> str:
     """Resolve the models here, once per job, before any actor starts: an unknown or missing
-    model, a draft with another vocabulary or multiproj without heads fails now (ConfigError),
-    and a packaged model is converted once on this node rather than by every actor at once."""
+    model, an HF id neither cached nor reachable, a draft whose tokenizer does not match the
+    target's or multiproj without heads fails now (ConfigError), and a packaged model is
+    converted once on this node rather than by every actor at once. ``prepare=False``
+    (validate) converts nothing: a packaged model not yet converted is only found installed.
+    Returns what was found, one clause per model."""
     from ..config import ConfigError
     from ..engine.build import check_models
+    from .validate import locate_model
 
     draft = cfg.draft.model if cfg.mode == "draft" and cfg.draft else None
     try:
-        check_models(cfg.mode, cfg.target.model, draft, cfg.speculator_path)
+        target_path, t_note = locate_model(cfg.target.model, prepare)
+        draft_path, d_note = locate_model(draft, prepare) if draft else (None, "")
+        notes = [f"target {cfg.target.model}: {t_note}"] + ([f"draft {draft}: {d_note}"] if draft else [])
+        if target_path is None or (draft and draft_path is None):
+            return "; ".join(notes + ["tokenizer and heads checked when the models are converted (on the first run)"])
+        check_models(cfg.mode, target_path, draft_path, cfg.speculator_path)
         _check_qaic_models(cfg)
     except (ValueError, OSError) as e:
         raise ConfigError(f"models (target.model={cfg.target.model!r}"
                           + (f", draft.model={draft!r}" if draft else "") + f"): {e}") from None
+    checked = ("draft and target tokenizers match" if draft else
+               "heads found" if cfg.mode == "multiproj" else "")
+    return "; ".join(notes + ([checked] if checked else []))
 
 
 def local_qaic_resources(cfg: JobConfig) -> dict[str, float]:
@@ -179,31 +239,51 @@ class _Run:
         self.inflight: dict = {}
         self.failed: dict[int, str] = {}
         self.first_shards: dict[int, tuple[float, float]] = {}
-        self.t_first: Optional[float] = None
-        self.t_last: Optional[float] = None
+        self.t_start = time.perf_counter()  # the run's start (job.json runs[-1].started_at)
+        self.t_first: Optional[float] = None  # first shard dispatch
+        self.t_last: Optional[float] = None  # last shard result
+        self.audit_s = 0.0  # pair-seconds in the audit's re-runs, this run
         self.tokens = 0
         self.shards_run = 0
         self.pairs: list = []
-        from tqdm import tqdm
-
-        done = sum(r["num_prompts"] for r in records.values())
-        tty = sys.stderr.isatty()  # in a log file (ray job logs) one line per ~10 s, not a redraw per shard
-        self.bar = tqdm(total=info.num_rows, initial=done, unit="prompt", desc=cfg.name, file=sys.stderr,
-                        disable=not progress, mininterval=0.5 if tty else 10.0, dynamic_ncols=tty)
-        self._postfix()
+        self.progress = Progress(cfg.name, info.num_rows, records, progress)
+        self.live_asked: dict[int, float] = {}  # pair -> when the bar last asked it (_poll_live)
+        self.job = None  # results.JobFile: rewritten after every shard written
+        self.max_errors = cfg.max_error_fraction * info.num_rows
 
     def _warn(self, msg: str) -> None:
-        if self.bar.disable:
+        if self.progress.bar.disable:
             log.warning(msg)
         else:
-            self.bar.write(msg, file=sys.stderr)
+            self.progress.bar.write(msg, file=sys.stderr)
 
-    def _postfix(self) -> None:
-        recs = self.records.values()
-        steps = sum(r.get("num_row_steps", 0) for r in recs)
-        acc = sum(r.get("mean_num_accepted_tokens", 0.0) * r.get("num_row_steps", 0) for r in recs) / steps if steps else 0.0
-        elapsed = (time.perf_counter() - self.t_first) if self.t_first else 0.0
-        self.bar.set_postfix_str(f"{self.tokens / elapsed if elapsed > 0 else 0.0:.1f} tok/s, acc {acc:.2f}", refresh=False)
+    def wall_s(self) -> float:
+        """This run's wall time: the run's start (Ray and actor start-up included) to the last
+        shard written; 0 for a run that wrote no shard (a no-op resume adds nothing)."""
+        return (self.t_last - self.t_start) if self.t_last is not None else 0.0
+
+    def startup_s(self) -> float:
+        """Actor start-up: the run's start to its first shard dispatch (Ray start, placement
+        groups, model loading until the first pair answered its probe); 0 if nothing ran."""
+        return (self.t_first - self.t_start) if self.t_first is not None else 0.0
+
+    def snapshot(self) -> dict:
+        """This run's figures as job.json's ``runs`` keeps them (rewritten with every heartbeat)."""
+        return {"shards_run": self.shards_run, "prompts_run": self.progress.prompts_run, "tokens": self.tokens,
+                "wall_s": round(self.wall_s(), 3), "actor_startup_s": round(self.startup_s(), 3),
+                "audit_s": round(self.audit_s, 3),
+                "pairs": [{"pair_id": p.pair_id, "node_id": p.node_id, "state": p.state, "shards": p.shards_done}
+                          for p in self.pairs]}
+
+    def check_errors(self) -> None:
+        """More error rows than max_error_fraction allows fails the job, as soon as it is certain."""
+        n = self.progress.errors
+        if n > self.max_errors:
+            rows = self.info.num_rows
+            raise JobError(f"{n} of {rows} rows are errors ({n / rows:.1%}), more than max_error_fraction "
+                           f"{self.cfg.max_error_fraction} allows ({int(self.max_errors)} rows); first: "
+                           f"{self.progress.first_error or 'in a shard written before'}; the rows are in "
+                           f"{self.out / 'results'} (finish_reason 'error')")
 
     def _next_shard(self) -> Optional[tuple[Shard, int]]:
         if self.retry:
@@ -225,6 +305,7 @@ class _Run:
         now = time.perf_counter()
         if self.t_first is None:
             self.t_first = now
+            self.progress.started()
         pair.state = "busy"
         self.inflight[ref] = ("shard", pair, shard, attempt, now)
         self.on_event("dispatch", shard_id=shard.shard_id, pair_id=pair.pair_id, node_id=pair.node_id, attempt=attempt)
@@ -233,22 +314,46 @@ class _Run:
         self.inflight[pair.probe()] = ("probe", pair)
 
     def check_feasible(self) -> None:
-        """Fail now, not hang, when no node could ever host an actor of this job."""
+        """Fail now, not hang, when this Ray cluster could never host one pair: each actor on
+        some node, and the pair's bundles together (one placement group, actors.PAIR_STRATEGY)."""
         import ray
 
-        from .actors import actor_options
+        from .actors import PAIR_STRATEGY, bundle
 
         c = self.cfg.cluster
-        specs = [self.cfg.target] + ([self.cfg.draft] if self.cfg.mode == "draft" else [])
+        roles = [("target", self.cfg.target)] + ([("draft", self.cfg.draft)] if self.cfg.mode == "draft" else [])
+        need = [bundle(spec.device, c.cpus_per_actor) for _, spec in roles]
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        for spec in specs:
-            o = actor_options(spec.device, c.cpus_per_actor, 0)
-            need = {"CPU": o["num_cpus"], **({"GPU": o["num_gpus"]} if "num_gpus" in o else {}), **o.get("resources", {})}
-            if not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
-                raise JobError(f"no node of this Ray cluster can host a {spec.device} actor needing {need}; "
-                               f"nodes offer {[{k: v for k, v in n.items() if k in need} for n in nodes]}")
+        keys = {k for b in need for k in b}
+        offer = [{k: v for k, v in n.items() if k in keys} for n in nodes]
+        for (_, spec), b in zip(roles, need):
+            if not any(all(n.get(k, 0) >= v for k, v in b.items()) for n in nodes):
+                raise JobError(f"no node of this Ray cluster can host a {spec.device} actor needing {b}; "
+                               f"nodes offer {offer}")
 
-    def start_pairs(self) -> None:
+        def fits(i: int, free: list[dict]) -> bool:  # bundles i.. onto nodes with `free` left (PACK: any nodes)
+            if i == len(need):
+                return True
+            for j, n in enumerate(free):
+                if all(n.get(k, 0) >= v for k, v in need[i].items()):
+                    rest = [dict(m) for m in free]
+                    rest[j] = {k: v - need[i].get(k, 0) for k, v in n.items()}
+                    if fits(i + 1, rest):
+                        return True
+            return False
+
+        if not fits(0, offer):
+            parts = " + ".join(f"{role} {b}" for (role, _), b in zip(roles, need))
+            raise JobError(f"this Ray cluster cannot host one pair: a pair is placed as one unit ({PAIR_STRATEGY} "
+                           f"placement group) and needs {parts}; nodes offer {offer}. Lower cluster.cpus_per_actor "
+                           "or give the cluster more")
+
+    def start_pairs(self, place_wait_s: float = 5.0) -> None:
+        """One placement group per pair (actors.Pair). Pairs Ray cannot place within
+        ``place_wait_s`` are reported (a warning and a ``waiting`` event) and the job runs with
+        the placed ones; a waiting pair joins when Ray places it (its probe answers then)."""
+        import ray
+
         from .actors import Pair
 
         self.check_feasible()
@@ -260,6 +365,19 @@ class _Run:
                         self.cfg.draft.device if self.cfg.draft else None, c.cpus_per_actor, c.max_retries)
             self.pairs.append(pair)
             self._probe(pair)
+        refs = [p.placed for p in self.pairs if getattr(p, "placed", None) is not None]
+        placed, _ = ray.wait(refs, num_returns=len(refs), timeout=place_wait_s) if refs else ([], [])
+        waiting = [p for p in self.pairs if getattr(p, "placed", None) is not None and p.placed not in placed]
+        if waiting:
+            keys = {k for b in waiting[0].bundles for k in b}
+            free = {k: v for k, v in ray.available_resources().items() if k in keys}
+            ids, n_placed = [p.pair_id for p in waiting], len(self.pairs) - len(waiting)
+            runs = f"the job runs with the {n_placed} placed" if n_placed else "the job starts when Ray places one"
+            self._warn(f"{len(waiting)} of {len(self.pairs)} pairs wait for resources (pairs {ids}): a pair needs "
+                       f"{' + '.join(map(str, waiting[0].bundles))}, the cluster has {free} free; {runs}, "
+                       "a waiting pair joins once Ray places it")
+            self.on_event("waiting", pair_ids=ids, num_waiting=len(waiting), num_pairs=len(self.pairs),
+                          needs=waiting[0].bundles, available=free)
 
     def loop(self) -> None:
         import ray
@@ -281,13 +399,41 @@ class _Run:
             stalled = [p.recovering_since for p in live if p.state == "recovering"]
             if not busy and len(stalled) == len(live) and time.perf_counter() - min(stalled) > RECOVER_TIMEOUT_S:
                 raise JobError(f"no pair recovered within {RECOVER_TIMEOUT_S:.0f} s")
+            self._poll_live()
             ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
             for ref in ready:
                 item = self.inflight.pop(ref)
                 if item[0] == "probe":
                     self._on_probe(ref, item[1])
+                elif item[0] == "live":
+                    self._on_live(ref, *item[1:])
                 else:
                     self._on_shard(ref, *item[1:])
+                    if self.job is not None:  # a driver killed now still leaves this run's wall time
+                        self.job.write()
+            self.check_errors()
+
+    def _poll_live(self) -> None:
+        """Ask each busy pair (at most every LIVE_EVERY_S) what its shard has finished so far."""
+        if self.progress.bar.disable:
+            return
+        now = time.perf_counter()
+        asked = {v[1].pair_id for v in self.inflight.values() if v[0] == "live"}
+        for ref, v in list(self.inflight.items()):
+            pair = v[1]
+            if v[0] == "shard" and pair.pair_id not in asked and now - self.live_asked.get(pair.pair_id, 0.0) > LIVE_EVERY_S:
+                self.live_asked[pair.pair_id] = now
+                self.inflight[pair.target.live.remote()] = ("live", pair, v[2].shard_id)
+
+    def _on_live(self, ref, pair, shard_id: int) -> None:
+        import ray
+
+        try:
+            sid, prompts, tokens, steps, accepted = ray.get(ref)
+        except Exception:  # noqa: BLE001 - a dying actor: its shard's own result says what happened
+            return
+        if sid == shard_id and pair.state == "busy":
+            self.progress.live(pair.pair_id, prompts, tokens, steps, accepted)
 
     def _on_probe(self, ref, pair) -> None:
         import ray
@@ -314,6 +460,7 @@ class _Run:
         try:
             res = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - actor/node death or a failed run: re-queue the shard
+            self.progress.settle(pair.pair_id)
             msg = _short(e)
             pair.state, pair.last_error, pair.recovering_since = "recovering", msg, time.perf_counter()
             self._probe(pair)
@@ -330,9 +477,12 @@ class _Run:
         pair.state = "ready"
         m = res["metrics"]
         rows = _merge_rows(shard, res["rows"], pair.pair_id)
+        audit_s = float(res.get("audit_s") or 0.0)  # the pair's audit re-runs: not the shard's busy time
+        self.audit_s += audit_s
         rec = {"shard_id": shard.shard_id, "first_row": shard.first_row, "num_prompts": len(rows),
                "num_errors": sum(r["finish_reason"] == "error" for r in rows), "pair_id": pair.pair_id,
-               "node_id": res.get("node_id"), "attempts": attempt, "wall_s": now - t0, "finished_at": _now(),
+               "node_id": res.get("node_id"), "attempts": attempt, "wall_s": now - t0, "audit_s": audit_s,
+               "busy_s": max(now - t0 - audit_s, 0.0), "finished_at": _now(),
                **rio.metrics_record(m), "audit": _audit_rows(shard, res.get("audit", []), pair.pair_id)}
         rio.write_shard(self.out, shard.shard_id, rows, rec)
         self.records[shard.shard_id] = rec
@@ -344,14 +494,14 @@ class _Run:
         pair.shards_done += 1
         self.shards_run += 1
         self.tokens += m.num_generated_tokens
-        self._postfix()
-        self.bar.update(len(rows))
+        self.progress.settle(pair.pair_id)
+        self.progress.prompts(rows, m.num_row_steps, m.mean_num_accepted_tokens * m.num_row_steps)
         self.on_event("done", shard_id=shard.shard_id, pair_id=pair.pair_id, node_id=res.get("node_id"))
 
     def close(self) -> None:
         for p in self.pairs:
             p.kill()
-        self.bar.close()
+        self.progress.close()  # tqdm: a second close is a no-op
 
 
 def _ray_info(started: bool) -> dict:
@@ -396,7 +546,7 @@ def _merge_rows(shard: Shard, engine_rows: list[dict], pair_id: int) -> list[dic
         if r.error is not None:
             row.update(generated_text="", generated_ids=[], num_prompt_tokens=0, num_generated_tokens=0,
                        finish_reason="error", error=r.error, ttft_s=0.0, num_decode_iterations=0,
-                       mean_num_accepted_tokens=0.0)
+                       num_accepted_tokens=0, mean_num_accepted_tokens=0.0)
         else:
             e = dict(next(it))
             e.pop("prompt_id", None)
@@ -405,75 +555,126 @@ def _merge_rows(shard: Shard, engine_rows: list[dict], pair_id: int) -> list[dic
     return rows
 
 
-def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callable[..., None]] = None) -> JobResult:
-    """Run a job end to end; see the module docstring. Raises DatasetError / OutputError /
-    ConfigError (models) before any actor starts, JobError when the job cannot finish (what was
-    done stays on disk)."""
-    from .runtime import init_ray, shutdown_ray
+@contextmanager
+def _keep_sigterm_handler():
+    """ray.init replaces the SIGTERM handler (Python's with sys.exit, then its core worker's C++
+    one, which logs and aborts): put back the caller's own handler, if it set one (the CLI's
+    turns SIGTERM into a cancel)."""
+    import signal
+    import threading
 
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _prior_runs(prev: dict) -> list[dict]:
+    """The runs a resumed job continues, each with its wall time. A job.json written before runs
+    kept theirs has the total only: it goes on the last of them."""
+    runs = [dict(r) for r in prev.get("runs", [])]
+    if runs and not any("wall_s" in r for r in runs):
+        runs[-1]["wall_s"] = float(prev.get("wall_time_s") or 0.0)
+    for r in runs:
+        if r.get("status") == "running":  # its driver died without a word (SIGKILL, a lost node)
+            r["status"] = "interrupted"
+    return runs
+
+
+def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callable[..., None]] = None,
+            command: Optional[str] = None) -> JobResult:
+    """Run a job end to end; see the module docstring. The checks of `spd-cluster validate`
+    come first (cluster/validate.py) and raise DatasetError / OutputError / ConfigError before
+    any actor starts; JobError when the job cannot finish, JobCancelled / KeyboardInterrupt
+    when it is stopped (what was done stays on disk either way). ``command``: how to run this
+    job again (job.json keeps it with the run, `status` shows it to resume)."""
+    from ..status import HEARTBEAT_S, driver_record
+    from .runtime import init_ray, shutdown_ray
+    from .validate import preflight
+
+    pf = preflight(cfg, for_run=True)
+    info, out, num_shards = pf.info, pf.out, pf.num_shards
+    records, prev = prepare_output(out, cfg, pf.ident, info.sha256, num_shards, pf.output)
     ds, c = cfg.dataset, cfg.cluster
-    info = scan(ds.path, ds.prompt_column, ds.id_column, ds.format)
-    out = rio.check_writable(cfg.output.path)
-    ident = cfg.identity_hash(info.sha256)
-    num_shards = info.num_shards(c.shard_size)
-    records, prev = prepare_output(out, cfg, ident, info.sha256, num_shards)
-    if len(records) < num_shards:
-        check_job_models(cfg)
     skipped = len(records)
     picks = {}
     if len(records) < num_shards and cfg.mode != "baseline":  # baseline against itself says nothing
         a = cfg.audit
         picks = audit_mod.pick(iter_shards(info, c.shard_size, ds.prompt_column, ds.id_column), a.fraction,
                                a.min_prompts, a.seed, info.num_rows - len(info.row_errors))
-    prior_wall = float(prev.get("wall_time_s", 0.0))
-    job = {
+    runs = _prior_runs(prev)
+    prior_wall = sum(float(r.get("wall_s") or 0.0) for r in runs)
+    driver = driver_record()
+    placement = {"address": c.address, "num_pairs": c.num_pairs, "cpus_per_actor": c.cpus_per_actor}
+    job = rio.JobFile(out, {
         "name": cfg.name, "status": "running", "config": cfg.model_dump(mode="json"),
-        "identity": cfg.output_identity(), "config_hash": ident,
+        "identity": cfg.output_identity(), "config_hash": pf.ident,
         "dataset": {"path": str(info.path), "format": info.format, "num_rows": info.num_rows, "sha256": info.sha256},
         "num_shards": num_shards, "versions": versions(),
         "started_at": prev.get("started_at") or _now(), "ended_at": None, "wall_time_s": prior_wall,
-        "runs": list(prev.get("runs", [])) + [{"started_at": _now(), "shards_skipped": skipped}],
-    }
-    rio.write_job_json(out, job)
+        "driver": driver,
+        "runs": runs + [{"started_at": _now(), "status": "running", "shards_skipped": skipped, "driver": driver,
+                         "placement": placement, "command": command}],
+    }, every_s=HEARTBEAT_S)
 
     run = _Run(cfg, info, records, on_event, progress, picks)
+    job.progress, run.job = run.snapshot, job
+    job.write()
+    job.start_heartbeat()
     started, status, error = False, "failed", None
     try:
         if len(records) < num_shards:
             per_pair = 2 if cfg.mode == "draft" else 1
-            started = init_ray(c.address, num_cpus=c.num_pairs * per_pair * c.cpus_per_actor,
-                               resources=local_qaic_resources(cfg))
-            job["ray"] = _ray_info(started)
-            rio.write_job_json(out, job)
+            with _keep_sigterm_handler():
+                started = init_ray(c.address, num_cpus=c.num_pairs * per_pair * c.cpus_per_actor,
+                                   resources=local_qaic_resources(cfg))
+            job.data["ray"] = placement["ray"] = _ray_info(started)
+            job.write()
             run.start_pairs()
             run.loop()
         if run.failed:
             raise JobError(f"{len(run.failed)} shard(s) failed past {c.max_retries} retries: "
                            + "; ".join(f"shard {k}: {v}" for k, v in sorted(run.failed.items())))
+        run.check_errors()
         audited = all_audit_rows(run.records)
         if cfg.audit.fail_on_mismatch and any(r.get("match") is False for r in audited):
             raise JobError(_audit_failure(audited))
         status = "completed"
     except BaseException as e:
-        error = f"{type(e).__name__}: {e}"
+        if isinstance(e, KeyboardInterrupt):
+            import signal
+
+            status, error = "cancelled", f"cancelled by {signal.Signals(JobCancelled.signal_of(e)).name}"
+        else:
+            error = f"{type(e).__name__}: {e}"
         raise
     finally:
-        run.close()
-        shutdown_ray(started)
-        wall = prior_wall + ((run.t_last - run.t_first) if run.t_first and run.t_last else 0.0)
+        # the output first, Ray after: `ray job stop` SIGKILLs 3 s after its SIGTERM, and Ray's
+        # teardown may wait on processes the same signal ended
+        job.stop_heartbeat()
+        run.progress.close()
+        wall = prior_wall + run.wall_s()
         exec_info, num_errors, audit = _finish(cfg, out, run.records, wall,
                                                first_batch_ttft(list(run.first_shards.values())), info.num_rows,
-                                               num_shards)
-        job.update(status=status, ended_at=_now(), wall_time_s=wall, error=error, num_errors=num_errors,
-                   shards_done=len(run.records), failed_shards={str(k): v for k, v in run.failed.items()})
-        job["runs"][-1].update(ended_at=job["ended_at"], shards_run=run.shards_run, status=status)
-        rio.write_job_json(out, job)
+                                               num_shards, actor_startup_s=run.startup_s() + sum(
+                                                   float(r.get("actor_startup_s") or 0.0) for r in runs))
+        job.run.update(ended_at=_now(), status=status, error=error)
+        job.write(status=status, ended_at=job.run["ended_at"], wall_time_s=wall, error=error, num_errors=num_errors,
+                  shards_done=len(run.records), failed_shards={str(k): v for k, v in run.failed.items()})
+        if not (started and status == "cancelled"):  # a local Ray of ours goes down whole with its shutdown,
+            run.close()  # and after a signal to the process group its GCS may be gone (ray.kill would wait on it)
+        shutdown_ray(started)
     return JobResult(exec_info, out, status, info.num_rows, num_errors, run.shards_run, skipped, wall, run.failed,
                      audit)
 
 
 def _finish(cfg: JobConfig, out: Path, records: dict, wall: float, batch_ttft, num_rows: int,
-            num_shards: int) -> tuple[CloudAI100ExecInfo, int, dict]:
+            num_shards: int, actor_startup_s: float = 0.0) -> tuple[CloudAI100ExecInfo, int, dict]:
+    """The summary files from the shard records. ``wall``: the job wall time (summed over runs);
+    ``actor_startup_s``: the runs' start-up seconds (in ``wall`` too, reported apart)."""
     recs = [records[k] for k in sorted(records)]
     metrics = reduce_metrics([metrics_from_record(r) for r in recs], wall,
                              num_ran=[r["num_prompts"] - r["num_errors"] for r in recs], batch_ttft=batch_ttft)
@@ -493,7 +694,9 @@ def _finish(cfg: JobConfig, out: Path, records: dict, wall: float, batch_ttft, n
         "num_speculative_tokens": s.num_speculative_tokens, "prefill_seq_len": s.prefill_seq_len,
         "ctx_len": s.ctx_len, "full_batch_size": s.full_batch_size, "prefill_bsz": 1,
         "batch_size": s.full_batch_size, "num_prompts": num_rows, "num_errors": num_errors,
-        "num_shards": num_shards, "num_pairs": cfg.cluster.num_pairs, **rio.metrics_record(metrics),
+        "num_shards": num_shards, "num_pairs": len({r["pair_id"] for r in recs if r.get("pair_id") is not None}),
+        "num_pairs_configured": cfg.cluster.num_pairs, "actor_startup_s": actor_startup_s,
+        "audit_time_s": sum(float(r.get("audit_s") or 0.0) for r in recs), **rio.metrics_record(metrics),
         "audit_num_prompts": audit["num_prompts"], "audit_match_rate": audit["match_rate"],
         "audit_speedup": audit["speedup"],
     })

@@ -2,12 +2,14 @@
 
 The definitions of each metric for one run are in engine/metrics.py. A job is many runs, on
 several pairs at once, perhaps over several resumed invocations. W below is the job wall time:
-wall seconds from the first shard dispatch to the last shard result, summed over the
-invocations that produced the output (a resumed job adds its own; model loading is not in it).
+wall seconds from the start of each invocation (job.json's ``runs[i].started_at``) to its last
+shard result, summed over the invocations that ran shards (a resumed job adds its own; Ray and
+actor start-up, model loading included, are in it and are also reported on their own as
+``actor_startup_s``; an invocation that ran no shard adds nothing).
 
 Rules, field by field:
   counts                 summed: decode_iterations, num_generated_tokens, num_decode_tokens,
-                         num_row_steps, target_forwards; proposed/accepted_per_position summed
+                         num_row_steps, num_accepted_tokens, target_forwards; proposed/accepted_per_position summed
                          position by position (shorter lists padded with 0).
   busy times             summed, so they are pair-seconds, not wall seconds: prefill_time,
                          decode_time, decode_draft_time, decode_target_time.
@@ -18,8 +20,14 @@ Rules, field by field:
                          W = its e2e_time this is exactly its own decode_throughput.
   mean_ttft              mean over every prompt the engine ran (not error rows): the shard means
                          weighted by the number of such prompts in each shard.
-  mean_num_accepted_tokens  mean over all (row, step) pairs: shard means weighted by
-                         num_row_steps (by decode_iterations if a shard reports no row steps).
+  mean_num_accepted_tokens  mean over all (row, step) pairs, from the integer counts:
+                         sum(num_accepted_tokens) / sum(num_row_steps). results/*.parquet has
+                         both per prompt (num_accepted_tokens, num_decode_iterations), so
+                         sum(num_accepted_tokens) / sum(num_decode_iterations) over its rows is
+                         exactly this figure (README, "Output"). A record without
+                         num_accepted_tokens (written before it existed) gives
+                         round(mean * num_row_steps); one without row steps, its mean weighted
+                         by decode_iterations.
   max_gen_len            max.
   batch_ttft             seconds from the job's first dispatch until every pair's first shard had
                          its first batch's first tokens: max over pairs of (dispatch offset of the
@@ -39,7 +47,8 @@ from typing import Optional, Sequence
 
 from ..engine.metrics import CloudAI100ExecInfo, SpDPerfMetrics
 
-_COUNTS = ("decode_iterations", "num_generated_tokens", "num_decode_tokens", "num_row_steps", "target_forwards")
+_COUNTS = ("decode_iterations", "num_generated_tokens", "num_decode_tokens", "num_row_steps", "num_accepted_tokens",
+           "target_forwards")
 _TIMES = ("prefill_time", "decode_time", "decode_draft_time", "decode_target_time")
 _LISTS = ("generated_tokens_per_prompt", "ttft_per_prompt", "num_accepted_tokens_per_prompt")
 _POSITIONS = ("proposed_per_position", "accepted_per_position")
@@ -75,6 +84,12 @@ def _weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     return float(sum(v * w for v, w in zip(values, weights)) / total) if total > 0 else 0.0
 
 
+def _accepted_tokens(m: SpDPerfMetrics) -> int:
+    if m.num_accepted_tokens or not m.num_row_steps:
+        return int(m.num_accepted_tokens)
+    return int(round(m.mean_num_accepted_tokens * m.num_row_steps))
+
+
 def reduce_metrics(shards: Sequence[SpDPerfMetrics], wall_time: float, num_ran: Sequence[int] | None = None,
                    batch_ttft: Optional[float] = None) -> SpDPerfMetrics:
     """Aggregate shard metrics (in shard order). `num_ran[i]`: prompts the engine ran in shard i
@@ -99,10 +114,12 @@ def reduce_metrics(shards: Sequence[SpDPerfMetrics], wall_time: float, num_ran: 
     decode_wall = wall_time * out.decode_time / busy if busy > 0 else 0.0
     out.decode_throughput = out.num_decode_tokens / decode_wall if decode_wall > 0 else 0.0
     out.mean_ttft = _weighted_mean([m.mean_ttft for m in shards], num_ran)
-    steps = [m.num_row_steps for m in shards]
-    if not any(steps):
-        steps = [m.decode_iterations for m in shards]
-    out.mean_num_accepted_tokens = _weighted_mean([m.mean_num_accepted_tokens for m in shards], steps)
+    out.num_accepted_tokens = int(sum(_accepted_tokens(m) for m in shards))
+    if out.num_row_steps:
+        out.mean_num_accepted_tokens = out.num_accepted_tokens / out.num_row_steps
+    else:  # records without row steps
+        out.mean_num_accepted_tokens = _weighted_mean([m.mean_num_accepted_tokens for m in shards],
+                                                      [m.decode_iterations for m in shards])
     out.max_gen_len = max(m.max_gen_len for m in shards)
     out.batch_ttft = float(batch_ttft) if batch_ttft is not None else float(shards[0].batch_ttft)
     return out

@@ -1,13 +1,21 @@
-"""The SpD engine: pure Python over the device-session contract, no Ray."""
+"""The SpD engine: pure Python over the device-session contract, no Ray.
 
-from .build import build_engine, check_models
-from .engine import PromptError, SpDEngine
-from .metrics import CloudAI100ExecInfo, PromptResult, SpDPerfMetrics
-from .proposers import DraftProposer, MultiProjProposer, NoProposer, PromptLookupProposer, Proposer
-from .settings import MODES, SpDSettings
+Names are imported when first used (PEP 562), so that importing ``spd_cluster.engine.settings``
+(the job config does) costs no numpy, torch or transformers import.
+"""
 
-__all__ = [
-    "build_engine", "check_models", "PromptError", "SpDEngine", "CloudAI100ExecInfo", "PromptResult",
-    "SpDPerfMetrics", "DraftProposer", "MultiProjProposer", "NoProposer", "PromptLookupProposer",
-    "Proposer", "MODES", "SpDSettings",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "build_engine": "build", "check_models": "build", "PromptError": "engine", "SpDEngine": "engine",
+    "CloudAI100ExecInfo": "metrics", "PromptResult": "metrics", "SpDPerfMetrics": "metrics",
+    "DraftProposer": "proposers", "MultiProjProposer": "proposers", "NoProposer": "proposers",
+    "PromptLookupProposer": "proposers", "Proposer": "proposers", "MODES": "settings", "SpDSettings": "settings",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

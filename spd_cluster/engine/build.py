@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from .engine import SpDEngine
 from .settings import MODES, SpDSettings
+
+log = logging.getLogger("spd_cluster.engine")
 
 
 def check_models(mode: str, target_model: str, draft_model: str | None = None,
                  speculator_path: str | None = None) -> None:
-    """Fail before any weights load: a draft whose vocabulary differs from the target's, draft
-    mode without a draft, multiproj without heads."""
+    """Fail before any weights load: a draft whose tokenizer differs from the target's (the
+    token -> id maps themselves, read from the tokenizer files, and the models' vocabulary
+    sizes), draft mode without a draft, multiproj without heads."""
     from transformers import AutoConfig
 
     from ..sessions.heads import TurboHeads
@@ -21,18 +27,49 @@ def check_models(mode: str, target_model: str, draft_model: str | None = None,
     if mode == "draft":
         if not draft_model:
             raise ValueError("draft mode needs a draft model")
+        draft_path = _resolve(draft_model)
         tv = AutoConfig.from_pretrained(target_path).vocab_size
-        dv = AutoConfig.from_pretrained(_resolve(draft_model)).vocab_size
+        dv = AutoConfig.from_pretrained(draft_path).vocab_size
         if tv != dv:
             raise ValueError(
                 f"draft {draft_model!r} has a vocabulary of {dv} tokens, target {target_model!r} has {tv}: "
                 "a draft must share the target's tokenizer"
             )
+        if Path(draft_path).resolve() != Path(target_path).resolve():
+            _check_same_tokenizer(target_model, target_path, draft_model, draft_path)
     if mode == "multiproj" and TurboHeads.find(target_path, speculator_path) is None:
         raise ValueError(
             f"multiproj needs projection heads for {target_model!r}: none in the model directory and no "
             "speculator_path given (train some with `spd-cluster train-heads`)"
         )
+
+
+def _check_same_tokenizer(target_model: str, target_path: str, draft_model: str, draft_path: str) -> None:
+    """The draft proposes token ids that the target verifies: the same id must be the same token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tgt = AutoTokenizer.from_pretrained(target_path).get_vocab()
+    except Exception as e:  # noqa: BLE001 - the job cannot tokenize without it anyway
+        raise ValueError(f"target {target_model!r}: cannot read its tokenizer ({type(e).__name__}: {e})") from None
+    try:
+        drf = AutoTokenizer.from_pretrained(draft_path).get_vocab()
+    except Exception as e:  # noqa: BLE001 - a draft's tokenizer files are only needed for this check
+        log.warning("draft %r has no readable tokenizer (%s); only the vocabulary sizes were compared",
+                    draft_model, f"{type(e).__name__}: {e}")
+        return
+    if tgt == drf:
+        return
+    moved = sorted(t for t in tgt.keys() & drf.keys() if tgt[t] != drf[t])
+    only_t, only_d = sorted(tgt.keys() - drf.keys()), sorted(drf.keys() - tgt.keys())
+    shown = [f"{t!r} is {drf[t]} in the draft, {tgt[t]} in the target" for t in moved[:3]]
+    shown += [f"{t!r} ({tgt[t]}) is only in the target" for t in only_t[: max(0, 3 - len(shown))]]
+    shown += [f"{t!r} ({drf[t]}) is only in the draft" for t in only_d[: max(0, 3 - len(shown))]]
+    raise ValueError(
+        f"draft {draft_model!r} and target {target_model!r} have different tokenizers "
+        f"({len(drf)} and {len(tgt)} tokens; {len(moved)} map to other ids, {len(only_t)} only in the target, "
+        f"{len(only_d)} only in the draft; e.g. {'; '.join(shown)}): a draft must share the target's tokenizer"
+    )
 
 
 def build_engine(

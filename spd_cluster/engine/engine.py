@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -26,6 +26,22 @@ from .verifier import greedy_accept
 
 class PromptError(ValueError):
     """A prompt that cannot run; it becomes an error result, the others go on."""
+
+
+def _token_ids(prompt) -> np.ndarray:
+    """A token-id prompt as int64, or PromptError: ints only (no bools, floats, strings, lists)."""
+    if isinstance(prompt, np.ndarray):
+        if prompt.dtype.kind in "iu":
+            return prompt.astype(np.int64).reshape(-1)
+        raise PromptError(f"prompt is an array of {prompt.dtype}, not a string or token ids")
+    vals = list(prompt)
+    if all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in vals):
+        try:
+            return np.array(vals, dtype=np.int64)
+        except OverflowError:
+            raise PromptError("prompt has a token id outside the target's vocabulary (too large for int64)") from None
+    kinds = ", ".join(sorted({type(x).__name__ for x in vals}))
+    raise PromptError(f"prompt is a list of {kinds}, not a string or a list of token ids")
 
 
 @dataclass
@@ -112,29 +128,42 @@ class SpDEngine:
 
     def encode(self, prompt) -> np.ndarray:
         """Token ids of one prompt: ``tokenizer(prompt)`` like the seed, or the chat template with
-        ``add_generation_prompt=True``. A list of ints is taken as already tokenized."""
+        ``add_generation_prompt=True``. In process, a list (or int array) of token ids is taken
+        as already tokenized; every id is checked against the target's vocabulary. Anything that
+        cannot run raises PromptError (an error row), never another exception."""
         if isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = np.asarray(prompt, dtype=np.int64).reshape(-1)
+            ids = _token_ids(prompt)
         elif not isinstance(prompt, str):
             raise PromptError(f"prompt is not a string (got {type(prompt).__name__})")
         elif not prompt.strip():
             raise PromptError("prompt is empty or whitespace")
         elif self.tokenizer is None:
             raise PromptError("a text prompt needs a tokenizer")
-        elif self.settings.chat_template:
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-            ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
         else:
-            ids = np.asarray(self.tokenizer(prompt)["input_ids"], dtype=np.int64)
+            try:
+                ids = np.asarray(self._tokenize(prompt), dtype=np.int64).reshape(-1)
+            except Exception as e:  # noqa: BLE001 - a tokenizer failing on one prompt fails that row only
+                raise PromptError(f"prompt could not be tokenized: {type(e).__name__}: {e}") from None
         if ids.size == 0:
             raise PromptError("prompt has no tokens")
+        vocab = int(self.target.vocab_size)
+        bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+        if bad.size:
+            raise PromptError(f"token id {int(ids[bad[0]])} at position {int(bad[0])} is outside the target's "
+                              f"vocabulary (0..{vocab - 1}); {bad.size} such id(s)")
         if ids.size >= self.settings.ctx_len:
             raise PromptError(
                 f"prompt has {ids.size} tokens; ctx_len={self.settings.ctx_len} leaves no room to generate"
             )
         return ids
+
+    def _tokenize(self, prompt: str):
+        if self.settings.chat_template:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:
@@ -143,8 +172,12 @@ class SpDEngine:
 
     # -- the run ---------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence, prompt_ids: Sequence | None = None) -> CloudAI100ExecInfo:
+    def generate(self, prompts: Sequence, prompt_ids: Sequence | None = None,
+                 on_result: Callable[[PromptResult], None] | None = None) -> CloudAI100ExecInfo:
+        """Run every prompt; ``on_result`` is called with each prompt's result as it finishes
+        (an error row at once; its ``generated_text`` is filled in at the end)."""
         s = self.settings
+        finished = on_result or (lambda r: None)
         results = [
             PromptResult(index=i, prompt=p if isinstance(p, str) else repr(p),
                          prompt_id=prompt_ids[i] if prompt_ids is not None else i)
@@ -156,6 +189,7 @@ class SpDEngine:
                 ids = self.encode(p)
             except PromptError as e:
                 r.finish_reason, r.error = "error", str(e)
+                finished(r)
                 continue
             r.num_prompt_tokens = int(ids.size)
             queue.append((r, ids))
@@ -174,6 +208,7 @@ class SpDEngine:
                     active.append(row)
                 else:
                     free.append(row.slot)
+                    finished(row.result)
             if batch_ttft is None:
                 batch_ttft = perf_counter() - start
             if not active:
@@ -182,6 +217,7 @@ class SpDEngine:
             for row in done:
                 active.remove(row)
                 free.append(row.slot)
+                finished(row.result)
         e2e = perf_counter() - start
         for r in results:
             r.generated_text = self.decode(r.generated_ids) if r.finish_reason != "error" else ""
@@ -332,6 +368,7 @@ class SpDEngine:
             num_generated_tokens=total,
             num_decode_tokens=clock.decode_tokens,
             num_row_steps=clock.row_steps,
+            num_accepted_tokens=int(sum(steps)),
             target_forwards=clock.target_forwards,
             ttft_per_prompt=[r.ttft_s for r in results],
             num_accepted_tokens_per_prompt=[r.mean_num_accepted_tokens for r in results],

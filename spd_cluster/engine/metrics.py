@@ -1,4 +1,5 @@
-"""The seed's metric dataclasses, with the definitions written down.
+"""The seed's metric dataclasses, with the definitions written down (each SpDPerfMetrics field
+also carries its unit and a one-line description, which io/results.py puts in the Parquet files).
 
 Definitions (per engine run; the Ray layer reduces runs with the rules in cluster/reduce.py):
   ttft (per prompt)         seconds from the start of a prompt's prefill to its first token.
@@ -18,7 +19,9 @@ Definitions (per engine run; the Ray layer reduces runs with the rules in cluste
   accepted tokens per step  tokens a row emits in one step: the accepted proposals plus the
                             target's own token (the bonus token counts, as in the seed), so a
                             step emits between 1 and k + 1.
-  mean_num_accepted_tokens  mean of accepted tokens per step over all (row, step) pairs.
+  num_accepted_tokens       accepted tokens per step summed over all (row, step) pairs.
+  mean_num_accepted_tokens  mean of accepted tokens per step over all (row, step) pairs
+                            (num_accepted_tokens / num_row_steps).
   acceptance_rate_per_position[i]  of the steps that proposed a token at speculative position
                             i + 1, the fraction whose token at i + 1 was accepted.
   max_gen_len               the largest num_generated_tokens of any prompt.
@@ -57,35 +60,50 @@ class PromptResult:
         return len(self.generated_ids)
 
     @property
+    def num_accepted_tokens(self) -> int:
+        """Tokens per step summed over this prompt's steps (mean_num_accepted_tokens * steps)."""
+        return int(sum(self.accepted_per_step))
+
+    @property
     def mean_num_accepted_tokens(self) -> float:
         steps = self.accepted_per_step
         return float(sum(steps) / len(steps)) if steps else 0.0
 
 
+def _m(unit: str, doc: str, per_prompt: bool = False, **kw):
+    """A metric field with its unit ("s", "tokens", "tokens/s", "count", "" for none) and a one-line
+    description: the one definition that io/results.py turns into Parquet field metadata.
+    ``per_prompt``: a list with one value per prompt, kept in memory (the seed's printed ExecInfo)
+    and in the shard record, but not a Parquet column: results/*.parquet has it per prompt_id."""
+    return field(metadata={"unit": unit, "doc": doc, "per_prompt": per_prompt}, **kw)
+
+
 @dataclass
 class SpDPerfMetrics:
-    mean_ttft: float
-    batch_ttft: float
-    decode_throughput: float
-    e2e_throughput: float
-    mean_num_accepted_tokens: float
-    max_gen_len: int
-    generated_tokens_per_prompt: list[int]
-    e2e_time: float
-    decode_time: float
-    decode_draft_time: float
-    decode_target_time: float
-    decode_iterations: int
+    mean_ttft: float = _m("s", "mean over the prompts run (not error rows) of the seconds from prefill start to first token")
+    batch_ttft: float = _m("s", "seconds from the start until every slot of the first batch had its first token")
+    decode_throughput: float = _m("tokens/s", "tokens emitted by decode steps / decode_time (a job: over the decode share of its wall time)")
+    e2e_throughput: float = _m("tokens/s", "all generated tokens / e2e_time")
+    mean_num_accepted_tokens: float = _m("tokens", "tokens per speculative step over all (row, step) pairs (accepted proposals + the target's own): num_accepted_tokens / num_row_steps")
+    max_gen_len: int = _m("tokens", "the largest num_generated_tokens of any prompt")
+    generated_tokens_per_prompt: list[int] = _m("tokens", "num_generated_tokens of each prompt", per_prompt=True)
+    e2e_time: float = _m("s", "wall seconds of the run (a job: job wall time, summed over its runs, actor start-up included)")
+    decode_time: float = _m("s", "e2e_time minus prefill time (a job: summed over shards, pair-seconds)")
+    decode_draft_time: float = _m("s", "seconds in the proposer: draft forwards, n-gram lookup (a job: summed, pair-seconds)")
+    decode_target_time: float = _m("s", "seconds in target verify forwards (a job: summed, pair-seconds)")
+    decode_iterations: int = _m("count", "speculative steps: one target verify forward over the active slots")
     # added for analytics
-    prefill_time: float = 0.0
-    num_generated_tokens: int = 0
-    num_decode_tokens: int = 0
-    num_row_steps: int = 0
-    target_forwards: int = 0
-    ttft_per_prompt: list[float] = field(default_factory=list)
-    num_accepted_tokens_per_prompt: list[float] = field(default_factory=list)
-    proposed_per_position: list[int] = field(default_factory=list)
-    accepted_per_position: list[int] = field(default_factory=list)
+    prefill_time: float = _m("s", "seconds spent in prefill (a job: summed, pair-seconds)", default=0.0)
+    num_generated_tokens: int = _m("tokens", "tokens generated, the prefill token of each prompt included", default=0)
+    num_decode_tokens: int = _m("tokens", "tokens emitted by decode steps (after EOS / length truncation)", default=0)
+    num_row_steps: int = _m("count", "(row, step) pairs: speculative steps summed over the rows they advanced", default=0)
+    num_accepted_tokens: int = _m("tokens", "tokens per step summed over all (row, step) pairs (before truncation)", default=0)
+    target_forwards: int = _m("count", "target session calls: prefill chunks plus verify steps", default=0)
+    ttft_per_prompt: list[float] = _m("s", "ttft of each prompt", per_prompt=True, default_factory=list)
+    num_accepted_tokens_per_prompt: list[float] = _m("tokens", "mean tokens per step of each prompt", per_prompt=True,
+                                                     default_factory=list)
+    proposed_per_position: list[int] = _m("count", "steps that proposed a token at speculative position i + 1", default_factory=list)
+    accepted_per_position: list[int] = _m("count", "steps whose proposal at position i + 1 was accepted", default_factory=list)
 
     @property
     def acceptance_rate_per_position(self) -> list[float]:

