@@ -224,8 +224,98 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    meta = _gguf_tokenizer_meta(gguf)
+    wrong = _tokenizer_disagrees(tokenizer, meta)
+    if wrong:
+        # e.g. transformers 5.5.4 (QEfficient's pin) reads a byte-level vocabulary in a llama-architecture
+        # file (SmolLM2) as Llama 3's, with eos and bos swapped and a sentencepiece decoder
+        log.info("%s: transformers' tokenizer for this GGUF disagrees with the file (%s); building it from "
+                 "the file's vocabulary", gguf.name, wrong)
+        tokenizer = _byte_level_tokenizer(gguf, meta, wrong)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+_GGUF_SPECIAL = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                 "pad_token": "padding_token_id"}
+# GGUF pre-tokenizer names (tokenizer.ggml.pre) that current transformers splits with GPT-2's
+# ByteLevel regex alone (integrations/gguf: no entry in its table of split regexes)
+_GPT2_SPLIT_PRE = {"default", "gpt-2", "smollm"}
+# text a byte-level BPE tokenizer must give back exactly: spaces, tabs, newlines, digits, non-ASCII
+_PROBE = "The capital of France is Paris.\n\tdef f(x):  return x + 12345  # caf\u00e9, \u2615 \u4e2d\u6587\n"
+
+
+def _gguf_tokenizer_meta(gguf: Path) -> dict:
+    """The tokenizer fields of ``gguf`` as llama.cpp names them (``tokenizer.ggml.*`` minus the
+    prefix, ``chat_template``), read with the ``gguf`` package: strings, numbers and lists."""
+    from gguf import GGUFReader, GGUFValueType
+
+    meta = {}
+    for key, f in GGUFReader(str(gguf)).fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        name = key.removeprefix("tokenizer.").removeprefix("ggml.")
+        if f.types[0] == GGUFValueType.ARRAY:
+            if f.types[-1] == GGUFValueType.STRING:
+                meta[name] = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+            else:
+                meta[name] = [f.parts[i].tolist()[0] for i in f.data]
+        elif f.types[0] == GGUFValueType.STRING:
+            meta[name] = bytes(f.parts[f.data[0]]).decode("utf-8")
+        else:
+            meta[name] = f.parts[f.data[0]].tolist()[0]
+    return meta
+
+
+def _tokenizer_disagrees(tokenizer, meta: dict) -> str | None:
+    """Where ``tokenizer`` contradicts the GGUF it was built from, or None: its special tokens
+    against the file's ids, its size against the file's vocabulary and, for byte-level BPE, a
+    round trip through encode and decode."""
+    tokens = meta.get("tokens") or []
+    for name, key in _GGUF_SPECIAL.items():
+        if meta.get(key) is not None and meta[key] < len(tokens) and getattr(tokenizer, name, None) != tokens[meta[key]]:
+            return f"{name} {getattr(tokenizer, name, None)!r}, the file says {tokens[meta[key]]!r}"
+    if tokens and len(tokenizer) > len(tokens):
+        return f"{len(tokenizer)} tokens, the file has {len(tokens)}"
+    if meta.get("model") == "gpt2":
+        back = tokenizer.decode(tokenizer(_PROBE, add_special_tokens=False)["input_ids"])
+        if back != _PROBE:
+            return f"decode(encode(text)) gives {back!r} for {_PROBE!r}"
+    return None
+
+
+def _byte_level_tokenizer(gguf: Path, meta: dict, wrong: str):
+    """The byte-level BPE tokenizer (``tokenizer.ggml.model`` gpt2) that ``meta`` describes,
+    built from its vocabulary, merges, control tokens and special token ids: what current
+    transformers builds from such a file (same ``tokenizer.json``)."""
+    from tokenizers import AddedToken
+    from transformers import GPT2Tokenizer, TokenizersBackend
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    pre = meta.get("pre", "default")
+    if meta.get("model") != "gpt2" or pre not in _GPT2_SPLIT_PRE or "merges" not in meta:
+        raise ModelStoreError(
+            f"{gguf}: transformers builds a tokenizer for this GGUF that disagrees with the file ({wrong}), and "
+            f"its tokenizer (model {meta.get('model')!r}, pre {pre!r}) is not one spd_cluster can build itself "
+            f"(byte-level BPE with GPT-2's split: pre {sorted(_GPT2_SPLIT_PRE)}); try a newer transformers")
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    tokens = meta["tokens"]
+    vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)}
+    base = GPT2Tokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in meta["merges"]])
+    # control tokens (type 3) stay whole; one spelled outside the byte alphabet is a mislabel
+    control = [AddedToken(t, normalized=False, special=True)
+               for t, kind in zip(tokens, meta.get("token_type") or ()) if kind == 3 and set(t) <= alphabet]
+    if control:
+        base.add_special_tokens({"additional_special_tokens": control}, replace_extra_special_tokens=False)
+    special = {name: tokens[meta[key]] for name, key in _GGUF_SPECIAL.items()
+               if meta.get(key) is not None and meta[key] < len(tokens)}
+    tokenizer = TokenizersBackend(tokenizer_object=base.backend_tokenizer, chat_template=meta.get("chat_template"),
+                                  add_bos_token=bool(meta.get("add_bos_token", False)), **special)
+    again = _tokenizer_disagrees(tokenizer, meta)
+    if again:
+        raise ModelStoreError(f"{gguf}: the tokenizer built from the file's vocabulary still disagrees with it ({again})")
+    return tokenizer
 
 
 def _build(name: str, sha256: str, source: str, make_gguf: Callable[[Path], Path], force: bool) -> Path:

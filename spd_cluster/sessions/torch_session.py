@@ -111,6 +111,13 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
 
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the keys ``update`` returns: the first ``kv_len`` positions of
+        each slot, on every layer. transformers' mask functions ask this whenever they build a mask
+        themselves (the session passes ``None`` on a one-token decode step); the base class would
+        answer ``query_length`` since this cache keeps no ``layers``."""
+        return self._kv_len, 0
+
     def reset(self) -> None:
         self.keys.clear()
         self.values.clear()
@@ -126,6 +133,20 @@ def attention_mask(positions: torch.Tensor, kv_len: int, window: int | None = No
     if window:
         mask &= keys > q - window
     return mask
+
+
+def cache_argument(module) -> str:
+    """The name under which ``module``'s forward takes its KV cache: ``cache`` where its signature
+    has one (newer transformers, which keep ``past_key_values`` as a deprecated alias that warns),
+    else ``past_key_values`` (transformers up to ~5.5, QEfficient's pin). Read from the signature,
+    so every architecture and release gets the name it declares."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _runs(positions: np.ndarray, slots: np.ndarray) -> list[tuple[int, int, int, int]] | None:
@@ -166,6 +187,7 @@ class TorchSession:
         parts = [m for m in (self.heads, self._head_lm) if m is not None]
         self.packed = use_cpu_kernels(model, *parts) if pack else None
         self.cache = SlotCache(full_batch_size, ctx_len)
+        self._cache_kw = cache_argument(model.base_model)
         self.layer_types = sorted(set(getattr(self.config, "layer_types", None) or []))
         self.window = getattr(self.config, "sliding_window", None)
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -220,8 +242,8 @@ class TorchSession:
             input_ids=ids,
             position_ids=pos.clamp(min=0),
             attention_mask=self._mask(pos, kv_len),
-            cache=self.cache,
             use_cache=True,
+            **{self._cache_kw: self.cache},
         ).last_hidden_state
         idx = torch.from_numpy(kept).to(self.device)
         hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, n, D]
