@@ -74,6 +74,16 @@ def tiny(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def ray2():
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
+             logging_level="WARNING")
+    yield
+    ray.shutdown()  # a Ray as small as this machine: 2 CPUs
+
+
+@pytest.fixture(scope="module")
 def local_ray():
     if ray.is_initialized():
         ray.shutdown()

@@ -5,32 +5,17 @@ actor restarts inside its group, and every group is removed when the job ends. R
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+from contextlib import contextmanager
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: loopback everywhere
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import pandas as pd
+import pytest
+from ray.util import placement_group_table
+from test_cluster import GOOD, make_cfg, ray2, reference, results, tiny, write_jsonl  # noqa: F401 - fixtures
 
-import logging  # noqa: E402
-import signal  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-import ray  # noqa: E402
-from ray.util import placement_group_table  # noqa: E402
-from test_cluster import GOOD, make_cfg, reference, results, tiny, write_jsonl  # noqa: E402,F401
-
-from spd_cluster.cluster.coordinator import JobError, run_job  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ray2():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             logging_level="WARNING")
-    yield
-    ray.shutdown()
+from spd_cluster.cluster.coordinator import JobError, run_job
 
 
 @contextmanager

@@ -3,36 +3,19 @@ another row, and its message names the row (file and line or row, and id)."""
 
 from __future__ import annotations
 
-import os
+import json
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported: loopback everywhere
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from test_cluster import GOOD, make_cfg, ray2, reference, results, tiny, write_jsonl  # noqa: F401 - fixtures
+from tiny import VOCAB, tiny_model
 
-import json  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-import ray  # noqa: E402
-from test_cluster import GOOD, make_cfg, reference, results, tiny, write_jsonl  # noqa: E402,F401
-from tiny import VOCAB, tiny_model  # noqa: E402
-
-from spd_cluster.cluster.coordinator import run_job  # noqa: E402
-from spd_cluster.engine import SpDEngine, SpDSettings  # noqa: E402
-from spd_cluster.io.dataset import iter_shards, scan  # noqa: E402
-from spd_cluster.sessions.torch_session import TorchSession  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ray2():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             logging_level="WARNING")
-    yield
-    ray.shutdown()
+from spd_cluster.cluster.coordinator import run_job
+from spd_cluster.engine import SpDEngine, SpDSettings
+from spd_cluster.io.dataset import iter_shards, scan
+from spd_cluster.sessions.torch_session import TorchSession
 
 
 def test_a_prompt_is_a_string_and_anything_else_is_a_named_error_row(tmp_path):
