@@ -14,6 +14,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray is imported:
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -124,12 +125,19 @@ def test_validate_prints_every_check_and_loads_nothing(tiny, tmp_path, monkeypat
 
 def test_an_hf_id_neither_cached_nor_reachable_fails_fast(tmp_path):
     """No retries for minutes: the local HF cache, then one short request. Offline (HF_HUB_OFFLINE)
-    nothing is asked at all."""
+    nothing is asked at all. The "hub" here is a closed port on 127.0.0.1: nothing leaves the machine."""
     repo = "spd-cluster-tests/no-such-model"
-    t0 = time.perf_counter()
-    with pytest.raises(ConfigError, match=r"HF model 'spd-cluster-tests/no-such-model'.*(not in the local HF cache.*"
-                                          r"cannot be reached|not found on the hub)"):
-        locate_model(repo, prepare=True)
+    code = ("from spd_cluster.cluster.validate import locate_model\n"
+            f"try:\n    locate_model({repo!r}, True)\nexcept Exception as e:\n    print(e)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # bound, never listening: connections are refused
+        unreachable = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{closed}", HF_HOME=str(tmp_path / "hf0"))
+        unreachable.pop("HF_HUB_OFFLINE", None)
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", code], env=unreachable, capture_output=True, text=True,
+                             timeout=120).stdout
+    assert "is not in the local HF cache" in out and "the hub cannot be reached" in out, out
     assert time.perf_counter() - t0 < 15  # transformers alone: 5 retries, ~25 s here
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     code = ("from spd_cluster.cluster.validate import locate_model\n"
