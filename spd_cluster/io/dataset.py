@@ -296,7 +296,11 @@ def iter_rows(path: str | Path, prompt_column: str = "prompt", id_column: Option
     """Every row of the dataset, streaming, file after file (no row errors here; see scan).
     Without an id column a row's id is its row number, in a file set ``file:row`` (its file
     relative to the set's root and its row there), so it survives files added beside it."""
-    files, root = dataset_files(path, options)
+    yield from _iter_files(*dataset_files(path, options), prompt_column, id_column, format)
+
+
+def _iter_files(files: list[Location], root: Optional[Location], prompt_column: str, id_column: Optional[str],
+                format: Optional[str]) -> Iterator[Row]:
     n = 0
     for f in files:
         fmt = detect_format(f.path, format)
@@ -315,11 +319,10 @@ def iter_rows(path: str | Path, prompt_column: str = "prompt", id_column: Option
             raise DatasetError(f"dataset {f}: cannot be read as {fmt} after row {i} ({type(e).__name__}: {e})") from None
 
 
-def fingerprint(path: str | Path, options: Optional[dict] = None) -> str:
+def fingerprint(files: list[Location], root: Optional[Location]) -> str:
     """What resume compares to know the dataset is unchanged: a single local file's sha256 (as
     before), else a sha256 over each file's name, size and modification time, which costs one
     listing, not another read, on object storage."""
-    files, root = dataset_files(path, options)
     if root is None and files[0].local:
         h = hashlib.sha256()
         with files[0].fs.open_input_stream(files[0].path) as f:
@@ -339,8 +342,8 @@ def scan(path: str | Path, prompt_column: str = "prompt", id_column: Optional[st
     first_seen: dict[str, int] = {}
     errors: dict[int, str] = {}
     n = 0
-    formats = set()
-    for r in iter_rows(path, prompt_column, id_column, format, options):
+    files, root = dataset_files(path, options)  # listed once for the rows, the formats and the fingerprint
+    for r in _iter_files(files, root, prompt_column, id_column, format):
         n += 1
         if r.prompt_id is None:
             why = f"id column {id_column!r} is null"
@@ -358,9 +361,8 @@ def scan(path: str | Path, prompt_column: str = "prompt", id_column: Optional[st
         first = [errors[k] for k in sorted(errors)[:3]]
         log.warning("dataset %s: %d row(s) cannot run and become error rows: %s%s", path, len(errors),
                     "; ".join(first), "; ..." if len(errors) > 3 else "")
-    files, _ = dataset_files(path, options)
     formats = sorted({detect_format(f.path, format) for f in files})
-    return DatasetInfo(str(path), "+".join(formats), n, fingerprint(path, options), errors, options)
+    return DatasetInfo(str(path), "+".join(formats), n, fingerprint(files, root), errors, options)
 
 
 def iter_shards(info: DatasetInfo, shard_size: int, prompt_column: str = "prompt",
