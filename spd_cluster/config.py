@@ -9,7 +9,7 @@ speculator_path: null
 dataset: {path: data/sample_prompts.jsonl, prompt_column: prompt, id_column: id}
 output: {path: out/demo, overwrite: false}
 spd: {num_speculative_tokens: 4, max_ngram_size: 3, prefill_seq_len: 32, ctx_len: 1024, ...}
-cluster: {address: null, num_pairs: 1, shard_size: 16, cpus_per_actor: 1, max_retries: 3}
+cluster: {address: null, num_pairs: 1, shard_size: null, cpus_per_actor: 1, max_retries: 3}   # null: auto
 audit: {fraction: 0.02, min_prompts: 4, seed: 0, fail_on_mismatch: false}   # fraction 0: off
 ```
 
@@ -97,16 +97,36 @@ class DatasetSpec(_Strict):
 
 
 class OutputSpec(_Strict):
+    # a directory, local or a URI pyarrow.fs reaches (s3://bucket/prefix, ...); every pair writes
+    # its shards' files there itself. filesystem: that filesystem's options, as dataset.filesystem.
     path: str = Field(min_length=1)
     overwrite: bool = False
+    filesystem: Optional[dict[str, Any]] = None
 
 
 class ClusterSpec(_Strict):
     address: Optional[str] = None  # null: start a local Ray on 127.0.0.1; else join ("auto", "ray://…")
     num_pairs: int = Field(1, ge=1)
-    shard_size: int = Field(16, ge=1)
+    # prompts per shard; null: shard_size_for's choice. A shard is what a pair runs as one call,
+    # what a death costs again, and one results file.
+    shard_size: Optional[int] = Field(None, ge=1)
     cpus_per_actor: int = Field(1, ge=1)  # Ray num_cpus per actor and torch threads
     max_retries: int = Field(3, ge=0)  # re-runs of a shard (and restarts of an actor) after a death
+
+
+    def shard_size_for(self, num_rows: int, spd: SpDSettings) -> int:
+        """``shard_size``, or the default: the dataset in at least MIN_SHARDS shards (pairs stay
+        balanced to the end, a death re-runs little), no shard above TOKENS_PER_SHARD expected
+        tokens (max_new_tokens each: minutes of one pair, not hours), and never fewer prompts
+        than full_batch_size (a shard fills the session's slots)."""
+        if self.shard_size is not None:
+            return self.shard_size
+        by_work = max(1, TOKENS_PER_SHARD // spd.max_new_tokens)
+        return max(min(-(-num_rows // MIN_SHARDS), by_work), spd.full_batch_size)
+
+
+MIN_SHARDS = 64
+TOKENS_PER_SHARD = 1 << 17
 
 
 class AuditSpec(_Strict):

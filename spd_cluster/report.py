@@ -54,9 +54,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Must equal spd_cluster.io.results.SHARD_META_KEY (tests/test_report.py checks). Not imported
-# from there because that module pulls in the engine (torch), seconds for a report.
-SHARD_META_KEY = b"spd_cluster.shard"
+from .io import results as rio
+from .io.fs import Location, location
 
 REPORT_DIR = "report"
 RESULT_COLUMNS = ("prompt_id", "shard_id", "pair_id", "finish_reason", "num_generated_tokens", "ttft_s",
@@ -80,7 +79,7 @@ _SHARD_NUMERIC = ("pair_id", "wall_s", "busy_s", "audit_s", "e2e_time", "decode_
 class JobData:
     """Everything the report reads from OUT, as found right now."""
 
-    out: Path
+    out: Location
     job: Optional[dict]
     results: pd.DataFrame          # RESULT_COLUMNS, one row per prompt written so far
     shards: pd.DataFrame           # one row per finished shard (shards.parquet + result-file records)
@@ -89,60 +88,42 @@ class JobData:
     notes: list[str]
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _read_table(path: Path, notes: list[str]) -> Optional[pd.DataFrame]:
-    if not path.is_file():
+def _read_table(loc: Location, notes: list[str]) -> Optional[pd.DataFrame]:
+    if not loc.is_file():
         return None
     try:
-        return pq.read_table(path).to_pandas()
+        return pq.read_table(loc.path, filesystem=loc.fs).to_pandas()
     except (pa.ArrowException, OSError) as e:
-        notes.append(f"{path.name} unreadable ({type(e).__name__}); ignored")
+        notes.append(f"{loc.name} unreadable ({type(e).__name__}); ignored")
         return None
 
 
-def load_job(out: str | Path) -> JobData:
-    """Read a job's output directory; a job still running (some results, no shards.parquet or
-    exec_info.parquet) is fine, as is one that has written nothing yet."""
-    out = Path(out)
+def load_job(out: str | Path | Location) -> JobData:
+    """Read a job's output (a directory or a URI); a job still running (some results, no
+    exec_info.parquet) is fine, as is one that has written nothing yet. Shard records as a
+    resume reads them (io/results.load_records); every results file for the per-prompt figures."""
+    out = location(out)
     notes: list[str] = []
-    job = _read_json(out / "job.json") if (out / "job.json").is_file() else None
-    shards_df = _read_table(out / "shards.parquet", notes)
-    known = set(shards_df["shard_id"].astype(int)) if shards_df is not None and len(shards_df) else set()
-    frames, extra = [], []
-    rdir = out / "results"
-    files = sorted(rdir.glob("shard-*.parquet")) if rdir.is_dir() else []
-    for p in files:
-        try:
-            pf = pq.ParquetFile(p)
-            cols = [c for c in RESULT_COLUMNS if c in pf.schema_arrow.names]
-            frames.append(pf.read(columns=cols))
-            meta = pf.schema_arrow.metadata or {}
-        except (pa.ArrowException, OSError) as e:
-            notes.append(f"results/{p.name} unreadable ({type(e).__name__}); skipped")
+    job = rio.read_job_json(out)
+    records, stale = rio.load_records(out)
+    for loc in stale:
+        notes.append(f"results/{loc.name} unreadable ({'no shard record' if loc.is_file() else 'gone'}); skipped")
+    frames = []
+    for loc in rio.written_shards(out).values():
+        if loc in stale:
             continue
-        raw = meta.get(SHARD_META_KEY)
-        if raw:
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                rec = None
-            if isinstance(rec, dict) and int(rec.get("shard_id", -1)) not in known:
-                extra.append(rec)
-                known.add(int(rec.get("shard_id", -1)))
+        try:
+            pf = pq.ParquetFile(loc.fs.open_input_file(loc.path))
+            frames.append(pf.read(columns=[c for c in RESULT_COLUMNS if c in pf.schema_arrow.names]))
+        except (pa.ArrowException, OSError) as e:
+            notes.append(f"results/{loc.name} unreadable ({type(e).__name__}); skipped")
     results = pd.DataFrame(columns=list(RESULT_COLUMNS))
     if frames:
         try:
             results = pa.concat_tables(frames, promote_options="default").to_pandas()
         except pa.ArrowException:  # files of differing schemas: combine them in pandas
             results = pd.concat([t.to_pandas() for t in frames], ignore_index=True)
-    parts = [df for df in (shards_df, pd.DataFrame(extra) if extra else None) if df is not None and len(df)]
-    shards = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    shards = pd.DataFrame([{k: v for k, v in r.items() if k != "audit"} for r in records.values()])
     if len(shards):
         shards = shards.sort_values("shard_id", kind="stable").reset_index(drop=True)
         for c in _SHARD_NUMERIC:
@@ -483,7 +464,7 @@ def terminal_table(out_dir: str | Path, *, _fig: Optional[Figures] = None) -> st
     w = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
     line = "+" + "+".join("-" * (x + 2) for x in w) + "+"
     fmt = lambda r: "| " + " | ".join(c.ljust(x) for c, x in zip(r, w)) + " |"  # noqa: E731
-    out = [f"spd_cluster report: {fig.name} ({Path(out_dir)})", line, fmt(head), line]
+    out = [f"spd_cluster report: {fig.name} ({out_dir})", line, fmt(head), line]
     prev = None
     for r in rows:
         if prev is not None and r[0] != prev:
@@ -792,7 +773,7 @@ def render_html(data: JobData, fig: Figures, pngs: dict[str, Path], html_path: P
              f"<meta name=viewport content='width=device-width,initial-scale=1'>"
              f"<title>spd_cluster report: {e(fig.name)}</title><style>{_CSS}</style></head><body>",
              f"<h1>spd_cluster report: {e(fig.name)}</h1>",
-             f"<div class=meta>output <code>{e(str(data.out.resolve()))}</code> · mode <b>{e(fig.mode)}</b> · "
+             f"<div class=meta>output <code>{e(data.out.path if data.out.local else str(data.out))}</code> · mode <b>{e(fig.mode)}</b> · "
              f"status <b>{e(fig.status)}</b> · report made {e(now)}</div>"]
     if fig.partial or fig.running:
         parts.append(f"<div class=banner>Partial: {fig.shards_done:,} of "
@@ -858,13 +839,19 @@ def render_html(data: JobData, fig: Figures, pngs: dict[str, Path], html_path: P
 
 
 def build_report(out_dir: str | Path, html_path: str | Path | None = None) -> Path:
-    """Write OUT/report/*.png and the page (default OUT/report.html); return the page's path."""
+    """Write the PNGs and the page; return the page's path. A local output gets OUT/report/*.png
+    and OUT/report.html; one on object storage is read, not written: ./<output name>-report/.
+    ``html_path`` puts the page elsewhere."""
     return _build(out_dir, html_path)[0]
 
 
+def is_job_output(out: Location) -> bool:
+    return any((out / n).exists() for n in ("job.json", "results", "exec_info.parquet"))
+
+
 def _build(out_dir: str | Path, html_path: str | Path | None) -> tuple[Path, JobData, Figures]:
-    out = Path(out_dir)
-    if not out.is_dir():
+    out = location(out_dir)
+    if not is_job_output(out):
         raise FileNotFoundError(f"no job output at {out}")
     try:
         import matplotlib  # noqa: F401
@@ -872,9 +859,10 @@ def _build(out_dir: str | Path, html_path: str | Path | None) -> tuple[Path, Job
         raise ImportError("the report's PNGs need matplotlib: pip install -e '.[report]'") from None
     data = load_job(out)
     fig = compute(data)
-    page = Path(html_path) if html_path else out / "report.html"
+    home = Path(out.path) if out.local else Path.cwd() / f"{out.name}-report"
+    page = Path(html_path) if html_path else home / "report.html"
     page.parent.mkdir(parents=True, exist_ok=True)
-    pngs = write_pngs(fig, out / REPORT_DIR)
+    pngs = write_pngs(fig, home / REPORT_DIR)
     text = render_html(data, fig, pngs, page)
     tmp = page.with_name(f".{page.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -888,9 +876,13 @@ def _build(out_dir: str | Path, html_path: str | Path | None) -> tuple[Path, Job
 # -- CLI ---------------------------------------------------------------------------------------
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if not out.is_dir() or not ((out / "job.json").is_file() or (out / "results").is_dir()
-                                or (out / "exec_info.parquet").is_file()):
+    try:
+        out = location(args.out)
+        found = is_job_output(out)
+    except (ValueError, OSError) as e:
+        print(f"error: {args.out}: {e}", file=sys.stderr)
+        return 2
+    if not found:
         print(f"error: {out} is not a job output (no job.json, results/ or exec_info.parquet)", file=sys.stderr)
         return 2
     try:
@@ -909,6 +901,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def add_cli(subparsers) -> None:
     """Register ``report OUT [--html PATH]``; it sets ``func(args) -> int``."""
     p = subparsers.add_parser("report", help="figures of a job's output (finished or running): PNGs, HTML, table")
-    p.add_argument("out", metavar="OUT", help="the job's output directory")
-    p.add_argument("--html", metavar="PATH", default=None, help="where to write the page (default OUT/report.html)")
+    p.add_argument("out", metavar="OUT", help="the job's output: a directory or a URI (s3://bucket/prefix, ...)")
+    p.add_argument("--html", metavar="PATH", default=None,
+                   help="where to write the page (default OUT/report.html; ./NAME-report/ for an output on a URI)")
     p.set_defaults(func=_cmd_report)

@@ -31,9 +31,6 @@ from typing import Optional
 
 HEARTBEAT_S = 5.0  # the driver rewrites job.json's heartbeat_at this often
 STALE_S = 60.0  # a heartbeat older than this (seen from another host) means the driver is gone
-# Must equal spd_cluster.io.results.SHARD_META_KEY (tests/test_ops.py checks); that module imports
-# the engine (torch), seconds for a status.
-SHARD_META_KEY = b"spd_cluster.shard"
 
 
 # -- the driver's identity -------------------------------------------------------------------
@@ -102,32 +99,27 @@ def driver_gone(job: dict, now: Optional[float] = None) -> Optional[str]:
 # -- reading a job ---------------------------------------------------------------------------
 
 def read_job(out: str | Path) -> Optional[dict]:
+    """OUT/job.json (a local path or a URI), or None."""
+    from .io import results as rio
+
     try:
-        return json.loads((Path(out) / "job.json").read_text())
-    except (OSError, ValueError):
+        return rio.read_job_json(out)
+    except ValueError:  # a URI pyarrow cannot reach
         return None
 
 
 def shard_records(out: str | Path) -> dict[int, dict]:
-    """The shard records in OUT/results/*.parquet's metadata (what resume reads), by shard id."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """The records of the shards written in OUT, by shard id (what resume reads)."""
+    from .io import results as rio
 
-    recs = {}
-    for p in sorted((Path(out) / "results").glob("shard-*.parquet")):
-        try:
-            raw = (pq.read_schema(p).metadata or {}).get(SHARD_META_KEY)
-        except (pa.ArrowException, OSError):
-            continue
-        if raw:
-            rec = json.loads(raw)
-            recs[int(rec["shard_id"])] = rec
-    return recs
+    return rio.load_records(out)[0]
 
 
 def job_status(out: str | Path, now: Optional[float] = None) -> dict:
     """Where the job in OUT stands. Raises FileNotFoundError when OUT holds no job."""
-    out = Path(out)
+    from .io.fs import location
+
+    out = location(out)
     job = read_job(out)
     if job is None:
         raise FileNotFoundError(f"{out}: no job.json (not a job's output, or the job never started)")
@@ -150,7 +142,7 @@ def job_status(out: str | Path, now: Optional[float] = None) -> dict:
         eta = (total - prompts) / (run["prompts_run"] / run["wall_s"])
     cfg = job.get("config") or {}
     return {
-        "output": str(out.resolve()), "name": job.get("name"), "state": state, "why": why,
+        "output": out.path if out.local else str(out), "name": job.get("name"), "state": state, "why": why,
         "error": job.get("error") if state in ("failed", "cancelled") else None,
         "shards_done": len(recs), "shards_total": num_shards, "prompts_done": prompts, "prompts_total": total,
         "errors": sum(r.get("num_errors", 0) for r in recs.values()),

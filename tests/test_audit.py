@@ -24,23 +24,32 @@ def picked_ids(picks: dict, sh: list[Shard]) -> set[str]:
     return {sh[s].rows[i].prompt_id for s, pos in picks.items() for i in pos}
 
 
+def pick(sh: list[Shard], fraction: float, min_prompts: int, seed: int, num_rows: int) -> dict:
+    """The sample as a job draws it: every row seen once (the scan), then placed in its shard."""
+    sample = audit.Sample(seed)
+    for s in sh:
+        for r in s.rows:
+            sample.add(r)
+    return sample.picks(fraction, min_prompts, num_rows, len(sh[0].rows))
+
+
 def test_pick_is_a_deterministic_sample_of_the_ids():
     n = 500
-    a = picked_ids(audit.pick(shards(n, 16), 0.02, 4, 0, n), shards(n, 16))
+    a = picked_ids(pick(shards(n, 16), 0.02, 4, 0, n), shards(n, 16))
     assert len(a) == 10  # ceil(0.02 * 500)
     # the same prompts whatever the sharding; another seed picks others
-    assert picked_ids(audit.pick(shards(n, 7), 0.02, 4, 0, n), shards(n, 7)) == a
-    assert picked_ids(audit.pick(shards(n, 16), 0.02, 4, 1, n), shards(n, 16)) != a
+    assert picked_ids(pick(shards(n, 7), 0.02, 4, 0, n), shards(n, 7)) == a
+    assert picked_ids(pick(shards(n, 16), 0.02, 4, 1, n), shards(n, 16)) != a
     # min_prompts wins on a small dataset, capped by the prompts there are; fraction 0 is off
-    assert len(picked_ids(audit.pick(shards(20, 4), 0.02, 4, 0, 20), shards(20, 4))) == 4
-    assert len(picked_ids(audit.pick(shards(3, 4), 0.02, 4, 0, 3), shards(3, 4))) == 3
-    assert audit.pick(shards(20, 4), 0.0, 4, 0, 20) == {}
+    assert len(picked_ids(pick(shards(20, 4), 0.02, 4, 0, 20), shards(20, 4))) == 4
+    assert len(picked_ids(pick(shards(3, 4), 0.02, 4, 0, 3), shards(3, 4))) == 3
+    assert pick(shards(20, 4), 0.0, 4, 0, 20) == {}
     # rows the driver rejected are never audited; all-but-one rejected leaves one
     bad = set(range(1, 20))
     sh = shards(20, 4, bad)
-    assert picked_ids(audit.pick(sh, 0.5, 4, 0, 1), sh) == {"id0"}
+    assert picked_ids(pick(sh, 0.5, 4, 0, 1), sh) == {"id0"}
     # positions are within each shard, sorted
-    p = audit.pick(shards(40, 8), 0.5, 0, 3, 40)
+    p = pick(shards(40, 8), 0.5, 0, 3, 40)
     assert sum(map(len, p.values())) == 20 and all(v == sorted(v) and max(v) < 8 for v in p.values())
 
 

@@ -268,9 +268,10 @@ def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
     assert {k for k, _ in events} >= {"ready", "dispatch", "done"}
 
     # the audit (default: 2%, at least 4 prompts) re-ran the sampled prompts against the baseline
+    # (the sample: the 4 runnable rows with the smallest sha256(seed, id), whatever the sharding)
     info = scan(ds, "prompt", "id")
-    picks = audit.pick(iter_shards(info, 4, "prompt", "id"), 0.02, 4, 0, 10)
-    want = {sh.rows[i].prompt_id for sh in iter_shards(info, 4, "prompt", "id") for i in picks.get(sh.shard_id, [])}
+    runnable = [r.prompt_id for sh in iter_shards(info, 4, "prompt", "id") for r in sh.rows if r.error is None]
+    want = set(sorted(runnable, key=lambda pid: audit.audit_key(0, pid))[:4])
     au = pd.read_parquet(out / "audit.parquet")
     assert set(au.prompt_id) == want and len(au) == 4
     ok_au = au[au.error.isna()]
@@ -304,40 +305,44 @@ def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
 
 
 class TamperingPair:
-    """A stand-in for actors.Pair that runs the real engine and audit in the driver process, but
-    alters the job's output of the first audited prompt of each shard at token 3 (the row the
-    user gets, and what the audit compares): an injected mismatch, through the real coordinator."""
+    """A stand-in for actors.Pair: the real DeviceActor (engine, audit, shard file) in the driver
+    process, whose engine alters the job's output of the first audited prompt of each shard at
+    token 3 (the row the user gets, and what the audit compares): an injected mismatch, through
+    the real coordinator."""
 
-    engines: dict = {}
+    actors: dict = {}
 
     def __init__(self, pair_id, job, *args):
-        from spd_cluster.config import JobConfig
-        from spd_cluster.engine.engine import SpDEngine
-        from spd_cluster.sessions import load_session, load_tokenizer
+        from spd_cluster.cluster.actors import DeviceActor
+        from spd_cluster.io import fs
 
-        cfg = JobConfig.model_validate(job)
-        if "e" not in self.engines:
-            s = cfg.spd
-            session = load_session(cfg.target.model, full_batch_size=s.full_batch_size, ctx_len=s.ctx_len)
-            e = SpDEngine(cfg.mode, session, load_tokenizer(cfg.target.model), s, eos_token_ids=session.eos_token_ids)
-            self.engines.update(e=e, base=audit.baseline_engine(e))
-        self.pair_id, self.node_id, self.state = pair_id, None, "starting"
+        if "target" not in self.actors:
+            actor = DeviceActor("target", job, pair_id)
+            generate, actor.tamper = actor.engine.generate, None
+
+            def tampered(*a, **kw):
+                info = generate(*a, **kw)
+                if actor.tamper is not None:  # the shard's own run, not the audit's re-runs after it
+                    info.results[actor.tamper].generated_ids[3] += 1
+                    actor.tamper = None
+                return info
+
+            actor.engine.generate = tampered
+            self.actors["target"] = actor
+        self.actor = self.actors["target"]
+        self.actor.out = fs.resolve(job["output"]["path"])  # the engine is kept, the output is this job's
+        self.pair_id, self.node_id, self.state, self.holding = pair_id, None, "starting", {}
         self.probe_failures, self.recovering_since, self.shards_done, self.last_error = 0, None, 0, None
 
     def probe(self):
         return ray.put({"node_id": "driver"})
 
-    def run(self, shard_id, prompts, prompt_ids, audit_pos):
-        from spd_cluster.cluster.actors import _result_row
+    def run(self, shard, attempt, audit_pos):
+        self.actor.pair_id, self.actor.tamper = self.pair_id, (audit_pos[0] if audit_pos else None)
+        return ray.put(self.actor.run_shard(shard, attempt, audit_pos))
 
-        info = self.engines["e"].generate(prompts, prompt_ids)
-        job = [info.results[i] for i in audit_pos]
-        if job:
-            job[0].generated_ids[3] += 1
-        rows = audit.run_audit(self.engines["e"], self.engines["base"], shard_id, job,
-                               [prompts[i] for i in audit_pos], [prompt_ids[i] for i in audit_pos])
-        return ray.put({"shard_id": shard_id, "pair_id": self.pair_id, "node_id": "driver", "audit": rows,
-                        "rows": [_result_row(r) for r in info.results], "metrics": info.perf_metrics})
+    def live(self):
+        return ray.put([None, 0, 0, 0, 0])
 
     def kill(self):
         pass

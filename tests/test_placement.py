@@ -104,7 +104,9 @@ def test_a_dead_actor_restarts_in_its_placement_group(tiny, ray2, tmp_path):  # 
         res = run_job(cfg, progress=False, on_event=on_event)
     assert res.status == "completed" and killed
     shards = pd.read_parquet(tmp_path / "out" / "shards.parquet").set_index("shard_id")
-    assert shards.loc[killed[0]].attempts == 2 and (shards.drop(index=killed[0]).attempts == 1).all()
+    # the killed shard ran again, and so did the one waiting behind it on the dead actor (PREFETCH)
+    lost = set(shards.index[shards.attempts == 2])
+    assert killed[0] in lost <= {killed[0], killed[0] + 1} and set(shards.attempts) <= {1, 2}
     assert len(pids) == 2 and pids[0] != pids[1]  # restarted: a new process ...
     assert during == [["CREATED"], ["CREATED"]]  # ... in the same, still placed, group
     df = results(tmp_path / "out")

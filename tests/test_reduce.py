@@ -115,9 +115,12 @@ def test_empty_and_zero_wall():
 
 def test_record_roundtrip_and_exec_info():
     rec = metrics_record(A)
+    # a record keeps the aggregates only: per prompt, the figures are in the result rows
+    assert not {"generated_tokens_per_prompt", "ttft_per_prompt", "num_accepted_tokens_per_prompt"} & set(rec)
     rec.update(shard_id=3, bogus="ignored")
     m = metrics_from_record(rec)
-    assert m == A
+    assert m == dataclasses.replace(A, generated_tokens_per_prompt=[], ttft_per_prompt=[],
+                                    num_accepted_tokens_per_prompt=[])
     info = aggregate_exec_info(reduce_metrics([A, B], 2.5), mode="pld", settings=SpDSettings(), target_name="t")
     text = str(info)
     assert "E2E Throughput = 12.8" in text and "Avg number of accepted tokens" in text

@@ -140,10 +140,6 @@ def check_page(page: Path, out: Path) -> str:
     return text
 
 
-def test_meta_key_is_the_writers():
-    assert report.SHARD_META_KEY == rio.SHARD_META_KEY
-
-
 def test_a_match_rate_below_one_never_prints_as_100():
     assert report._pct(1.0) == "100.0%" and report._pct(0.75) == "75.0%"
     assert report._pct(9999 / 10000) == "99.99%" and report._pct(1 - 1e-5) == "99.999%"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-import os
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -44,7 +44,7 @@ def test_shard_roundtrip_with_pandas_and_metadata(tmp_path):
     rows = [row(0), row(1, finish_reason="error", error="prompt is empty", generated_ids=[], generated_text="",
                        num_generated_tokens=0, prompt=None)]
     path = rio.write_shard(tmp_path, 0, rows, shard_record())
-    assert path == tmp_path / "results" / "shard-00000.parquet"
+    assert path.path == str(tmp_path / "results" / "shard-00000.parquet")
     df = pd.read_parquet(path)
     assert list(df.columns) == rio.RESULTS_SCHEMA.names
     assert df.prompt_id.tolist() == ["p0", "p1"] and df.finish_reason.tolist() == ["length", "error"]
@@ -70,17 +70,19 @@ def test_shards_and_exec_info_tables(tmp_path):
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
-    rio.write_json_atomic({"v": 1}, tmp_path / "job.json")
+    rio.write_shards_table(tmp_path, [shard_record(0)])
+    real = pq.write_table
 
-    def boom(src, dst):
+    def dies_half_way(table, where, **kw):
+        real(table.slice(0, 0), where, **kw)
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
-        rio.write_json_atomic({"v": 2}, tmp_path / "job.json")
+    monkeypatch.setattr(pq, "write_table", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        rio.write_shards_table(tmp_path, [shard_record(0), shard_record(1)])
     monkeypatch.undo()
-    assert rio.read_job_json(tmp_path) == {"v": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["job.json"]  # temp file cleaned up
+    assert [r["shard_id"] for r in rio.read_shards_table(tmp_path)] == [0]
+    assert [p.name for p in tmp_path.iterdir()] == ["shards.parquet"]  # temp file cleaned up
 
 
 def test_unreadable_shard_record_is_none(tmp_path):
@@ -88,17 +90,17 @@ def test_unreadable_shard_record_is_none(tmp_path):
     bad.parent.mkdir()
     bad.write_bytes(b"garbage")
     assert rio.read_shard_record(bad) is None
-    assert rio.written_shards(tmp_path) == {3: bad}
+    assert {k: v.path for k, v in rio.written_shards(tmp_path).items()} == {3: str(bad)}
 
 
 def test_check_writable_and_clear(tmp_path):
     out = rio.check_writable(tmp_path / "a" / "b")
-    assert (out / "results").is_dir() and list(out.glob(".write-test*")) == []
+    assert (out / "results").is_dir() and list(Path(out).glob(".write-test*")) == []
     rio.write_shard(out, 0, [row(0)], shard_record())
     rio.write_json_atomic({}, out / "job.json")
-    (out / "mine.txt").write_text("keep me")
+    Path(out, "mine.txt").write_text("keep me")
     rio.clear_output(out)
-    assert sorted(p.name for p in out.iterdir()) == ["mine.txt", "results"]
+    assert sorted(p.name for p in Path(out).iterdir()) == ["mine.txt", "results"]
     assert rio.written_shards(out) == {}
 
 

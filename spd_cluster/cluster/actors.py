@@ -1,7 +1,8 @@
 """Device actors and pairs: a thin Ray shell over the SpD engine.
 
 A DeviceActor owns one device and one session, in the role ``target`` or ``draft``:
-  target  holds an SpDEngine; ``run_shard`` is one ``engine.generate`` over a shard's prompts.
+  target  holds an SpDEngine; ``run_shard`` is one ``engine.generate`` over a shard's prompts,
+          then writes the shard's results file to the output and returns the shard's record.
   draft   holds a DraftProposer over its own session; the target's engine reaches it through
           RemoteDraftProposer, one round trip per speculative step, token ids only.
 A pair is a target actor plus, in draft mode, a draft actor.
@@ -30,6 +31,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 EMPTY = np.zeros(0, dtype=np.int64)
+# "module:function": function(cfg) -> an engine (generate, proposer, session.vocab_size) that a
+# target actor runs instead of loading its model: the orchestration measured alone
+# (bench/bench_orchestration.py). Read in the actor's own environment.
+ENGINE_HOOK = "SPD_CLUSTER_ENGINE"
 
 
 # -- device ids --------------------------------------------------------------------------------
@@ -218,6 +223,10 @@ class DeviceActor:
         t0 = time.perf_counter()
         try:
             cfg = JobConfig.model_validate(job)
+            if role == "target":
+                from ..io import fs
+
+                self.out = fs.resolve(cfg.output.path, cfg.output.filesystem)  # where its shards' files go
             spec = cfg.target if role == "target" else cfg.draft
             import torch
 
@@ -236,6 +245,15 @@ class DeviceActor:
 
     def _load(self, cfg, spec) -> None:
         from ..sessions import load_session
+
+        hook = os.environ.get(ENGINE_HOOK)
+        if hook and self.role == "target":
+            import importlib
+
+            module, _, fn = hook.partition(":")
+            self.engine = getattr(importlib.import_module(module), fn)(cfg)
+            self.session = self.engine.session
+            return
 
         s = cfg.spd
         kwargs = dict(role=self.role, device=spec.device, dtype=spec.dtype, full_batch_size=s.full_batch_size,
@@ -288,31 +306,43 @@ class DeviceActor:
         return out
 
     # target
-    def run_shard(self, shard_id: int, prompts: list, prompt_ids: list, draft=None, audit: Sequence[int] = ()) -> dict:
-        """Run a shard; then audit the prompts at positions ``audit`` (see cluster/audit.py).
-        ``audit_s``: the seconds the audit's re-runs took, which the driver keeps apart from the
-        shard's own busy time (the shard's metrics are those of its one ``generate``)."""
+    def run_shard(self, shard, attempt: int = 1, audit: Sequence[int] = (), draft=None) -> dict:
+        """Run a shard (io.dataset.Shard: its rows, the driver's error rows among them), audit
+        the prompts at positions ``audit`` among those it ran (see cluster/audit.py), write the
+        shard's results file to the output and return its record (no rows: the driver never
+        holds generated text). ``audit_s``: the seconds of the audit's re-runs, kept apart from
+        the shard's own busy time (its metrics are those of its one ``generate``)."""
         import ray
 
+        from ..io import results as rio
+
         self._check()
+        t0 = time.perf_counter()
         if isinstance(self.engine.proposer, RemoteDraftProposer):
             self.engine.proposer.reset()
             self.engine.proposer.actor = draft
         import torch
 
         torch.set_num_threads(self.threads)  # calls run on the actor's thread pool: keep its thread count
-        self._live = [shard_id, 0, 0, 0, 0]
-        info = self.engine.generate(prompts, prompt_ids, on_result=self._count)
-        out = {"shard_id": shard_id, "pair_id": self.pair_id,
-               "node_id": ray.get_runtime_context().get_node_id(),
-               "rows": [_result_row(r) for r in info.results], "metrics": info.perf_metrics, "audit": []}
-        out["audit_s"] = 0.0
+        self._live = [shard.shard_id, 0, 0, 0, 0]
+        todo = [r for r in shard.rows if r.error is None]
+        prompts, ids = [r.prompt for r in todo], [r.prompt_id for r in todo]
+        info = self.engine.generate(prompts, ids, on_result=self._count)
+        audit_rows, audit_s = [], 0.0
         if audit:
-            t0 = time.perf_counter()
-            out["audit"] = self._audit(shard_id, [info.results[i] for i in audit], [prompts[i] for i in audit],
-                                       [prompt_ids[i] for i in audit])
-            out["audit_s"] = time.perf_counter() - t0
-        return out
+            t1 = time.perf_counter()
+            audit_rows = self._audit(shard.shard_id, [info.results[i] for i in audit], [prompts[i] for i in audit],
+                                     [ids[i] for i in audit])
+            audit_s = time.perf_counter() - t1
+        node = ray.get_runtime_context().get_node_id()
+        rows = rio.result_rows(shard, [_result_row(r) for r in info.results], self.pair_id)
+        by_id = {r.prompt_id: r.row for r in todo}
+        rec = rio.shard_record(shard, rows, info.perf_metrics, pair_id=self.pair_id, node_id=node, attempts=attempt,
+                               wall_s=time.perf_counter() - t0, audit_s=audit_s,
+                               audit=[{**a, "row": by_id.get(a["prompt_id"]), "shard_id": shard.shard_id,
+                                       "pair_id": self.pair_id} for a in audit_rows])
+        rio.write_shard(self.out, shard.shard_id, rows, rec)
+        return rec
 
     def _count(self, r) -> None:
         live = self._live
@@ -323,8 +353,8 @@ class DeviceActor:
 
     def live(self) -> list:
         """[shard id, prompts finished, their tokens, speculative steps, tokens those steps
-        emitted] of the shard running now: answered while ``run_shard`` runs (a target actor
-        takes two calls at a time), so the driver's progress moves per prompt."""
+        emitted] of the shard running now: answered while ``run_shard`` runs (``live`` has a
+        concurrency group of its own), so the driver's progress moves per prompt."""
         return list(self._live)
 
     def _audit(self, shard_id: int, job_results: list, prompts: list, prompt_ids: list) -> list[dict]:
@@ -355,7 +385,9 @@ class Pair:
         import ray
         from ray.util import placement_group
 
-        cls = ray.remote(DeviceActor)
+        # `live` answers in a concurrency group of its own while shards run one at a time, in the
+        # order sent, in the default group (so the next shard can wait on the actor: PREFETCH)
+        cls = ray.remote(concurrency_groups={"live": 1})(DeviceActor)
         self.pair_id = pair_id
         self.draft = None
         devices = [target_device] + ([draft_device] if mode == "draft" else [])
@@ -365,14 +397,14 @@ class Pair:
         if mode == "draft":
             self.draft = cls.options(**actor_options(draft_device, cpus, max_restarts, self.pg, 1)).remote(
                 "draft", job, pair_id)
-        # two calls at a time: `live` answers while `run_shard` runs (a draft keeps one, in order)
-        self.target = cls.options(**actor_options(target_device, cpus, max_restarts, self.pg, 0),
-                                  max_concurrency=2).remote("target", job, pair_id)
+        self.target = cls.options(**actor_options(target_device, cpus, max_restarts, self.pg, 0)).remote(
+            "target", job, pair_id)
         self.node_id: Optional[str] = None
         self.state = "starting"  # starting | ready | busy | recovering | dead
         self.probe_failures = 0
         self.recovering_since: Optional[float] = None
         self.shards_done = 0
+        self.holding: dict = {}  # result ref -> shard id of the shards sent and not yet answered
         self.last_error: Optional[str] = None
 
     def probe(self):
@@ -380,8 +412,11 @@ class Pair:
         # restart answers when the actor is back rather than burning the probe's retries at once.
         return self.target.info.options(max_task_retries=-1).remote(self.draft)
 
-    def run(self, shard_id: int, prompts: list, prompt_ids: list, audit: Sequence[int] = ()):
-        return self.target.run_shard.remote(shard_id, prompts, prompt_ids, self.draft, list(audit))
+    def run(self, shard, attempt: int, audit: Sequence[int] = ()):
+        return self.target.run_shard.remote(shard, attempt, list(audit), self.draft)
+
+    def live(self):
+        return self.target.live.options(concurrency_group="live").remote()
 
     def kill(self) -> None:
         import ray

@@ -3,7 +3,7 @@
 Which prompts: a bottom-k sample by hash. Each runnable prompt gets ``sha256(seed, prompt_id)``;
 the ``k = max(min_prompts, ceil(fraction * N))`` smallest (at most N, the runnable prompts) are
 audited. The choice depends only on the seed and the ids, not on shard order, pair count or a
-resume, and one streaming pass picks it holding k entries.
+resume; it is drawn in the dataset's one scan (``Sample``), 16 bytes a row.
 
 How: the pair that ran a shard re-runs the shard's audited prompts twice, back to back on the
 same session and settings: once in the job's mode and once in ``baseline`` (the target alone),
@@ -24,9 +24,8 @@ token: match is left null and match_rate too; the speedup is still measured.
 from __future__ import annotations
 
 import hashlib
-import heapq
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -41,19 +40,33 @@ def audit_size(fraction: float, min_prompts: int, n: int) -> int:
     return min(n, max(min_prompts, math.ceil(fraction * n)))
 
 
-def pick(shards: Iterable, fraction: float, min_prompts: int, seed: int, num_rows: int) -> dict[int, list[int]]:
-    """shard_id -> the positions (in ``shard.rows``) of its audited rows. Rows the driver already
-    rejected (duplicate or null id) are not candidates. ``num_rows`` sizes the sample; the rows
-    turn out fewer when some are rejected, and k is capped by them."""
-    k = audit_size(fraction, min_prompts, num_rows)
-    if k == 0:
-        return {}
-    cands = ((audit_key(seed, r.prompt_id), s.shard_id, i)
-             for s in shards for i, r in enumerate(s.rows) if r.error is None)
-    chosen: dict[int, list[int]] = {}
-    for _, sid, i in heapq.nsmallest(k, cands):
-        chosen.setdefault(sid, []).append(i)
-    return {sid: sorted(v) for sid, v in chosen.items()}
+class Sample:
+    """The audit's sample, drawn while the dataset is scanned (pass ``add`` as scan's
+    ``observe``): every runnable row's key, kept as 16 bytes a row; ``picks`` then chooses."""
+
+    def __init__(self, seed: int):
+        from array import array
+
+        self.seed = seed
+        self.keys, self.rows = array("Q"), array("q")
+
+    def add(self, row) -> None:
+        if row.error is None:
+            self.keys.append(audit_key(self.seed, row.prompt_id))
+            self.rows.append(row.row)
+
+    def picks(self, fraction: float, min_prompts: int, num_rows: int, shard_size: int) -> dict[int, list[int]]:
+        """shard_id -> positions (in ``shard.rows``) of its audited rows; as ``pick``, by key."""
+        k = min(audit_size(fraction, min_prompts, num_rows), len(self.keys))
+        if k == 0:
+            return {}
+        keys = np.frombuffer(self.keys, dtype=np.uint64)
+        rows = np.frombuffer(self.rows, dtype=np.int64)
+        chosen: dict[int, list[int]] = {}
+        for i in np.argpartition(keys, k - 1)[:k] if k < keys.size else range(keys.size):
+            sid, pos = divmod(int(rows[i]), shard_size)
+            chosen.setdefault(sid, []).append(pos)
+        return {sid: sorted(v) for sid, v in sorted(chosen.items())}
 
 
 def first_difference(a: Sequence[int], b: Sequence[int]) -> Optional[tuple[int, int, int]]:

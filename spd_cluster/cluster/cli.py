@@ -90,7 +90,8 @@ def run_main(config: str, overrides: list[str] | None = None, progress: bool = T
         print(describe(result.audit))
     print(f"Prompts = {result.num_prompts} (errors: {result.num_errors}); shards run = {result.shards_run}, "
           f"skipped (already written) = {result.shards_skipped}; job wall time = {result.wall_time_s:.2f} s")
-    print(f"output: {result.output_path.resolve()}")
+    out = result.output_path
+    print(f"output: {out.path if out.local else out}")
     return 0
 
 

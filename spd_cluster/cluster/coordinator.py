@@ -1,17 +1,21 @@
-"""The coordinator: dataset shards -> free pairs -> Parquet, with retries and resume.
+"""The coordinator: dataset shards -> pairs -> Parquet, with retries and resume.
 
-Before anything loads: the dataset is scanned (bad files fail here), the output path is proven
-writable, and an existing output is checked (resume only with the same config; see
-JobConfig.output_identity). Then each pair takes the next shard as soon as it is free, so a
-faster pair takes more. A shard whose pair died (or failed) goes back to the front of the queue
-for any pair, up to ``cluster.max_retries`` times; Ray restarts the dead actors (max_restarts)
-and the pair rejoins once a probe answers. A shard is written by the driver once, atomically,
-when its result arrives, so every prompt appears exactly once. Shards already on disk are skipped.
+Before anything loads: the dataset is scanned once (bad files fail here; the audit's sample is
+drawn in the same pass), the output is proven writable, and an existing output is checked
+(resume only with the same config; see JobConfig.output_identity). Then every pair holds up to
+PREFETCH shards (the one it runs and the next, waiting on the actor), so it never idles on the
+driver, and a faster pair takes more. The pair writes each shard's results file itself, whole
+and under its final name only once complete (io/results.py), and returns the shard's record
+alone: the driver never holds generated text. A shard whose pair died (or failed) goes back to
+the front of the queue for any pair, up to ``cluster.max_retries`` times; Ray restarts the dead
+actors (max_restarts) and the pair rejoins once a probe answers. A shard re-run after its first
+pair wrote it replaces that file whole, so every prompt appears exactly once. Shards already
+written are skipped.
 
-The audit (cluster/audit.py) rides along: its sample is picked before anything runs, each shard
-goes out with the positions of its audited prompts, and their audit rows come back with the
-shard, are kept in the shard's record (so a resume keeps them) and OUT/audit.parquet is rewritten
-from all records (at most every AUDIT_WRITE_EVERY_S while the job runs, and at its end).
+Per shard the driver does constant work: running totals for progress, and the records kept for
+the summary. shards.parquet (and audit.parquet, whose rows come back in the records) is
+rewritten from them at most every CHECKPOINT_EVERY_S and at the end: a resume reads it, one
+listing and the footers of the files written since (io/results.load_records).
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from ..config import JobConfig
@@ -33,6 +36,8 @@ from .errors import JobCancelled, JobError  # noqa: F401 - re-exported
 from ..engine.metrics import CloudAI100ExecInfo
 from ..io import results as rio
 from ..io.dataset import Shard, iter_shards
+from ..io import fs as fsmod
+from ..io.fs import Location
 from . import audit as audit_mod
 from .progress import Progress
 from .reduce import aggregate_exec_info, first_batch_ttft, metrics_from_record, reduce_metrics
@@ -41,13 +46,15 @@ log = logging.getLogger("spd_cluster.cluster")
 
 RECOVER_TIMEOUT_S = 600.0  # give up when every live pair has been recovering this long
 LIVE_EVERY_S = 1.0  # how often the progress bar asks a busy pair what its shard has finished
-AUDIT_WRITE_EVERY_S = 30.0  # audit.parquet is rewritten at most this often while a job runs, and at its end
+CHECKPOINT_EVERY_S = 30.0  # shards.parquet and audit.parquet are rewritten at most this often while a job runs
+JOB_WRITE_EVERY_S = 1.0  # job.json after a shard at most this often (the heartbeat rewrites it too)
+PREFETCH = 2  # shards a pair holds at once: the one it runs and the next
 
 
 @dataclass
 class JobResult:
     exec_info: CloudAI100ExecInfo
-    output_path: Path
+    output_path: Location
     status: str
     num_prompts: int
     num_errors: int
@@ -81,12 +88,6 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _prompt_text(p: Any) -> Optional[str]:
-    if p is None or isinstance(p, str):
-        return p
-    return repr(p)
-
-
 @dataclass
 class OutputState:
     """What an existing output means for this job (inspect_output); prepare_output acts on it."""
@@ -98,7 +99,7 @@ class OutputState:
     note: str = "new"
 
 
-def inspect_output(out: Path, cfg: JobConfig, ident: str, dataset_sha: str, num_shards: int) -> OutputState:
+def inspect_output(out: Location, cfg: JobConfig, ident: str, dataset_sha: str, num_shards: int) -> OutputState:
     """Read (never change) an existing output against this job. Raises OutputError when a job
     still runs there, and for a changed config over written shards without overwrite. An output
     whose jobs wrote no shard holds nothing to protect: whatever its job.json says, it is replaced."""
@@ -117,7 +118,8 @@ def inspect_output(out: Path, cfg: JobConfig, ident: str, dataset_sha: str, num_
     if not on_disk:
         if prev is None or prev.get("config_hash") != ident:
             note = "new" if prev is None else f"new (replaces the job.json of a {prev.get('status')} run that wrote no shard)"
-            return OutputState({}, {}, clear=prev is not None or any((out / n).exists() for n in rio.OUR_FILES), note=note)
+            return OutputState({}, {}, clear=prev is not None or any((out / n).exists() for n in rio.OUR_FILES),
+                               note=note)
         return OutputState({}, prev, note=f"resumes a {prev.get('status')} job that wrote no shard yet")
     if prev is None:
         raise rio.OutputError(f"output path {out} holds results without a readable job.json; "
@@ -130,13 +132,9 @@ def inspect_output(out: Path, cfg: JobConfig, ident: str, dataset_sha: str, num_
         raise rio.OutputError(
             f"output path {out} holds a job with a different config ({'; '.join(changes) or 'config changed'}); "
             "use another output.path or set output.overwrite=true")
-    records, stale = {}, []
-    for sid, path in on_disk.items():
-        rec = rio.read_shard_record(path)
-        if rec is None or sid >= num_shards:
-            stale.append(path)
-            continue
-        records[sid] = rec
+    records, stale = rio.load_records(out, with_audit=True, on_disk=on_disk)
+    stale += [on_disk[sid] for sid in records if sid >= num_shards]
+    records = {sid: r for sid, r in records.items() if sid < num_shards}
     todo = num_shards - len(records)
     note = (f"resumes a {prev.get('status')} job: {len(records)} of {num_shards} shards written, {todo} to run"
             if todo else f"complete: all {num_shards} shards written; a run rewrites only the summary files")
@@ -153,7 +151,7 @@ def _ours(job: dict) -> bool:
     return all(d.get(k) == me[k] for k in ("host", "pid", "start_time")) and d.get("pid") == os.getpid()
 
 
-def prepare_output(out: Path, cfg: JobConfig, ident: str, dataset_sha: str, num_shards: int,
+def prepare_output(out: Location, cfg: JobConfig, ident: str, dataset_sha: str, num_shards: int,
                    state: Optional[OutputState] = None) -> tuple[dict, dict]:
     """Check an existing output against this job (inspect_output, unless ``state`` is given) and
     make it ready: clear it (overwrite, or a job that wrote no shard), drop unreadable shard
@@ -163,7 +161,7 @@ def prepare_output(out: Path, cfg: JobConfig, ident: str, dataset_sha: str, num_
         rio.clear_output(out)
     for path in state.stale:
         log.warning("re-running shard file %s: unreadable, or not a shard of this job", path)
-        path.unlink(missing_ok=True)
+        fsmod.delete(path)
     return state.records, state.prev
 
 
@@ -224,15 +222,13 @@ def _check_qaic_models(cfg: JobConfig) -> None:
 
 
 class _Run:
-    def __init__(self, cfg: JobConfig, info, records: dict, on_event, progress: bool,
-                 audit_picks: Optional[dict[int, list[int]]] = None):
-        self.cfg, self.info, self.records = cfg, info, records
+    def __init__(self, cfg: JobConfig, info, records: dict, on_event, progress: bool, out: Location,
+                 shard_size: int, audit_picks: Optional[dict[int, list[int]]] = None):
+        self.cfg, self.info, self.records, self.out, self.shard_size = cfg, info, records, out, shard_size
         self.audit_picks = audit_picks or {}
-        self.audit_written = float("-inf")
-        self.out = Path(cfg.output.path)
+        self.checkpointed = self.job_written = time.perf_counter()
         self.on_event = on_event or (lambda kind, **kw: None)
-        c = cfg.cluster
-        self.shards: Iterator[Shard] = (s for s in iter_shards(info, c.shard_size, cfg.dataset.prompt_column,
+        self.shards: Iterator[Shard] = (s for s in iter_shards(info, shard_size, cfg.dataset.prompt_column,
                                                                cfg.dataset.id_column) if s.shard_id not in records)
         self.exhausted = False
         self.retry: deque[tuple[Shard, int]] = deque()
@@ -297,16 +293,16 @@ class _Run:
         return s, 1
 
     def _dispatch(self, pair, shard: Shard, attempt: int) -> None:
-        todo = [i for i, r in enumerate(shard.rows) if r.error is None]
         picked = set(self.audit_picks.get(shard.shard_id, ()))
-        audit = [j for j, i in enumerate(todo) if i in picked]  # positions among the prompts sent
-        rows = [shard.rows[i] for i in todo]
-        ref = pair.run(shard.shard_id, [r.prompt for r in rows], [r.prompt_id for r in rows], audit)
+        todo = [i for i, r in enumerate(shard.rows) if r.error is None]
+        audit = [j for j, i in enumerate(todo) if i in picked]  # positions among the prompts it runs
+        ref = pair.run(shard, attempt, audit)
         now = time.perf_counter()
         if self.t_first is None:
             self.t_first = now
             self.progress.started()
         pair.state = "busy"
+        pair.holding[ref] = shard.shard_id
         self.inflight[ref] = ("shard", pair, shard, attempt, now)
         self.on_event("dispatch", shard_id=shard.shard_id, pair_id=pair.pair_id, node_id=pair.node_id, attempt=attempt)
 
@@ -359,7 +355,7 @@ class _Run:
         self.check_feasible()
         c, job = self.cfg.cluster, self.cfg.model_dump(mode="json")
         # no more pairs than shards left to run (a resume of one shard starts one pair)
-        todo = self.info.num_shards(c.shard_size) - len(self.records)
+        todo = self.info.num_shards(self.shard_size) - len(self.records)
         for i in range(max(1, min(c.num_pairs, todo))):
             pair = Pair(i, job, self.cfg.mode, self.cfg.target.device,
                         self.cfg.draft.device if self.cfg.draft else None, c.cpus_per_actor, c.max_retries)
@@ -384,7 +380,7 @@ class _Run:
 
         while True:
             for pair in self.pairs:
-                if pair.state == "ready":
+                while pair.state in ("ready", "busy") and len(pair.holding) < PREFETCH:
                     item = self._next_shard()
                     if item is None:
                         break
@@ -409,9 +405,23 @@ class _Run:
                     self._on_live(ref, *item[1:])
                 else:
                     self._on_shard(ref, *item[1:])
-                    if self.job is not None:  # a driver killed now still leaves this run's wall time
-                        self.job.write()
+            self._checkpoint()
             self.check_errors()
+
+    def _checkpoint(self, force: bool = False) -> None:
+        """job.json (a driver killed now still leaves this run's wall time), and at longer
+        intervals shards.parquet with audit.parquet, which a resume reads instead of footers."""
+        now = time.perf_counter()
+        if self.job is not None and (force or now - self.job_written > JOB_WRITE_EVERY_S):
+            self.job.write()
+            self.job_written = now
+        if force or now - self.checkpointed > CHECKPOINT_EVERY_S:
+            recs = [self.records[k] for k in sorted(self.records)]
+            audited = all_audit_rows(self.records)
+            if audited:  # first: a shard in shards.parquet has its audit rows in audit.parquet
+                rio.write_audit(self.out, audited)
+            rio.write_shards_table(self.out, recs)
+            self.checkpointed = now
 
     def _poll_live(self) -> None:
         """Ask each busy pair (at most every LIVE_EVERY_S) what its shard has finished so far."""
@@ -419,20 +429,19 @@ class _Run:
             return
         now = time.perf_counter()
         asked = {v[1].pair_id for v in self.inflight.values() if v[0] == "live"}
-        for ref, v in list(self.inflight.items()):
-            pair = v[1]
-            if v[0] == "shard" and pair.pair_id not in asked and now - self.live_asked.get(pair.pair_id, 0.0) > LIVE_EVERY_S:
+        for pair in self.pairs:
+            if pair.holding and pair.pair_id not in asked and now - self.live_asked.get(pair.pair_id, 0.0) > LIVE_EVERY_S:
                 self.live_asked[pair.pair_id] = now
-                self.inflight[pair.target.live.remote()] = ("live", pair, v[2].shard_id)
+                self.inflight[pair.live()] = ("live", pair)
 
-    def _on_live(self, ref, pair, shard_id: int) -> None:
+    def _on_live(self, ref, pair) -> None:
         import ray
 
         try:
             sid, prompts, tokens, steps, accepted = ray.get(ref)
         except Exception:  # noqa: BLE001 - a dying actor: its shard's own result says what happened
             return
-        if sid == shard_id and pair.state == "busy":
+        if sid in pair.holding.values():  # not a shard whose result came in meanwhile
             self.progress.live(pair.pair_id, prompts, tokens, steps, accepted)
 
     def _on_probe(self, ref, pair) -> None:
@@ -451,19 +460,22 @@ class _Run:
             else:
                 self._probe(pair)
             return
-        pair.node_id, pair.state, pair.probe_failures, pair.recovering_since = info["node_id"], "ready", 0, None
+        pair.node_id, pair.probe_failures, pair.recovering_since = info["node_id"], 0, None
+        pair.state = "busy" if pair.holding else "ready"
         self.on_event("ready", pair_id=pair.pair_id, node_id=pair.node_id, info=info)
 
     def _on_shard(self, ref, pair, shard: Shard, attempt: int, t0: float) -> None:
         import ray
 
+        pair.holding.pop(ref, None)
         try:
-            res = ray.get(ref)
+            rec = ray.get(ref)
         except Exception as e:  # noqa: BLE001 - actor/node death or a failed run: re-queue the shard
             self.progress.settle(pair.pair_id)
             msg = _short(e)
-            pair.state, pair.last_error, pair.recovering_since = "recovering", msg, time.perf_counter()
-            self._probe(pair)
+            if pair.state != "recovering":
+                pair.state, pair.last_error, pair.recovering_since = "recovering", msg, time.perf_counter()
+                self._probe(pair)
             if attempt > self.cfg.cluster.max_retries:
                 self.failed[shard.shard_id] = msg
                 self._warn(f"shard {shard.shard_id} failed {attempt} times, giving up: {msg}")
@@ -472,31 +484,19 @@ class _Run:
                 self._warn(f"shard {shard.shard_id} lost on pair {pair.pair_id} (attempt {attempt}): {msg}; re-queued")
             self.on_event("retry", shard_id=shard.shard_id, pair_id=pair.pair_id, attempt=attempt, error=msg)
             return
-        now = time.perf_counter()
-        self.t_last = now
-        pair.state = "ready"
-        m = res["metrics"]
-        rows = _merge_rows(shard, res["rows"], pair.pair_id)
-        audit_s = float(res.get("audit_s") or 0.0)  # the pair's audit re-runs: not the shard's busy time
-        self.audit_s += audit_s
-        rec = {"shard_id": shard.shard_id, "first_row": shard.first_row, "num_prompts": len(rows),
-               "num_errors": sum(r["finish_reason"] == "error" for r in rows), "pair_id": pair.pair_id,
-               "node_id": res.get("node_id"), "attempts": attempt, "wall_s": now - t0, "audit_s": audit_s,
-               "busy_s": max(now - t0 - audit_s, 0.0), "finished_at": _now(),
-               **rio.metrics_record(m), "audit": _audit_rows(shard, res.get("audit", []), pair.pair_id)}
-        rio.write_shard(self.out, shard.shard_id, rows, rec)
+        self.t_last = time.perf_counter()
+        if pair.state == "busy" and not pair.holding:
+            pair.state = "ready"
         self.records[shard.shard_id] = rec
-        if rec["audit"] and now - self.audit_written > AUDIT_WRITE_EVERY_S:
-            rio.write_audit(self.out, all_audit_rows(self.records))
-            self.audit_written = now
+        self.audit_s += float(rec.get("audit_s") or 0.0)
         if pair.shards_done == 0 and pair.pair_id not in self.first_shards:
-            self.first_shards[pair.pair_id] = (t0 - self.t_first, m.batch_ttft)
+            self.first_shards[pair.pair_id] = (t0 - self.t_first, float(rec.get("batch_ttft") or 0.0))
         pair.shards_done += 1
         self.shards_run += 1
-        self.tokens += m.num_generated_tokens
+        self.tokens += int(rec.get("num_generated_tokens") or 0)
         self.progress.settle(pair.pair_id)
-        self.progress.prompts(rows, m.num_row_steps, m.mean_num_accepted_tokens * m.num_row_steps)
-        self.on_event("done", shard_id=shard.shard_id, pair_id=pair.pair_id, node_id=res.get("node_id"))
+        self.progress.shard(rec)
+        self.on_event("done", shard_id=shard.shard_id, pair_id=pair.pair_id, node_id=rec.get("node_id"))
 
     def close(self) -> None:
         for p in self.pairs:
@@ -518,11 +518,6 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {tail[0] if tail else ''}"[:500]
 
 
-def _audit_rows(shard: Shard, rows: list[dict], pair_id: int) -> list[dict]:
-    by_id = {r.prompt_id: r.row for r in shard.rows if r.error is None}
-    return [{**r, "row": by_id.get(r["prompt_id"]), "shard_id": shard.shard_id, "pair_id": pair_id} for r in rows]
-
-
 def all_audit_rows(records: dict) -> list[dict]:
     return [a for k in sorted(records) for a in records[k].get("audit") or []]
 
@@ -534,25 +529,6 @@ def _audit_failure(rows: list[dict]) -> str:
     more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
     return (f"audit: {len(bad)} of {sum(r.get('match') is not None for r in rows)} audited prompts differ "
             f"from the target alone (audit.fail_on_mismatch is set): {shown}{more}")
-
-
-def _merge_rows(shard: Shard, engine_rows: list[dict], pair_id: int) -> list[dict]:
-    """Dataset rows in order: driver error rows in place, the engine's rows for the rest."""
-    it = iter(engine_rows)
-    rows = []
-    for r in shard.rows:
-        row = {"prompt_id": r.prompt_id, "row": r.row, "prompt": _prompt_text(r.prompt),
-               "shard_id": shard.shard_id, "pair_id": pair_id}
-        if r.error is not None:
-            row.update(generated_text="", generated_ids=[], num_prompt_tokens=0, num_generated_tokens=0,
-                       finish_reason="error", error=r.error, ttft_s=0.0, num_decode_iterations=0,
-                       num_accepted_tokens=0, mean_num_accepted_tokens=0.0)
-        else:
-            e = dict(next(it))
-            e.pop("prompt_id", None)
-            row.update(e)
-        rows.append(row)
-    return rows
 
 
 @contextmanager
@@ -596,15 +572,14 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
     from .validate import preflight
 
     pf = preflight(cfg, for_run=True)
-    info, out, num_shards = pf.info, pf.out, pf.num_shards
+    info, out, num_shards, shard_size = pf.info, pf.out, pf.num_shards, pf.shard_size
     records, prev = prepare_output(out, cfg, pf.ident, info.sha256, num_shards, pf.output)
-    ds, c = cfg.dataset, cfg.cluster
+    c = cfg.cluster
     skipped = len(records)
     picks = {}
-    if len(records) < num_shards and cfg.mode != "baseline":  # baseline against itself says nothing
+    if len(records) < num_shards and pf.sample is not None:
         a = cfg.audit
-        picks = audit_mod.pick(iter_shards(info, c.shard_size, ds.prompt_column, ds.id_column), a.fraction,
-                               a.min_prompts, a.seed, info.num_rows - len(info.row_errors))
+        picks = pf.sample.picks(a.fraction, a.min_prompts, info.num_rows - len(info.row_errors), shard_size)
     runs = _prior_runs(prev)
     prior_wall = sum(float(r.get("wall_s") or 0.0) for r in runs)
     driver = driver_record()
@@ -613,14 +588,14 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
         "name": cfg.name, "status": "running", "config": cfg.model_dump(mode="json"),
         "identity": cfg.output_identity(), "config_hash": pf.ident,
         "dataset": {"path": str(info.path), "format": info.format, "num_rows": info.num_rows, "sha256": info.sha256},
-        "num_shards": num_shards, "versions": versions(),
+        "num_shards": num_shards, "shard_size": shard_size, "versions": versions(),
         "started_at": prev.get("started_at") or _now(), "ended_at": None, "wall_time_s": prior_wall,
         "driver": driver,
         "runs": runs + [{"started_at": _now(), "status": "running", "shards_skipped": skipped, "driver": driver,
                          "placement": placement, "command": command}],
     }, every_s=HEARTBEAT_S)
 
-    run = _Run(cfg, info, records, on_event, progress, picks)
+    run = _Run(cfg, info, records, on_event, progress, out, shard_size, picks)
     job.progress, run.job = run.snapshot, job
     job.write()
     job.start_heartbeat()
@@ -671,7 +646,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
                      audit)
 
 
-def _finish(cfg: JobConfig, out: Path, records: dict, wall: float, batch_ttft, num_rows: int,
+def _finish(cfg: JobConfig, out: Location, records: dict, wall: float, batch_ttft, num_rows: int,
             num_shards: int, actor_startup_s: float = 0.0) -> tuple[CloudAI100ExecInfo, int, dict]:
     """The summary files from the shard records. ``wall``: the job wall time (summed over runs);
     ``actor_startup_s``: the runs' start-up seconds (in ``wall`` too, reported apart)."""

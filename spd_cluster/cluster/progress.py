@@ -36,19 +36,18 @@ class Progress:
         if self.t0 is None:
             self.t0 = time.perf_counter()
 
-    def prompts(self, rows: list[dict], steps: int = 0, accepted_tokens: float = 0.0) -> None:
-        """``rows``: finished prompts (results rows); ``steps`` / ``accepted_tokens``: their
-        speculative steps and the tokens those steps emitted."""
-        for r in rows:
-            if r.get("finish_reason") == "error":
-                self.errors += 1
-                self.first_error = self.first_error or f"{r.get('prompt_id')!r}: {r.get('error')}"
-            self.tokens_run += int(r.get("num_generated_tokens") or 0)
-        self.prompts_run += len(rows)
-        self.steps += steps
-        self.accepted += accepted_tokens
+    def shard(self, rec: dict) -> None:
+        """A shard's record (its counts: prompts, errors, tokens, speculative steps and the
+        tokens those steps emitted) has come in."""
+        n = int(rec["num_prompts"])
+        self.errors += int(rec["num_errors"])
+        self.first_error = self.first_error or rec.get("first_error")
+        self.tokens_run += int(rec.get("num_generated_tokens") or 0)
+        self.prompts_run += n
+        self.steps += int(rec.get("num_row_steps") or 0)
+        self.accepted += float(rec.get("num_accepted_tokens") or 0)
         self._postfix()
-        self.bar.update(len(rows))
+        self.bar.update(n)
 
     def live(self, pair_id: int, prompts: int, tokens: int, steps: int, accepted_tokens: float) -> None:
         """What ``pair_id``'s running shard has finished so far (counts since the shard began)."""

@@ -43,12 +43,21 @@ class Preflight:
     checks: list[Check] = field(default_factory=list)
     info: object = None  # io.dataset.DatasetInfo once the dataset is read
     ident: Optional[str] = None
+    shard_size: int = 0
     num_shards: int = 0
     output: object = None  # coordinator.OutputState once the output is inspected
+    sample: object = None  # audit.Sample drawn in the dataset's scan (None: no audit)
 
     @property
-    def out(self) -> Path:
-        return Path(self.cfg.output.path)
+    def out(self):
+        """The output as an io.fs.Location (raises OutputError for a URI pyarrow cannot reach)."""
+        from ..io import fs
+        from ..io.results import OutputError
+
+        try:
+            return fs.resolve(self.cfg.output.path, self.cfg.output.filesystem)
+        except ValueError as e:
+            raise OutputError(f"output path {e}") from None
 
     @property
     def problems(self) -> list[Check]:
@@ -87,14 +96,35 @@ def preflight(cfg: JobConfig, *, for_run: bool) -> Preflight:
 # -- dataset ---------------------------------------------------------------------------------
 
 def _dataset(pf: Preflight) -> str:
+    """The dataset's one scan before work: rows checked, the audit's sample drawn, shards sized."""
     from ..io.dataset import scan
+    from .audit import Sample
 
-    ds, c = pf.cfg.dataset, pf.cfg.cluster
-    info = scan(ds.path, ds.prompt_column, ds.id_column, ds.format, ds.filesystem)
-    pf.info, pf.ident, pf.num_shards = info, pf.cfg.identity_hash(info.sha256), info.num_shards(c.shard_size)
+    cfg = pf.cfg
+    ds, c = cfg.dataset, cfg.cluster
+    pf.sample = Sample(cfg.audit.seed) if cfg.mode != "baseline" and cfg.audit.fraction > 0 else None
+    info = scan(ds.path, ds.prompt_column, ds.id_column, ds.format, ds.filesystem,
+                observe=pf.sample.add if pf.sample is not None else None)
+    pf.info, pf.ident = info, cfg.identity_hash(info.sha256)
+    pf.shard_size = c.shard_size_for(info.num_rows, cfg.spd)
+    if c.shard_size is None:  # a resume keeps the size its job chose, whatever this release would choose
+        prev = _previous_job(pf)
+        if prev and prev.get("config_hash") == pf.ident and prev.get("shard_size"):
+            pf.shard_size = int(prev["shard_size"])
+    pf.num_shards = info.num_shards(pf.shard_size)
     ids = f", ids from {ds.id_column!r}" if ds.id_column else ", ids are row numbers"
+    size = f"{pf.shard_size}" + ("" if c.shard_size else " (cluster.shard_size null: the default)")
     return (f"{info.path}: {info.num_rows} rows ({info.format}), prompts in {ds.prompt_column!r}{ids}; "
-            f"{pf.num_shards} shard(s) of {c.shard_size}")
+            f"{pf.num_shards} shard(s) of {size}")
+
+
+def _previous_job(pf: Preflight) -> Optional[dict]:
+    from ..io.results import OutputError, read_job_json
+
+    try:
+        return read_job_json(pf.out)
+    except OutputError:
+        return None  # the output check says why
 
 
 def _rows(pf: Preflight) -> str:
@@ -112,10 +142,15 @@ def _rows(pf: Preflight) -> str:
 
 # -- output ----------------------------------------------------------------------------------
 
-def _writable(out: Path) -> None:
-    """OUT can be made and written to, proven without making it."""
-    from ..io.results import OutputError
+def _writable(out) -> None:
+    """OUT can be made and written to, proven without making it (on object storage, where
+    nothing needs making, a probe object is written and deleted)."""
+    from ..io.results import OutputError, check_writable
 
+    if not out.local:
+        check_writable(out)
+        return
+    out = Path(out.path)
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -133,14 +168,15 @@ def _output(pf: Preflight) -> str:
     from ..io import results as rio
     from .coordinator import inspect_output
 
+    out = pf.out
     if pf.for_run:
-        rio.check_writable(pf.out)
+        rio.check_writable(out)
     else:
-        _writable(pf.out)
+        _writable(out)
     if pf.info is None:
-        return f"{pf.out}: writable (resume not checked: the dataset is unreadable)"
-    pf.output = inspect_output(pf.out, pf.cfg, pf.ident, pf.info.sha256, pf.num_shards)
-    return f"{pf.out}: writable; {pf.output.note}"
+        return f"{out}: writable (resume not checked: the dataset is unreadable)"
+    pf.output = inspect_output(out, pf.cfg, pf.ident, pf.info.sha256, pf.num_shards)
+    return f"{out}: writable; {pf.output.note}"
 
 
 # -- models ----------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def _m(unit: str, doc: str, per_prompt: bool = False, **kw):
     """A metric field with its unit ("s", "tokens", "tokens/s", "count", "" for none) and a one-line
     description: the one definition that io/results.py turns into Parquet field metadata.
     ``per_prompt``: a list with one value per prompt, kept in memory (the seed's printed ExecInfo)
-    and in the shard record, but not a Parquet column: results/*.parquet has it per prompt_id."""
+    but in no shard record and no Parquet column: results/*.parquet has it per prompt_id."""
     return field(metadata={"unit": unit, "doc": doc, "per_prompt": per_prompt}, **kw)
 
 
@@ -139,7 +139,8 @@ class CloudAI100ExecInfo:
             f"E2E Throughput = {round(m.e2e_throughput, 2)}\n"
             f"Avg number of accepted tokens = {round(m.mean_num_accepted_tokens, 2)}\n"
             f"Max generation len = {m.max_gen_len}\n"
-            f"Total Generated Tokens per Prompt: = {m.generated_tokens_per_prompt}"
+            + (f"Total Generated Tokens per Prompt: = {m.generated_tokens_per_prompt}" if m.generated_tokens_per_prompt
+               else f"Total Generated Tokens = {m.num_generated_tokens}")  # a job's: per prompt in its results
         )
 
     __str__ = __repr__

@@ -24,7 +24,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -337,8 +337,11 @@ def fingerprint(files: list[Location], root: Optional[Location]) -> str:
 
 
 def scan(path: str | Path, prompt_column: str = "prompt", id_column: Optional[str] = None,
-         format: Optional[str] = None, options: Optional[dict] = None) -> DatasetInfo:
-    """One streaming pass that validates the whole dataset; see the module docstring."""
+         format: Optional[str] = None, options: Optional[dict] = None,
+         observe: Optional[Callable[[Row], None]] = None) -> DatasetInfo:
+    """One streaming pass that validates the whole dataset; see the module docstring.
+    ``observe(row)``: called on every row once its error (if any) is known, so what else needs
+    the whole dataset (the audit's sample) is drawn in the same pass."""
     first_seen: dict[str, int] = {}
     errors: dict[int, str] = {}
     n = 0
@@ -354,7 +357,9 @@ def scan(path: str | Path, prompt_column: str = "prompt", id_column: Optional[st
             why = prompt_problem(r.prompt, prompt_column)
         if why:
             name = PurePosixPath(str(path)).name if r.file is None else ""
-            errors[r.row] = f"{name} {r.where()}: {why}".lstrip()
+            errors[r.row] = r.error = f"{name} {r.where()}: {why}".lstrip()
+        if observe is not None:
+            observe(r)
     if n == 0:
         raise DatasetError(f"dataset {path}: no rows")
     if errors:

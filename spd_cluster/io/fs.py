@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Callable, Optional
 
@@ -30,11 +30,24 @@ _FS_CLASSES = {"s3": "S3FileSystem", "gs": "GcsFileSystem", "gcs": "GcsFileSyste
 class Location:
     fs: pafs.FileSystem
     path: str  # in ``fs``'s own form: "bucket/key" on S3, an absolute path locally
-    uri: str  # as the user wrote it, for messages
+    uri: str = field(compare=False)  # as the user wrote it, for messages
 
     def join(self, *parts: str) -> "Location":
         path = str(PurePosixPath(self.path, *parts))
         return Location(self.fs, path, self.uri.rstrip("/") + "/" + "/".join(parts))
+
+    def __truediv__(self, part: str) -> "Location":
+        return self.join(*str(part).split("/"))
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+    def __fspath__(self) -> str:
+        """A local location is a path (``open``, ``pq.read_table``, ``Path`` take it as one)."""
+        if not self.local:
+            raise TypeError(f"{self.uri} is not on the local filesystem")
+        return self.path
 
     @property
     def local(self) -> bool:
@@ -150,6 +163,20 @@ def write_bytes(loc: Location, data: bytes) -> None:
             f.write(data)
 
     publish(loc, put)
+
+
+def delete(loc: Location) -> None:
+    """Remove a file; one that is not there is fine."""
+    try:
+        loc.fs.delete_file(loc.path)
+    except FileNotFoundError:
+        pass
+
+
+def location(where: "str | os.PathLike | Location", options: Optional[dict[str, Any]] = None) -> Location:
+    """``where`` as a Location (a Location as it is; a path or URI resolved with ``options``)."""
+    return where if isinstance(where, Location) else resolve(os.fspath(where) if not isinstance(where, str) else where,
+                                                             options)
 
 
 def read_bytes(loc: Location) -> bytes:

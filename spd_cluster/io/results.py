@@ -1,17 +1,23 @@
-"""Job output on disk (pyarrow), every file written to a temp name and renamed into place, so a
-reader sees the old file or the new one, never half of one.
+"""Job output (pyarrow), local or anywhere ``pyarrow.fs`` reaches (io/fs.py): every file is
+written under a temporary name and then published under its own, so a reader sees the old file
+or the new one, never half of one, on object storage too.
 
-    OUT/results/shard-NNNNN.parquet   one row per prompt (RESULTS_SCHEMA); the shard's
-                                      SpDPerfMetrics ride along as JSON in the file's metadata
-                                      (key b"spd_cluster.shard"), which is what resume reads
-    OUT/shards.parquet                one row per shard: placement, attempts, timing, SpDPerfMetrics
+    OUT/results/shard-NNNNN.parquet   one row per prompt (RESULTS_SCHEMA), written by the pair that
+                                      ran the shard; the shard's record (a SHARDS_SCHEMA row) rides
+                                      along as JSON in the file's metadata (key b"spd_cluster.shard")
+    OUT/shards.parquet                one row per shard: placement, attempts, timing, SpDPerfMetrics;
+                                      rewritten while the job runs (a checkpoint) and at its end
     OUT/exec_info.parquet             one row: the aggregate CloudAI100ExecInfo's metrics + settings
                                       (+ audit_num_prompts, audit_match_rate, audit_speedup); the
                                       per-prompt lists are not in it (results/ has them by prompt_id)
-
-Every column has its unit and a one-line description in the Parquet field metadata (``col``).
     OUT/audit.parquet                 one row per audited prompt (AUDIT_SCHEMA; cluster/audit.py)
     OUT/job.json                      resolved config, versions, status, times
+
+Every column has its unit and a one-line description in the Parquet field metadata (``col``).
+
+What a resume, `status` and `report` read of the shards (``load_records``): shards.parquet, one
+listing of results/, and the footers of only the shard files shards.parquet does not yet hold,
+so reading a large job's state costs a few requests, not one per shard.
 """
 
 from __future__ import annotations
@@ -19,15 +25,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterable, Optional
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..engine.metrics import SpDPerfMetrics
+from . import fs as fsmod
+from .fs import Location
 
 SHARD_META_KEY = b"spd_cluster.shard"
 
@@ -87,10 +95,11 @@ SHARDS_SCHEMA = pa.schema([
     col("pair_id", pa.int64(), "", "the pair that ran it"),
     col("node_id", pa.string(), "", "Ray node id of the pair's target actor"),
     col("attempts", pa.int64(), "count", "1 unless the shard was re-run after an actor/node death"),
-    col("wall_s", pa.float64(), "s", "driver-side seconds from dispatch to result, the audit's re-runs included"),
+    col("wall_s", pa.float64(), "s", "the pair's seconds on the shard: its run, the audit's re-runs, writing its file"),
     col("audit_s", pa.float64(), "s", "seconds the pair spent re-running the shard's audited prompts (0: none)"),
     col("busy_s", pa.float64(), "s", "wall_s - audit_s: the pair's busy seconds for the shard itself"),
-    col("finished_at", pa.string(), "", "UTC time (ISO 8601, whole seconds) the driver got the result"),
+    col("finished_at", pa.string(), "", "UTC time (ISO 8601, whole seconds) the pair wrote the shard's file"),
+    col("first_error", pa.string(), "", "the shard's first error row (prompt id: error), null when none"),
     *METRIC_FIELDS,
 ])
 
@@ -137,40 +146,36 @@ AUDIT_SCHEMA = pa.schema([
 ])
 
 
+_PER_PROMPT = {f.name for f in dataclasses.fields(SpDPerfMetrics) if f.metadata.get("per_prompt")}
+
+
 def metrics_record(m: SpDPerfMetrics) -> dict[str, Any]:
-    d = dataclasses.asdict(m)
+    """A shard's (or the job's) metrics as a record: every SpDPerfMetrics field but the per-prompt
+    lists, which the result rows hold by prompt_id."""
+    d = {k: v for k, v in dataclasses.asdict(m).items() if k not in _PER_PROMPT}
     d["acceptance_rate_per_position"] = m.acceptance_rate_per_position
     return d
 
 
-# -- atomic writes ---------------------------------------------------------------------------
+# -- writing and reading whole files ---------------------------------------------------------
 
-def _temp_near(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def write_parquet_atomic(table: pa.Table, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_near(path)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+Where = "str | os.PathLike | Location"
 
 
-def write_json_atomic(obj: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_near(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+def _loc(where, options: Optional[dict] = None) -> Location:
+    return fsmod.location(where, options)
+
+
+def write_parquet_atomic(table: pa.Table, where: Where) -> Location:
+    loc = _loc(where)
+    fsmod.publish(loc, lambda f, tmp: pq.write_table(table, tmp, filesystem=f))
+    return loc
+
+
+def write_json_atomic(obj: Any, where: Where) -> Location:
+    loc = _loc(where)
+    fsmod.write_bytes(loc, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    return loc
 
 
 def table_from_records(records: Iterable[dict], schema: pa.Schema) -> pa.Table:
@@ -179,75 +184,131 @@ def table_from_records(records: Iterable[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=schema)
 
 
+def _read_table(loc: Location) -> Optional[pa.Table]:
+    """A whole Parquet file, or None when it is not there or unreadable."""
+    try:  # one file: ParquetFile, not read_table (which goes through pyarrow.dataset, and that imports pandas)
+        with loc.fs.open_input_file(loc.path) as f:
+            return pq.ParquetFile(f).read()
+    except (pa.ArrowException, OSError):
+        return None
+
+
 # -- the files -------------------------------------------------------------------------------
 
-def results_dir(out: str | Path) -> Path:
-    return Path(out) / "results"
+def results_dir(out: Where) -> Location:
+    return _loc(out) / "results"
 
 
-def shard_path(out: str | Path, shard_id: int) -> Path:
+def shard_path(out: Where, shard_id: int) -> Location:
     return results_dir(out) / f"shard-{shard_id:05d}.parquet"
 
 
-def write_shard(out: str | Path, shard_id: int, rows: list[dict], shard_record: dict) -> Path:
-    """Write one shard's rows; `shard_record` (a SHARDS_SCHEMA row) goes into the file metadata."""
+def write_shard(out: Where, shard_id: int, rows: list[dict], shard_record: dict) -> Location:
+    """Write one shard's rows; ``shard_record`` (a SHARDS_SCHEMA row) goes into the file metadata.
+    A shard run twice (its first pair died after writing) replaces its file whole: still one
+    file, one row per prompt."""
     table = table_from_records(rows, RESULTS_SCHEMA)
     meta = {SHARD_META_KEY: json.dumps(shard_record, default=str).encode()}
-    table = table.replace_schema_metadata(meta)
-    return write_parquet_atomic(table, shard_path(out, shard_id))
+    return write_parquet_atomic(table.replace_schema_metadata(meta), shard_path(out, shard_id))
 
 
-def read_shard_record(path: str | Path) -> Optional[dict]:
+def read_shard_record(where: Where) -> Optional[dict]:
     """The shard record stored in a results file, or None if the file is unreadable or foreign."""
+    loc = _loc(where)
     try:
-        meta = pq.read_schema(path).metadata or {}
+        meta = pq.read_schema(loc.path, filesystem=loc.fs).metadata or {}
     except (pa.ArrowException, OSError):
         return None
     raw = meta.get(SHARD_META_KEY)
-    return json.loads(raw) if raw else None
+    try:
+        rec = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
-def written_shards(out: str | Path) -> dict[int, Path]:
+def written_shards(out: Where) -> dict[int, Location]:
+    """shard id -> its results file, from one listing of OUT/results."""
     d = results_dir(out)
+    infos = d.fs.get_file_info(pafs.FileSelector(d.path, allow_not_found=True))
     found = {}
-    if d.is_dir():
-        for p in d.glob("shard-*.parquet"):
+    for i in infos:
+        name = PurePosixPath(i.path).name
+        if i.type == pafs.FileType.File and name.startswith("shard-") and name.endswith(".parquet"):
             try:
-                found[int(p.stem.split("-", 1)[1])] = p
+                found[int(name[len("shard-"):-len(".parquet")])] = d / name
             except ValueError:
                 continue
     return found
 
 
-def write_shards_table(out: str | Path, records: list[dict]) -> Path:
+def write_shards_table(out: Where, records: list[dict]) -> Location:
     records = sorted(records, key=lambda r: r["shard_id"])
-    return write_parquet_atomic(table_from_records(records, SHARDS_SCHEMA), Path(out) / "shards.parquet")
+    return write_parquet_atomic(table_from_records(records, SHARDS_SCHEMA), _loc(out) / "shards.parquet")
 
 
-def write_audit(out: str | Path, rows: list[dict]) -> Path:
+def read_shards_table(out: Where) -> list[dict]:
+    """The records shards.parquet holds (none when it is not there or unreadable)."""
+    t = _read_table(_loc(out) / "shards.parquet")
+    if t is None:
+        return []
+    names = set(SHARDS_SCHEMA.names)
+    return [{k: v for k, v in r.items() if k in names} for r in t.to_pylist()]
+
+
+def read_audit(out: Where) -> list[dict]:
+    t = _read_table(_loc(out) / "audit.parquet")
+    return [] if t is None else t.to_pylist()
+
+
+def load_records(out: Where, with_audit: bool = False,
+                 on_disk: Optional[dict[int, Location]] = None) -> tuple[dict[int, dict], list[Location]]:
+    """The records of the shards written in OUT, by shard id, and the shard files that are
+    unreadable or foreign. shards.parquet (the checkpoint) gives the records of the files it
+    names; only the files it does not name have their footers read. ``with_audit``: each
+    record's ``audit`` rows too (audit.parquet for the checkpoint's shards, written before it).
+    ``on_disk``: written_shards(out), when the caller has listed it already."""
+    on_disk = written_shards(out) if on_disk is None else on_disk
+    known = {int(r["shard_id"]): r for r in read_shards_table(out) if int(r["shard_id"]) in on_disk}
+    if with_audit and known:
+        by_shard: dict[int, list] = {}
+        for a in read_audit(out):
+            by_shard.setdefault(int(a["shard_id"]), []).append(a)
+        for sid, r in known.items():
+            r["audit"] = by_shard.get(sid, [])
+    stale = []
+    for sid, loc in sorted(on_disk.items()):
+        if sid in known:
+            continue
+        rec = read_shard_record(loc)
+        if rec is None or int(rec.get("shard_id", -1)) != sid:
+            stale.append(loc)
+        else:
+            known[sid] = rec
+    return dict(sorted(known.items())), stale
+
+
+def write_audit(out: Where, rows: list[dict]) -> Location:
     rows = sorted(rows, key=lambda r: (r["row"] is None, r["row"] or 0))
-    return write_parquet_atomic(table_from_records(rows, AUDIT_SCHEMA), Path(out) / "audit.parquet")
+    return write_parquet_atomic(table_from_records(rows, AUDIT_SCHEMA), _loc(out) / "audit.parquet")
 
 
-def write_exec_info(out: str | Path, record: dict) -> Path:
-    return write_parquet_atomic(table_from_records([record], EXEC_INFO_SCHEMA), Path(out) / "exec_info.parquet")
+def write_exec_info(out: Where, record: dict) -> Location:
+    return write_parquet_atomic(table_from_records([record], EXEC_INFO_SCHEMA), _loc(out) / "exec_info.parquet")
 
 
-def job_json_path(out: str | Path) -> Path:
-    return Path(out) / "job.json"
+def job_json_path(out: Where) -> Location:
+    return _loc(out) / "job.json"
 
 
-def read_job_json(out: str | Path) -> Optional[dict]:
-    p = job_json_path(out)
-    if not p.is_file():
-        return None
+def read_job_json(out: Where) -> Optional[dict]:
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(fsmod.read_bytes(job_json_path(out)))
+    except (OSError, ValueError):
         return None
 
 
-def write_job_json(out: str | Path, info: dict) -> Path:
+def write_job_json(out: Where, info: dict) -> Location:
     return write_json_atomic(info, job_json_path(out))
 
 
@@ -257,10 +318,10 @@ class JobFile:
     ``progress()`` returns for the current run, so `spd-cluster status` can tell a live driver
     from a killed one and a killed run still leaves its wall time (see spd_cluster/status.py)."""
 
-    def __init__(self, out: str | Path, data: dict, every_s: float = 5.0):
+    def __init__(self, out: Where, data: dict, every_s: float = 5.0):
         import threading
 
-        self.out, self.data, self.every_s = Path(out), data, every_s
+        self.out, self.data, self.every_s = _loc(out), data, every_s
         self.run: dict = data["runs"][-1]
         self.progress = lambda: {}
         self._lock = threading.Lock()
@@ -299,28 +360,71 @@ class OutputError(ValueError):
     """The output path cannot take this job."""
 
 
-def check_writable(out: str | Path) -> Path:
-    """Create OUT and prove a file can be written and renamed there; raise OutputError at once."""
-    out = Path(out)
+def check_writable(out: Where, options: Optional[dict] = None) -> Location:
+    """Create OUT (locally) and prove a file can be published there; raise OutputError at once."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        results_dir(out).mkdir(exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".write-test.", dir=out)
-        os.close(fd)
-        os.replace(name, name + ".renamed")
-        os.unlink(name + ".renamed")
+        loc = _loc(out, options)
+    except ValueError as e:
+        raise OutputError(f"output path {e}") from None
+    try:
+        if loc.local:
+            Path(loc.path, "results").mkdir(parents=True, exist_ok=True)
+        probe = loc / f".write-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        fsmod.write_bytes(probe, b"")
+        fsmod.delete(probe)
     except OSError as e:
-        raise OutputError(f"output path {out} is not writable: {e.strerror or e}") from None
-    return out
+        raise OutputError(f"output path {loc} is not writable: {getattr(e, 'strerror', None) or e}") from None
+    return loc
 
 
 OUR_FILES = ("shards.parquet", "exec_info.parquet", "audit.parquet", "job.json")
 
 
-def clear_output(out: str | Path) -> None:
+def clear_output(out: Where) -> None:
     """Remove what a previous job wrote here (only our files; anything else is left alone)."""
-    out = Path(out)
-    for p in written_shards(out).values():
-        p.unlink(missing_ok=True)
+    loc = _loc(out)
+    for p in written_shards(loc).values():
+        fsmod.delete(p)
     for name in OUR_FILES:
-        (out / name).unlink(missing_ok=True)
+        fsmod.delete(loc / name)
+
+
+# -- a shard's rows and record, as the pair that ran it writes them ----------------------------
+
+def _prompt_text(p: Any) -> Optional[str]:
+    return p if p is None or isinstance(p, str) else repr(p)
+
+
+def result_rows(shard, engine_rows: list[dict], pair_id: int) -> list[dict]:
+    """A shard's RESULTS_SCHEMA rows in dataset order: the rows the driver rejected
+    (``row.error``) in place, the engine's rows (one per runnable row, in order) for the rest."""
+    it = iter(engine_rows)
+    rows = []
+    for r in shard.rows:
+        row = {"prompt_id": r.prompt_id, "row": r.row, "prompt": _prompt_text(r.prompt),
+               "shard_id": shard.shard_id, "pair_id": pair_id}
+        if r.error is not None:
+            row.update(generated_text="", generated_ids=[], num_prompt_tokens=0, num_generated_tokens=0,
+                       finish_reason="error", error=r.error, ttft_s=0.0, num_decode_iterations=0,
+                       num_accepted_tokens=0, mean_num_accepted_tokens=0.0)
+        else:
+            e = dict(next(it))
+            e.pop("prompt_id", None)
+            row.update(e)
+        rows.append(row)
+    return rows
+
+
+def shard_record(shard, rows: list[dict], metrics: SpDPerfMetrics, **fields) -> dict:
+    """The record of a shard (SHARDS_SCHEMA, plus its ``audit`` rows when given in ``fields``)
+    from its result rows and metrics; ``fields``: pair_id, node_id, attempts, wall_s, audit_s, ..."""
+    from datetime import datetime, timezone
+
+    bad = next((r for r in rows if r["finish_reason"] == "error"), None)
+    rec = {"shard_id": shard.shard_id, "first_row": shard.first_row, "num_prompts": len(rows),
+           "num_errors": sum(r["finish_reason"] == "error" for r in rows),
+           "first_error": None if bad is None else f"{bad['prompt_id']!r}: {bad['error']}",
+           "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields,
+           **metrics_record(metrics)}
+    rec["busy_s"] = max(float(rec.get("wall_s") or 0.0) - float(rec.get("audit_s") or 0.0), 0.0)
+    return rec
