@@ -304,11 +304,10 @@ def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
     assert res4.shards_run == 3 and results(out).num_generated_tokens.max() <= 12
 
 
-class TamperingPair:
+class InProcessPair:
     """A stand-in for actors.Pair: the real DeviceActor (engine, audit, shard file) in the driver
-    process, whose engine alters the job's output of the first audited prompt of each shard at
-    token 3 (the row the user gets, and what the audit compares): an injected mismatch, through
-    the real coordinator."""
+    process, one per model, kept across jobs (the output is each job's). Subclasses change
+    ``run``."""
 
     actors: dict = {}
 
@@ -316,21 +315,11 @@ class TamperingPair:
         from spd_cluster.cluster.actors import DeviceActor
         from spd_cluster.io import fs
 
-        if "target" not in self.actors:
-            actor = DeviceActor("target", job, pair_id)
-            generate, actor.tamper = actor.engine.generate, None
-
-            def tampered(*a, **kw):
-                info = generate(*a, **kw)
-                if actor.tamper is not None:  # the shard's own run, not the audit's re-runs after it
-                    info.results[actor.tamper].generated_ids[3] += 1
-                    actor.tamper = None
-                return info
-
-            actor.engine.generate = tampered
-            self.actors["target"] = actor
-        self.actor = self.actors["target"]
-        self.actor.out = fs.resolve(job["output"]["path"])  # the engine is kept, the output is this job's
+        model = job["target"]["model"]
+        if model not in self.actors:
+            self.actors[model] = DeviceActor("target", job, pair_id)
+        self.actor = self.actors[model]
+        self.actor.out = fs.resolve(job["output"]["path"], job["output"].get("filesystem"))
         self.pair_id, self.node_id, self.state, self.holding = pair_id, None, "starting", {}
         self.probe_failures, self.recovering_since, self.shards_done, self.last_error = 0, None, 0, None
 
@@ -338,7 +327,7 @@ class TamperingPair:
         return ray.put({"node_id": "driver"})
 
     def run(self, shard, attempt, audit_pos):
-        self.actor.pair_id, self.actor.tamper = self.pair_id, (audit_pos[0] if audit_pos else None)
+        self.actor.pair_id = self.pair_id
         return ray.put(self.actor.run_shard(shard, attempt, audit_pos))
 
     def live(self):
@@ -346,6 +335,29 @@ class TamperingPair:
 
     def kill(self):
         pass
+
+
+class TamperingPair(InProcessPair):
+    """Its engine alters the job's output of the first audited prompt of each shard at token 3
+    (the row the user gets, and what the audit compares): an injected mismatch, through the
+    real coordinator."""
+
+    def run(self, shard, attempt, audit_pos):
+        engine = self.actor.engine
+        generate = engine.generate
+
+        def tampered(*a, **kw):  # the shard's own run, not the audit's re-runs after it
+            engine.generate = generate
+            info = generate(*a, **kw)
+            if audit_pos:
+                info.results[audit_pos[0]].generated_ids[3] += 1
+            return info
+
+        engine.generate = tampered
+        try:
+            return super().run(shard, attempt, audit_pos)
+        finally:
+            engine.generate = generate
 
 
 def test_injected_mismatch_is_reported_and_can_fail_the_job(tiny, local_ray, tmp_path, monkeypatch, capsys):

@@ -169,3 +169,21 @@ def test_missing_column_lists_what_the_file_has(tmp_path):
     with pytest.raises(DatasetError, match=r"d.jsonl: no row has the key 'promt' \(dataset.prompt_column\); "
                                            r"keys found: \['id', 'prompt'\]; did you mean 'prompt'\?"):
         scan(jsonl(tmp_path / "d.jsonl", [{"id": 1, "prompt": "x"}]), "promt")
+
+
+def test_seen_ids_finds_every_duplicate_and_its_first_row_across_batches():
+    import random
+
+    from spd_cluster.io.dataset import SeenIds
+
+    rng = random.Random(0)
+    ids = [f"id-{rng.randrange(3000)}" for _ in range(10_000)]  # many repeats, far apart and near
+    seen, got, first = SeenIds(), [], {}
+    for lo in range(0, len(ids), 700):  # batches of uneven size: runs of many lengths merge
+        got += seen.add(ids[lo:lo + 700], list(range(lo, min(lo + 700, len(ids)))))
+    want = []
+    for i, x in enumerate(ids):  # what a dict of every id would say
+        want.append(first.get(x, -1))
+        first.setdefault(x, i)
+    assert got == want and sum(g >= 0 for g in got) == len(ids) - len(set(ids))
+    assert len(seen.runs) <= 15 and sum(k.size for k, _ in seen.runs) == len(set(ids))

@@ -110,3 +110,116 @@ def test_a_job_reads_a_directory_of_parquet_files_from_s3(s3, tiny, local_ray, t
     assert list(df.prompt) == GOOD
     ref = reference(tiny, cfg)
     assert {int(r.row): list(r.generated_ids) for r in df.itertuples()} == ref
+
+
+def _bucket_set(s3, name: str, n: int) -> fs.Location:  # noqa: F811
+    """n prompts with ids, as three Parquet files under a bucket's prompts/."""
+    root = fs.resolve(s3(name) + "/prompts")
+    per = -(-n // 3)
+    for i in range(3):
+        ids = list(range(i * per, min(n, (i + 1) * per)))
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"id": [f"q{j}" for j in ids], "prompt": [f"{GOOD[j % len(GOOD)]} {j}" for j in ids]}),
+                       sink)
+        fs.write_bytes(root.join(f"part-{i}.parquet"), sink.getvalue().to_pybytes())
+    return root
+
+
+def _objects(loc: fs.Location) -> list[str]:
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(loc.path) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+
+def test_a_job_on_s3_survives_a_killed_pair_and_a_cancel_and_runs_every_prompt_once(s3, tiny, local_ray,  # noqa: F811
+                                                                                    tmp_path):
+    """Real Ray, real S3 API: the dataset is a bucket's Parquet directory and the output is in the
+    bucket too, written by the pairs. A pair's actor is killed mid-job (its shards run again), the
+    job is cancelled part way and resumed: every prompt once, equal to the target alone."""
+    import os
+    import signal
+
+    import pandas as pd
+
+    from spd_cluster import status as status_mod
+    from spd_cluster.cluster.coordinator import run_job
+    from spd_cluster.io import results as rio
+
+    n = 24
+    data = _bucket_set(s3, "spd-job", n)
+    out = fs.resolve(data.uri.rsplit("/", 1)[0] + "/out")
+    cfg = make_cfg(tiny, data.uri + "/", out.uri, **{"cluster.shard_size": 2, "audit.fraction": 0.2,
+                                                     "spd.max_new_tokens": 32, "spd.ignore_eos": "true"})
+    pids, done, events = {}, [], []
+
+    def on_event(kind, **kw):
+        events.append(kind)
+        if kind == "ready":
+            pids[kw["pair_id"]] = kw["info"]["pid"]
+        if kind == "done":
+            done.append(kw["shard_id"])
+            if len(done) == 2:
+                os.kill(pids[0], signal.SIGKILL)  # pair 0's target actor: Ray restarts it, its shards go again
+            if len(done) == 7:
+                raise KeyboardInterrupt  # as Ctrl-C: cancelled, what is written stays
+
+    with pytest.raises(KeyboardInterrupt):
+        run_job(cfg, progress=False, on_event=on_event)
+    assert "retry" in events
+    assert rio.read_job_json(out)["status"] == "cancelled"
+    res = run_job(cfg, progress=False)
+    assert res.status == "completed" and res.shards_skipped >= 7 and res.shards_skipped + res.shards_run == 12
+
+    table = pq.read_table(out.join("results").path, filesystem=out.fs).to_pandas().sort_values("row")
+    assert table.row.tolist() == list(range(n)) and table.prompt_id.tolist() == [f"q{j}" for j in range(n)]
+    assert {int(r.row): list(r.generated_ids) for r in table.itertuples()} == reference(tiny, cfg)
+    names = _objects(out)
+    assert [x for x in names if x.startswith("results/")] == [f"results/shard-{i:05d}.parquet" for i in range(12)]
+    assert set(names) - {f"results/shard-{i:05d}.parquet" for i in range(12)} == \
+        {"job.json", "shards.parquet", "exec_info.parquet", "audit.parquet"}  # no temporary object left
+    shards = pq.read_table(out.join("shards.parquet").path, filesystem=out.fs).to_pandas()
+    assert shards.shard_id.tolist() == list(range(12)) and shards.attempts.max() == 2
+    audit = pq.read_table(out.join("audit.parquet").path, filesystem=out.fs).to_pandas()
+    assert len(audit) == 5 and audit["match"].all()  # ceil(0.2 * 24), every one kept across the resume
+    st = status_mod.job_status(out.uri)
+    assert st["state"] == "completed" and st["prompts_done"] == n and st["shards_done"] == 12
+    job = rio.read_job_json(out)
+    assert [r["status"] for r in job["runs"]] == ["cancelled", "completed"]
+    assert pd.read_parquet(out.join("exec_info.parquet").path, filesystem=out.fs).num_prompts[0] == n
+
+
+def test_a_pair_that_dies_after_writing_its_shard_leaves_it_once(s3, tiny, local_ray, tmp_path,  # noqa: F811
+                                                                  monkeypatch):
+    """A pair that wrote a shard's file on S3 and died before its answer: the shard runs again
+    elsewhere and its file is replaced whole: one file, each prompt once, the retry's record."""
+    import ray
+
+    from spd_cluster.cluster import actors
+    from spd_cluster.cluster.coordinator import run_job
+    from spd_cluster.io import results as rio
+    from test_cluster import InProcessPair
+
+    @ray.remote
+    def died():
+        raise RuntimeError("the actor died unexpectedly before finishing this task")
+
+    class DiesAfterWriting(InProcessPair):
+        deaths: list = []
+
+        def run(self, shard, attempt, audit_pos):
+            ref = super().run(shard, attempt, audit_pos)  # the file is written
+            if shard.shard_id == 1 and not self.deaths:
+                self.deaths.append(self.pair_id)
+                return died.remote()
+            return ref
+
+    monkeypatch.setattr(actors, "Pair", DiesAfterWriting)
+    data = _bucket_set(s3, "spd-once", 8)
+    out = fs.resolve(data.uri.rsplit("/", 1)[0] + "/out")
+    cfg = make_cfg(tiny, data.uri + "/", out.uri, **{"cluster.shard_size": 2, "audit.fraction": 0})
+    res = run_job(cfg, progress=False)
+    assert res.status == "completed" and DiesAfterWriting.deaths
+    table = pq.read_table(out.join("results").path, filesystem=out.fs).to_pandas().sort_values("row")
+    assert table.row.tolist() == list(range(8))
+    files = rio.written_shards(out)
+    assert sorted(files) == [0, 1, 2, 3] and rio.read_shard_record(files[1])["attempts"] == 2
+    assert [r["attempts"] for r in rio.read_shards_table(out)] == [1, 2, 1, 1]
