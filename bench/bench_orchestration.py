@@ -8,8 +8,10 @@ job again (a resume of a finished job: what it reads to find there is nothing to
     .venv/bin/python bench/bench_orchestration.py --prompts 100000 --pairs 1 --fs local
 
 Columns: run_s = the whole `run_job` call (scan, Ray start, the job, the summary files); wall_s =
-the job wall time it reports (run start to last shard); prompts/s = prompts / wall_s; rss_mb =
-the driver's peak RSS; resume_s = the second `run_job` call, which finds every shard written.
+the job wall time it reports (run start to last shard); start_s = the part of it before the first
+dispatch (Ray, placement, actors); prompts/s = prompts / wall_s; steady/s = prompts / (wall_s -
+start_s); rss_mb = the driver's peak RSS; resume_s = the second `run_job` call, which finds every
+shard written.
 Targets: >= 5,000 prompts/s at the default shard size, RSS <= 700 MB and flat from 100k to 1M,
 resume <= 30 s.
 """
@@ -75,7 +77,9 @@ def child(spec: dict) -> dict:
     resume_s = time.perf_counter() - t0
     assert again.shards_run == 0 and again.shards_skipped == res.shards_run
     job = read_job_json(spec["output"])
+    startup = float(job["runs"][0]["actor_startup_s"])
     return {"run_s": run_s, "wall_s": res.wall_time_s, "prompts_per_s": res.num_prompts / res.wall_time_s,
+            "startup_s": startup, "steady_per_s": res.num_prompts / (res.wall_time_s - startup),
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "resume_s": resume_s,
             "shards": res.shards_run, "shard_size": job["shard_size"]}
 
@@ -122,7 +126,7 @@ def main() -> None:
                                                "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")})
         pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir("bench")
     print(f"{'fs':<6} {'prompts':>9} {'pairs':>5} {'shard':>6} {'shards':>6} {'run_s':>7} {'wall_s':>7} "
-          f"{'prompts/s':>10} {'rss_mb':>7} {'resume_s':>8}", flush=True)
+          f"{'start_s':>7} {'prompts/s':>10} {'steady/s':>9} {'rss_mb':>7} {'resume_s':>8}", flush=True)
     for where in args.fs:
         for n in args.prompts:
             base = str(work / where) if where == "local" else f"s3://bench/{n}"
@@ -138,7 +142,8 @@ def main() -> None:
                     raise SystemExit(f"{where} {n} prompts {pairs} pairs failed")
                 r = json.loads(p.stdout.strip().splitlines()[-1])
                 print(f"{where:<6} {n:>9,} {pairs:>5} {r['shard_size']:>6} {r['shards']:>6} {r['run_s']:>7.1f} "
-                      f"{r['wall_s']:>7.1f} {r['prompts_per_s']:>10,.0f} {r['rss_mb']:>7.0f} {r['resume_s']:>8.1f}",
+                      f"{r['wall_s']:>7.1f} {r['startup_s']:>7.1f} {r['prompts_per_s']:>10,.0f} "
+                      f"{r['steady_per_s']:>9,.0f} {r['rss_mb']:>7.0f} {r['resume_s']:>8.1f}",
                       flush=True)
     if server is not None:
         server.stop()

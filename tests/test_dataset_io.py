@@ -186,4 +186,4 @@ def test_seen_ids_finds_every_duplicate_and_its_first_row_across_batches():
         want.append(first.get(x, -1))
         first.setdefault(x, i)
     assert got == want and sum(g >= 0 for g in got) == len(ids) - len(set(ids))
-    assert len(seen.runs) <= 15 and sum(k.size for k, _ in seen.runs) == len(set(ids))
+    assert len(seen.runs) <= 15 and sum(run[0].size for run in seen.runs) == len(set(ids))

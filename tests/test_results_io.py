@@ -9,7 +9,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from s3server import s3  # noqa: F401 - fixture
+
 from spd_cluster.cluster.reduce import empty_metrics
+from spd_cluster.io import fs
 from spd_cluster.io import results as rio
 
 
@@ -115,3 +118,34 @@ def test_output_under_a_file_fails_at_once(tmp_path):
     f.write_text("x")
     with pytest.raises(rio.OutputError, match=r"output path .*file/out is not writable"):
         rio.check_writable(f / "out")
+
+
+@pytest.fixture(params=["local", "s3"])
+def out(request, tmp_path):
+    if request.param == "local":
+        return fs.resolve(str(tmp_path / "out"))
+    return fs.resolve(request.getfixturevalue("s3")(f"out-{tmp_path.name.lower().replace('_', '-')[-20:]}") + "/job")
+
+
+def test_records_come_from_the_checkpoint_and_the_footers_of_later_files_only(out, monkeypatch):
+    rio.check_writable(out)
+    for sid in (0, 1, 2):
+        rio.write_shard(out, sid, [row(sid, shard_id=sid)], {**shard_record(sid), "audit": [{"prompt_id": f"p{sid}"}]})
+    rio.write_audit(out, [{"prompt_id": "p0", "row": 0, "shard_id": 0, "pair_id": 1, "match": True}])
+    rio.write_shards_table(out, [shard_record(0), shard_record(7)])  # the checkpoint: shard 0, and a gone 7
+    fs.write_bytes(rio.shard_path(out, 3), b"half a file")
+    read = []
+    real = rio.read_shard_record
+    monkeypatch.setattr(rio, "read_shard_record", lambda loc: read.append(loc.name) or real(loc))
+    records, stale = rio.load_records(out, with_audit=True)
+    assert sorted(records) == [0, 1, 2] and [s.name for s in stale] == ["shard-00003.parquet"]
+    assert sorted(read) == ["shard-00001.parquet", "shard-00002.parquet", "shard-00003.parquet"]  # not shard 0's
+    assert [a["prompt_id"] for a in records[0]["audit"]] == ["p0"] and records[1]["audit"] == [{"prompt_id": "p1"}]
+    rio.clear_output(out)
+    assert rio.written_shards(out) == {} and rio.read_shards_table(out) == [] and rio.read_job_json(out) is None
+
+
+def test_an_output_in_a_missing_bucket_fails_at_once(s3):  # noqa: F811
+    s3("some-bucket")  # the server runs; this bucket does not exist
+    with pytest.raises(rio.OutputError, match=r"output path s3://no-such-bucket/out is not writable"):
+        rio.check_writable("s3://no-such-bucket/out")

@@ -337,16 +337,17 @@ def fingerprint(files: list[Location], root: Optional[Location]) -> str:
 
 
 class SeenIds:
-    """The ids a scan has seen, 24 bytes an id however long it is: a 128-bit hash (blake2b) and
-    the row it was first seen at, in sorted runs that merge as they grow (a log-structured set),
-    so a batch of ids is checked with a few binary searches. Two distinct ids share a hash with
-    odds of about n^2 / 2^129 (1e-26 for ten million ids)."""
+    """The ids a scan has seen, 24 bytes an id however long it is: a 128-bit hash (two of
+    Python's keyed string hashes, of the id and of the id with a NUL after it) and the row it
+    was first seen at, in runs sorted by the first 64 bits that merge as they grow (a
+    log-structured set): a batch of ids costs a few binary searches. Two distinct ids share both
+    hashes with odds of about n^2 / 2^129 (1e-26 for ten million ids)."""
 
     def __init__(self):
         import numpy as np
 
         self._np = np
-        self.runs: list[tuple] = []  # (keys V16 sorted, first rows), largest first
+        self.runs: list[tuple] = []  # (hi sorted, lo, first rows), largest run first
 
     def add(self, ids: list[str], rows: list[int]) -> list[int]:
         """For each id, the row of an earlier equal id (this batch included), else -1; the ids
@@ -354,27 +355,46 @@ class SeenIds:
         np = self._np
         if not ids:
             return []
-        keys = np.frombuffer(b"".join(hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids), dtype="V16")
+        hi = np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
+        lo = np.fromiter((hash(i + "\0") for i in ids), dtype=np.int64, count=len(ids))
         first = np.full(len(ids), -1, dtype=np.int64)
-        in_batch: dict[bytes, int] = {}
-        for i, k in enumerate(keys.tolist()):
-            j = in_batch.setdefault(k, i)
+        in_batch: dict[tuple, int] = {}
+        for i, key in enumerate(zip(hi.tolist(), lo.tolist())):
+            j = in_batch.setdefault(key, i)
             if j != i:
                 first[i] = rows[j]
-        for run_keys, run_rows in self.runs:
-            pos = np.minimum(np.searchsorted(run_keys, keys), run_keys.size - 1)
-            hit = run_keys[pos] == keys
-            first[hit] = run_rows[pos[hit]]  # a run holds each id once, at its first row: earlier than the batch
+        for rh, rl, rr in self.runs:  # a run holds each id once, at its first row: earlier than this batch
+            pos = np.searchsorted(rh, hi)
+            at = np.minimum(pos, rh.size - 1)
+            same_hi = rh[at] == hi
+            hit = same_hi & (rl[at] == lo)
+            first[hit] = rr[at[hit]]
+            for i in np.flatnonzero(same_hi & ~hit):  # 64 equal bits, not 128: the others with that hi
+                j = int(pos[i]) + 1
+                while j < rh.size and rh[j] == hi[i]:
+                    if rl[j] == lo[i]:
+                        first[i] = rr[j]
+                        break
+                    j += 1
         new = first < 0
-        order = np.argsort(keys[new], kind="stable")
-        run = (keys[new][order], np.asarray(rows, dtype=np.int64)[new][order])
+        order = np.argsort(hi[new], kind="stable")
+        run = (hi[new][order], lo[new][order], np.asarray(rows, dtype=np.int64)[new][order])
         while self.runs and self.runs[-1][0].size <= run[0].size:
-            k2, r2 = self.runs.pop()
-            k, r = np.concatenate([k2, run[0]]), np.concatenate([r2, run[1]])
-            order = np.argsort(k, kind="stable")
-            run = (k[order], r[order])
+            run = self._merge(self.runs.pop(), run)
         self.runs.append(run)
         return first.tolist()
+
+    def _merge(self, a: tuple, b: tuple) -> tuple:
+        """Two runs as one, in one pass: b's entries go where a binary search in a puts them."""
+        np = self._np
+        from_b = np.zeros(a[0].size + b[0].size, dtype=bool)
+        from_b[np.searchsorted(a[0], b[0]) + np.arange(b[0].size)] = True
+        out = []
+        for x, y in zip(a, b):
+            z = np.empty(from_b.size, dtype=x.dtype)
+            z[from_b], z[~from_b] = y, x
+            out.append(z)
+        return tuple(out)
 
 
 def scan(path: str | Path, prompt_column: str = "prompt", id_column: Optional[str] = None,
