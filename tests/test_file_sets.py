@@ -149,25 +149,26 @@ def test_a_job_on_s3_survives_a_killed_pair_and_a_cancel_and_runs_every_prompt_o
     out = fs.resolve(data.uri.rsplit("/", 1)[0] + "/out")
     cfg = make_cfg(tiny, data.uri + "/", out.uri, **{"cluster.shard_size": 2, "audit.fraction": 0.2,
                                                      "spd.max_new_tokens": 32, "spd.ignore_eos": "true"})
-    pids, done, events = {}, [], []
+    pids, done, retried = {}, [], set()
 
     def on_event(kind, **kw):
-        events.append(kind)
         if kind == "ready":
             pids[kw["pair_id"]] = kw["info"]["pid"]
+        if kind == "retry":
+            retried.add(kw["shard_id"])
         if kind == "done":
             done.append(kw["shard_id"])
             if len(done) == 2:
                 os.kill(pids[0], signal.SIGKILL)  # pair 0's target actor: Ray restarts it, its shards go again
-            if len(done) == 7:
+            if len(done) >= 6 and retried & set(done):  # once a shard of the killed pair ran again
                 raise KeyboardInterrupt  # as Ctrl-C: cancelled, what is written stays
 
     with pytest.raises(KeyboardInterrupt):
         run_job(cfg, progress=False, on_event=on_event)
-    assert "retry" in events
+    assert retried
     assert rio.read_job_json(out)["status"] == "cancelled"
     res = run_job(cfg, progress=False)
-    assert res.status == "completed" and res.shards_skipped >= 7 and res.shards_skipped + res.shards_run == 12
+    assert res.status == "completed" and res.shards_skipped >= 6 and res.shards_skipped + res.shards_run == 12
 
     table = pq.read_table(out.join("results").path, filesystem=out.fs).to_pandas().sort_values("row")
     assert table.row.tolist() == list(range(n)) and table.prompt_id.tolist() == [f"q{j}" for j in range(n)]

@@ -56,3 +56,14 @@ def test_resolve_names_what_it_cannot_reach():
     loc = fs.resolve("s3://b/k", {"endpoint_override": "http://127.0.0.1:9"})
     assert loc.path == "b/k" and not loc.local
     assert fs.resolve("relative/dir").local
+
+
+def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(root):
+    fs.write_bytes(root.join("shard-00001.parquet"), b"published")
+    fs.write_bytes(root.join(".keep"), b"not ours")
+    with root.fs.open_output_stream(root.join(f"{fs.TEMP_PREFIX}0123456789ab-shard-00002.parquet").path) as f:
+        f.write(b"half")  # what publish leaves when its process is SIGKILLed before the move
+    assert fs.remove_temporaries(root) == 1
+    left = [i.path[len(root.path) + 1:] for i in root.fs.get_file_info(pafs.FileSelector(root.path))]
+    assert sorted(left) == [".keep", "shard-00001.parquet"]
+    assert fs.remove_temporaries(root.join("missing")) == 0

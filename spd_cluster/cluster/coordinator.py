@@ -157,6 +157,7 @@ def prepare_output(out: Location, cfg: JobConfig, ident: str, dataset_sha: str, 
     make it ready: clear it (overwrite, or a job that wrote no shard), drop unreadable shard
     files. Returns (records of shards already written, the previous job.json or {})."""
     state = state or inspect_output(out, cfg, ident, dataset_sha, num_shards)
+    rio.remove_temporaries(out)  # of writers killed mid-write in an earlier run
     if state.clear:
         rio.clear_output(out)
     for path in state.stale:
@@ -642,6 +643,8 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
         if not (started and status == "cancelled"):  # a local Ray of ours goes down whole with its shutdown,
             run.close()  # and after a signal to the process group its GCS may be gone (ray.kill would wait on it)
         shutdown_ray(started)
+        if status == "completed":
+            rio.remove_temporaries(out)  # a pair killed mid-write during this run left its temporary
     return JobResult(exec_info, out, status, info.num_rows, num_errors, run.shards_run, skipped, wall, run.failed,
                      audit)
 

@@ -140,10 +140,13 @@ def list_files(loc: Location, suffixes: tuple[str, ...]) -> list[Location]:
     return [Location(loc.fs, p, prefix + p if prefix else p) for p in sorted(paths)]
 
 
+TEMP_PREFIX = ".tmp-"
+
+
 def publish(loc: Location, write: Callable[[pafs.FileSystem, str], None]) -> None:
     """``write(fs, temp_path)`` writes the whole file; then it takes ``loc``'s name."""
     parent = str(PurePosixPath(loc.path).parent)
-    tmp = str(PurePosixPath(parent, f".tmp-{uuid.uuid4().hex[:12]}-{PurePosixPath(loc.path).name}"))
+    tmp = str(PurePosixPath(parent, f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{PurePosixPath(loc.path).name}"))
     if loc.local:
         loc.fs.create_dir(parent, recursive=True)
     try:
@@ -155,6 +158,18 @@ def publish(loc: Location, write: Callable[[pafs.FileSystem, str], None]) -> Non
         except (OSError, FileNotFoundError):
             pass
         raise
+
+
+def remove_temporaries(d: Location) -> int:
+    """Delete what ``publish`` left in directory ``d`` when its writer was killed mid-write (its
+    cleanup never ran): the temporary names, never a published file. Returns how many."""
+    infos = d.fs.get_file_info(pafs.FileSelector(d.path, allow_not_found=True))
+    gone = 0
+    for i in infos:
+        if i.type == pafs.FileType.File and PurePosixPath(i.path).name.startswith(TEMP_PREFIX):
+            delete(Location(d.fs, i.path, i.path))
+            gone += 1
+    return gone
 
 
 def write_bytes(loc: Location, data: bytes) -> None:

@@ -380,6 +380,12 @@ def check_writable(out: Where, options: Optional[dict] = None) -> Location:
 OUR_FILES = ("shards.parquet", "exec_info.parquet", "audit.parquet", "job.json")
 
 
+def remove_temporaries(out: Where) -> int:
+    """The temporary files of writers killed mid-write (a pair, a driver), in OUT and OUT/results."""
+    loc = _loc(out)
+    return fsmod.remove_temporaries(loc) + fsmod.remove_temporaries(results_dir(loc))
+
+
 def clear_output(out: Where) -> None:
     """Remove what a previous job wrote here (only our files; anything else is left alone)."""
     loc = _loc(out)
