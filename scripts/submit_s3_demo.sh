@@ -18,9 +18,9 @@ for _ in $(seq 50); do (echo > /dev/tcp/127.0.0.1/$PORT) 2> /dev/null && break; 
 
 # the sample prompts as a directory of two Parquet files in s3://spd-demo/prompts/
 "$BIN/python" - <<'PY'
-import json
+import json, os
 import pyarrow as pa, pyarrow.fs as pafs, pyarrow.parquet as pq
-s3 = pafs.S3FileSystem(allow_bucket_creation=True)  # endpoint and keys from AWS_* above
+s3 = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
 s3.create_dir("spd-demo")
 rows = [json.loads(line) for line in open("data/sample_prompts.jsonl")]
 half = len(rows) // 2
@@ -36,10 +36,11 @@ ENV=$(printf '{"env_vars": {"AWS_ENDPOINT_URL": "%s", "AWS_ACCESS_KEY_ID": "demo
     --set dataset.path=s3://spd-demo/prompts/ --set output.path=s3://spd-demo/out/demo "$@"
 "$BIN/spd-cluster" status s3://spd-demo/out/demo
 "$BIN/python" - <<'PY'
+import os
 import pyarrow.fs as pafs, pyarrow.parquet as pq
-s3 = pafs.S3FileSystem()
+s3 = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"])
 t = pq.read_table("spd-demo/out/demo/results", filesystem=s3)
-names = sorted(i.path for i in s3.get_file_info(pafs.FileSelector("spd-demo/out/demo", recursive=True)))
+names = sorted(i.path for i in s3.get_file_info(pafs.FileSelector("spd-demo/out/demo", recursive=True)) if i.type == pafs.FileType.File)
 print(f"s3://spd-demo/out/demo: {t.num_rows} rows, {len(set(t['prompt_id'].to_pylist()))} distinct prompt ids; objects:")
 print("\n".join("  " + n for n in names))
 PY

@@ -14,8 +14,12 @@ import pytest
 
 @pytest.fixture(scope="module")
 def s3():
+    import logging
+
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a log line per request
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
