@@ -67,3 +67,12 @@ def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(root):
     left = [i.path[len(root.path) + 1:] for i in root.fs.get_file_info(pafs.FileSelector(root.path))]
     assert sorted(left) == [".keep", "shard-00001.parquet"]
     assert fs.remove_temporaries(root.join("missing")) == 0
+
+
+def test_filesystem_options_keep_the_environments_endpoint(s3):  # noqa: F811
+    """Options for an S3 URI (a region, say) still reach the endpoint AWS_ENDPOINT_URL names, as
+    a URI without options does: never the public AWS endpoint behind the user's back."""
+    bucket = s3("opts-bucket")
+    loc = fs.resolve(bucket + "/x.txt", {"region": "us-east-1"})
+    fs.write_bytes(loc, b"here")
+    assert fs.read_bytes(fs.resolve(bucket + "/x.txt")) == b"here"

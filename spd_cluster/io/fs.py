@@ -83,6 +83,9 @@ def resolve(where: str, options: Optional[dict[str, Any]] = None) -> Location:
         cls = _FS_CLASSES.get(scheme.lower())
         if cls is None:
             raise ValueError(f"{where}: filesystem options are for {', '.join(sorted(_FS_CLASSES))} URIs")
+        if cls == "S3FileSystem" and "endpoint_override" not in options and os.environ.get("AWS_ENDPOINT_URL"):
+            # from_uri reads AWS_ENDPOINT_URL, the constructor does not: the same endpoint either way
+            options = {**options, "endpoint_override": os.environ["AWS_ENDPOINT_URL"]}
         try:
             fs = getattr(pafs, cls)(**options)
         except TypeError as e:
