@@ -398,3 +398,25 @@ def test_kill_cancel_terminate_resume(tiny, tmp_path):
     assert st["state"] == "completed" and st["shards_done"] == 12 and st["prompts_done"] == n and st["eta_s"] is None
     assert st["tokens"] == df.num_generated_tokens.sum() == ex.num_generated_tokens
     assert st["tokens_per_s"] == pytest.approx(ex.e2e_throughput, rel=1e-3)
+
+
+def test_a_pair_prefetches_only_what_no_idle_pair_needs():
+    """Each pair takes a shard when it holds none and a next one while more shards wait than the
+    other pairs with nothing to run: at a job's tail the last shards go to the idle pairs."""
+    from collections import deque
+    from types import SimpleNamespace as NS
+
+    run = coordinator._Run.__new__(coordinator._Run)
+    busy, starting = NS(state="busy", holding={"r": 0}), NS(state="starting", holding={})
+    dead = NS(state="dead", holding={})
+    run.pairs, run.retry = [busy, starting, dead], deque()
+    run.unsent = 2
+    assert run._may_take(busy)  # 2 waiting, 1 pair would idle: one of them may wait behind the busy one
+    run.unsent = 1
+    assert not run._may_take(busy) and not run._may_take(starting)  # the last one is the starting pair's
+    starting.state = "ready"
+    assert run._may_take(starting)
+    run.retry.append(("shard", 2))
+    assert run._may_take(busy)  # a re-queued shard counts as waiting too
+    busy.holding = {"r": 0, "s": 1}
+    assert not run._may_take(busy)  # PREFETCH

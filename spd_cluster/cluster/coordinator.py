@@ -4,7 +4,7 @@ Before anything loads: the dataset is scanned once (bad files fail here; the aud
 drawn in the same pass), the output is proven writable, and an existing output is checked
 (resume only with the same config; see JobConfig.output_identity). Then every pair holds up to
 PREFETCH shards (the one it runs and the next, waiting on the actor), so it never idles on the
-driver, and a faster pair takes more. The pair writes each shard's results file itself, whole
+driver, and a faster pair takes more (a next shard only while no other pair would idle: _may_take). The pair writes each shard's results file itself, whole
 and under its final name only once complete (io/results.py), and returns the shard's record
 alone: the driver never holds generated text. A shard whose pair died (or failed) goes back to
 the front of the queue for any pair, up to ``cluster.max_retries`` times; Ray restarts the dead
@@ -232,6 +232,7 @@ class _Run:
         self.shards: Iterator[Shard] = (s for s in iter_shards(info, shard_size, cfg.dataset.prompt_column,
                                                                cfg.dataset.id_column) if s.shard_id not in records)
         self.exhausted = False
+        self.unsent = info.num_shards(shard_size) - len(records)  # shards never dispatched in this run
         self.retry: deque[tuple[Shard, int]] = deque()
         self.inflight: dict = {}
         self.failed: dict[int, str] = {}
@@ -291,7 +292,19 @@ class _Run:
         if s is None:
             self.exhausted = True
             return None
+        self.unsent -= 1
         return s, 1
+
+    def _may_take(self, pair) -> bool:
+        """A pair takes a shard when it holds none; a next one (up to PREFETCH) only while more
+        shards wait than the other pairs with nothing to run, so at the tail of a job the last
+        shards go to pairs that would idle, not behind a busy one."""
+        if pair.state not in ("ready", "busy") or len(pair.holding) >= PREFETCH:
+            return False
+        if not pair.holding:
+            return True
+        empty = sum(1 for q in self.pairs if q is not pair and q.state != "dead" and not q.holding)
+        return self.unsent + len(self.retry) > empty
 
     def _dispatch(self, pair, shard: Shard, attempt: int) -> None:
         picked = set(self.audit_picks.get(shard.shard_id, ()))
@@ -381,7 +394,7 @@ class _Run:
 
         while True:
             for pair in self.pairs:
-                while pair.state in ("ready", "busy") and len(pair.holding) < PREFETCH:
+                while self._may_take(pair):
                     item = self._next_shard()
                     if item is None:
                         break
