@@ -108,13 +108,6 @@ def read_job(out: str | Path) -> Optional[dict]:
         return None
 
 
-def shard_records(out: str | Path) -> dict[int, dict]:
-    """The records of the shards written in OUT, by shard id (what resume reads)."""
-    from .io import results as rio
-
-    return rio.load_records(out)[0]
-
-
 def job_status(out: str | Path, now: Optional[float] = None) -> dict:
     """Where the job in OUT stands. Raises FileNotFoundError when OUT holds no job."""
     from .io.fs import location
@@ -125,7 +118,9 @@ def job_status(out: str | Path, now: Optional[float] = None) -> dict:
         raise FileNotFoundError(f"{out}: no job.json (not a job's output, or the job never started)")
     now = time.time() if now is None else now
     num_shards = job.get("num_shards")
-    recs = {k: r for k, r in shard_records(out).items() if num_shards is None or k < num_shards}
+    from .io.results import load_records
+
+    recs = {k: r for k, r in load_records(out)[0].items() if num_shards is None or k < num_shards}
     state, why = job.get("status", "unknown"), None
     if state == "running":
         why = driver_gone(job, now)
