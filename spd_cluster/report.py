@@ -105,11 +105,12 @@ def load_job(out: str | Path | Location) -> JobData:
     out = location(out)
     notes: list[str] = []
     job = rio.read_job_json(out)
-    records, stale = rio.load_records(out)
+    on_disk = rio.written_shards(out)  # one listing, for the records and the rows
+    records, stale = rio.load_records(out, on_disk=on_disk)
     for loc in stale:
         notes.append(f"results/{loc.name} unreadable ({'no shard record' if loc.is_file() else 'gone'}); skipped")
     frames = []
-    for loc in rio.written_shards(out).values():
+    for loc in on_disk.values():
         if loc in stale:
             continue
         try:
