@@ -1,8 +1,9 @@
 """Host milliseconds per engine step, every mode, with sessions whose forwards cost nothing.
 
-A ``FreeSession`` checks its inputs as every session does and hands back preallocated logits of
-the real vocabulary size (fixed random values, so argmaxes vary), so what a step costs here is
-the engine's own work around the device: proposing, building the call, verifying, bookkeeping.
+A ``FreeSession`` checks its inputs as every session does and hands back preallocated outputs:
+logits of the real vocabulary size (fixed random values, so argmaxes vary) or, with ``argmax``,
+their argmax (the device's work, done once here), so what a step costs here is the engine's own
+work around the device: proposing, building the call, verifying, bookkeeping, adaptive k.
 On a card a 1B-class decode step takes ~10 ms; this is what the host adds to each.
 
     python bench/bench_host.py                   # fbs 1 and 4, vocabularies 49k and 152k
@@ -16,7 +17,7 @@ import time
 
 import numpy as np
 
-from spd_cluster.engine import SpDEngine, SpDSettings
+from spd_cluster.engine import SpDEngine, SpDSettings, StepCost
 from spd_cluster.sessions.base import check_inputs
 
 
@@ -26,12 +27,19 @@ class FreeSession:
         self.eos_token_ids: list[int] = []
         rng = np.random.default_rng(seed)
         tail = (num_heads + 1,) if num_heads else ()
-        self._pool = rng.standard_normal((full_batch_size, 8) + tail + (vocab_size,), dtype=np.float32)
+        self._pool = rng.standard_normal((full_batch_size, 16) + tail + (vocab_size,), dtype=np.float32)
+        self._tokens = self._pool[:, :, 0].argmax(-1) if num_heads else self._pool.argmax(-1)
+        self._heads = self._pool[:, 0, 1:].argmax(-1), np.full((full_batch_size, num_heads), 0.5, np.float32)
 
     def run(self, inputs):
         c = check_inputs(inputs, self.full_batch_size, self.ctx_len)
         b, n = c.input_ids.shape[0], c.num_logits
-        return {"logits": self._pool[:b, :n]}
+        if not c.argmax:
+            return {"logits": self._pool[:b, :n] if c.head_guesses or not self.num_heads else self._pool[:b, :n, 0]}
+        out = {"tokens": self._tokens[:b, :n]}
+        if self.num_heads and c.head_guesses:
+            out["head_tokens"], out["head_probs"] = self._heads[0][:b], self._heads[1][:b]
+        return out
 
 
 def prompts(count: int, length: int, seed: int) -> list[list[int]]:
@@ -49,7 +57,9 @@ def host_ms_per_step(mode: str, fbs: int, vocab: int, steps: int, k: int) -> flo
                     full_batch_size=fbs, ignore_eos=True)
     target = FreeSession(fbs, s.ctx_len, vocab, num_heads=k if mode == "multiproj" else 0)
     draft = FreeSession(fbs, s.ctx_len, vocab, seed=1) if mode == "draft" else None
-    engine = SpDEngine(mode, target, None, s, draft=draft, eos_token_ids=[])
+    # a verify that costs a little more per token, as on a card: adaptive k runs its choice each step
+    cost = StepCost([0.010 * (1 + 0.05 * w) for w in range(k + 1)], draft_s=0.001)
+    engine = SpDEngine(mode, target, None, s, draft=draft, eos_token_ids=[], step_cost=cost)
     work = prompts(fbs, 200, seed=fbs)
     engine.generate(work[:1])  # warm-up
     t0 = time.perf_counter()

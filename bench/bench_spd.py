@@ -1,12 +1,15 @@
 """SpD modes against the target-only baseline, measured in the same run on the same session code.
 
     python bench/bench_spd.py [--target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --dtype bfloat16]
-                              [--new 96] [--k-draft 4] [--k-pld 6] [--k-multiproj 4] [--modes baseline,draft,pld,multiproj]
+                              [--new 96] [--k-draft 5] [--k-pld 8] [--k-multiproj 4] [--modes baseline,draft,pld]
+                              [--fixed-k]
 
 Two prompt sets, each through the tokenizer's chat template: open generation, and copy-heavy
-(edit this code, quote this text). Prints per set and mode: decode tok/s, speedup over the baseline,
-mean accepted tokens per step, and whether every output is token-identical to the baseline's.
-multiproj runs with random heads (trained heads: bench/bench_heads.py).
+(edit this code, quote this text, convert this CSV). Prints per set and mode: decode tok/s,
+speedup over the baseline, mean accepted tokens per step, the share of steps that proposed
+anything, and whether every output is token-identical to the baseline's. k is adaptive (the
+engine's default: each step proposes 0..k tokens, engine/adaptive.py); ``--fixed-k`` always
+proposes k. multiproj runs with random heads (trained heads: bench/bench_heads.py).
 """
 
 from __future__ import annotations
@@ -43,6 +46,13 @@ TEXT = ("The committee met on Tuesday to review the budget for the coming year. 
         "discussion, the members agreed to increase funding for the library, to repair the roof of "
         "the community hall, and to hire two additional staff for the summer programme.")
 
+CSV = """name,city,age,role
+Alice Martin,Lyon,34,engineer
+Bruno Costa,Porto,41,manager
+Chen Wei,Suzhou,29,designer
+Dana Levi,Haifa,38,analyst
+"""
+
 PROMPT_SETS = {
     "open": [
         "Write a short story about a robot who learns to paint.",
@@ -52,6 +62,7 @@ PROMPT_SETS = {
         f"Rename the function compute_total to order_total everywhere in this code and return the full code:\n\n{CODE}",
         f"Add type hints to every function in this code and return the complete code:\n\n{CODE}",
         f"Quote the following paragraph exactly, then give it a title:\n\n{TEXT}",
+        f"Convert this CSV to a JSON list of objects, one per row:\n\n{CSV}",
     ],
 }
 
@@ -71,10 +82,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--k-draft", type=int, default=4)
-    ap.add_argument("--k-pld", type=int, default=6)
+    ap.add_argument("--k-draft", type=int, default=5)
+    ap.add_argument("--k-pld", type=int, default=8)
     ap.add_argument("--k-multiproj", type=int, default=4)
-    ap.add_argument("--modes", default="baseline,draft,pld,multiproj")
+    ap.add_argument("--modes", default="baseline,draft,pld")
+    ap.add_argument("--fixed-k", action="store_true", help="always propose k (adaptive_k off)")
     ap.add_argument("--sets", default="open,copy-heavy")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,15 +98,17 @@ def main() -> None:
     pack = True  # as load_session: CPU linears on few-row kernels (oneDNN float32, AVX2 bfloat16)
     k = {"baseline": 1, "draft": args.k_draft, "pld": args.k_pld, "multiproj": args.k_multiproj}
     print(f"target {args.target} ({args.dtype}), draft {args.draft}, {args.new} new tokens, greedy, "
-          f"batch 1, {args.threads} threads, chat template, CPU kernels: {pack}")
+          f"batch 1, {args.threads} threads, chat template, CPU kernels: {pack}, k {'fixed' if args.fixed_k else 'adaptive'}")
     for set_name in args.sets.split(","):
         prompts = PROMPT_SETS[set_name]
         print(f"\n[{set_name}] {len(prompts)} prompts")
-        print(f"{'mode':10} {'k':>2} {'decode tok/s':>12} {'e2e tok/s':>10} {'speedup':>8} {'accepted/step':>13} identical")
+        print(f"{'mode':10} {'k':>2} {'decode tok/s':>12} {'e2e tok/s':>10} {'speedup':>8} {'accepted/step':>13} "
+              f"{'proposing':>9} identical")
         base = None
         for mode in modes:
             settings = SpDSettings(num_speculative_tokens=k[mode], prefill_seq_len=64, ctx_len=1024,
-                                   max_new_tokens=args.new, full_batch_size=1, chat_template=True)
+                                   max_new_tokens=args.new, full_batch_size=1, chat_template=True,
+                                   adaptive_k=not args.fixed_k)
             heads = random_heads(target.config.hidden_size, k[mode]) if mode == "multiproj" else None
             session = TorchSession(target, 1, settings.ctx_len, heads=heads, pack=pack)
             d = TorchSession(draft, 1, settings.ctx_len, pack=pack) if mode == "draft" else None
@@ -106,8 +120,10 @@ def main() -> None:
             if base is None:
                 base = (m.decode_throughput, ids)
             same = ids == base[1]
+            proposing = (m.proposed_per_position[0] / m.num_row_steps) if m.proposed_per_position and m.num_row_steps else 0.0
             print(f"{mode:10} {k[mode]:>2} {m.decode_throughput:12.2f} {m.e2e_throughput:10.2f} "
-                  f"{m.decode_throughput / base[0]:7.2f}x {m.mean_num_accepted_tokens:13.2f} {same}")
+                  f"{m.decode_throughput / base[0]:7.2f}x {m.mean_num_accepted_tokens:13.2f} {proposing:9.0%} {same}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -152,11 +152,18 @@ class JobConfig(_Strict):
     # error rows (finish_reason "error") above this share of the dataset fail the job (exit 1)
     max_error_fraction: float = Field(0.1, ge=0.0, le=1.0)
 
+    @property
+    def method(self):
+        """The mode's entry in the registry (engine/modes.py)."""
+        from .engine.modes import mode
+
+        return mode(self.mode)
+
     @model_validator(mode="after")
     def _mode(self) -> "JobConfig":
-        if self.mode == "draft":
+        if self.method.needs_draft:
             if self.draft is None:
-                raise ValueError("mode 'draft' needs a 'draft' section (draft: {model: ...})")
+                raise ValueError(f"mode {self.mode!r} needs a 'draft' section (draft: {{model: ...}})")
             t, d = self.target, self.draft
             if t.device == d.device == "qaic" and t.device_ids and d.device_ids:
                 shared = sorted(set(t.device_ids) & set(d.device_ids))
@@ -174,8 +181,8 @@ class JobConfig(_Strict):
         ident = {
             "mode": d["mode"],
             "target": _spec_identity(d["target"]),
-            "draft": _spec_identity(d["draft"]) if self.mode == "draft" else None,
-            "speculator_path": d["speculator_path"] if self.mode == "multiproj" else None,
+            "draft": _spec_identity(d["draft"]) if self.method.needs_draft else None,
+            "speculator_path": d["speculator_path"] if self.method.uses_heads else None,
             "dataset": d["dataset"],
             "spd": d["spd"],
             "shard_size": d["cluster"]["shard_size"],

@@ -54,6 +54,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .engine.modes import MODES, mode as mode_of
 from .io import results as rio
 from .io.fs import Location, location
 
@@ -229,7 +230,7 @@ def compute(data: JobData) -> Figures:
     if use_ei and ei.get("proposed_per_position") is not None:
         proposed, accepted = _sum_lists([ei["proposed_per_position"]]), _sum_lists([ei["accepted_per_position"]])
     k = int(k) if k is not None else len(proposed)
-    if mode == "baseline":
+    if mode in MODES and not mode_of(mode).speculates:
         k = 0
     prompts_total = (job or {}).get("dataset", {}).get("num_rows") if job else None
     if prompts_total is None and ei is not None:
@@ -311,7 +312,7 @@ def compute(data: JobData) -> Figures:
             mean_acc = float(prompt_means.mean())
     step_counts: dict[int, int] = {}
     step_source = ""
-    if row_steps and (len(accepted) or mode == "baseline" or k == 0):
+    if row_steps and (len(accepted) or k == 0):
         a = list(accepted) + [0]
         step_counts = {1: row_steps - (a[0] if accepted else 0)}
         for j in range(1, len(a)):

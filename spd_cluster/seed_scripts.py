@@ -22,12 +22,44 @@ def optional_int(x: str | None) -> int | None:
     return None if x in (None, "None", "none", "") else int(x)
 
 
+def _draft_flags(p) -> None:
+    p.add_argument("--confidence-threshold", type=float, default=0.0,
+                   help="stop proposing once the product of the proposals' probabilities falls below this; 0 = off")
+    p.add_argument("--draft-model-name", default=DEFAULT_MODEL)
+    p.add_argument("--target-model-name", default=DEFAULT_MODEL)
+    p.add_argument("--draft-device-group", type=comma_separated_ints, default=[0])
+    p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+
+
+def _pld_flags(p) -> None:
+    p.set_defaults(num_speculative_tokens=3, ctx_len=1024)
+    p.add_argument("--target-model-name", default=DEFAULT_MODEL)
+    p.add_argument("--max-ngram-size", type=int, default=3)
+
+
+def _multiproj_flags(p) -> None:
+    p.add_argument("--confidence-threshold", type=float, default=0.0,
+                   help="stop proposing once the product of the heads' probabilities falls below this; 0 = off")
+    p.add_argument("--pretrained-model-name-or-path", dest="target_model_name", default=DEFAULT_MODEL,
+                   help="target model")
+    p.add_argument("--speculator-path", default=None, help="heads directory, if not in the model directory")
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="also propose what followed the latest earlier match of the text's tail, when that is "
+                        "longer than the heads' guesses and starts with the same token")
+    p.add_argument("--max-ngram-size", type=int, default=3, help="with --prompt-lookup: longest n-gram looked up")
+
+
+# each seed script's own flags (QEfficient's draft_spd_inference.py, pld_spd_inference.py,
+# multiprojs_spd_inference.py), by the mode it runs
+SCRIPT_FLAGS = {"draft": _draft_flags, "pld": _pld_flags, "multiproj": _multiproj_flags}
+
+
 def parser(mode: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=f"{mode} speculative decoding (spd_cluster engine)")
     p.add_argument("--prompts", action="append", default=None, help="input prompt (repeatable)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4 if mode != "pld" else 3)
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
     p.add_argument("--prefill-seq-len", type=int, default=32)
-    p.add_argument("--ctx-len", type=int, default=128 if mode != "pld" else 1024)
+    p.add_argument("--ctx-len", type=int, default=128)
     p.add_argument("--prefill-bsz", type=int, default=1, help="accepted for compatibility; prefill runs one prompt at a time")
     p.add_argument("--full-batch-size", type=optional_int, default=None,
                    help="KV slots decoded together (continuous batching); default: 1")
@@ -41,36 +73,22 @@ def parser(mode: str) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0, help="with the prompt's index, seeds its random stream")
-    if mode != "pld":
-        p.add_argument("--confidence-threshold", type=float, default=0.0,
-                       help="stop proposing once the product of the proposals' probabilities falls below this; 0 = off")
-    if mode == "draft":
-        p.add_argument("--draft-model-name", default=DEFAULT_MODEL)
-        p.add_argument("--target-model-name", default=DEFAULT_MODEL)
-        p.add_argument("--draft-device-group", type=comma_separated_ints, default=[0])
-        p.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    elif mode == "pld":
-        p.add_argument("--target-model-name", default=DEFAULT_MODEL)
-        p.add_argument("--max-ngram-size", type=int, default=3)
-    else:
-        p.add_argument("--pretrained-model-name-or-path", default=DEFAULT_MODEL, help="target model")
-        p.add_argument("--speculator-path", default=None, help="heads directory, if not in the model directory")
-        p.add_argument("--prompt-lookup", action="store_true",
-                       help="also propose what followed the latest earlier match of the text's tail, when that is "
-                            "longer than the heads' guesses and starts with the same token")
-        p.add_argument("--max-ngram-size", type=int, default=3, help="with --prompt-lookup: longest n-gram looked up")
+    # what a script without the flag runs with
+    p.set_defaults(max_ngram_size=3, confidence_threshold=0.0, prompt_lookup=False, draft_model_name=None,
+                   draft_dtype=None, draft_device_group=None, speculator_path=None)
+    SCRIPT_FLAGS[mode](p)
     return p
 
 
 def main(mode: str, argv: list[str] | None = None) -> None:
     args = parser(mode).parse_args(argv)
     prompts = args.prompts or DEFAULT_PROMPTS
-    target = getattr(args, "target_model_name", None) or args.pretrained_model_name_or_path
+    target = args.target_model_name
     settings = SpDSettings(
         num_speculative_tokens=args.num_speculative_tokens,
-        max_ngram_size=getattr(args, "max_ngram_size", 3),
-        confidence_threshold=getattr(args, "confidence_threshold", 0.0),
-        prompt_lookup=getattr(args, "prompt_lookup", False),
+        max_ngram_size=args.max_ngram_size,
+        confidence_threshold=args.confidence_threshold,
+        prompt_lookup=args.prompt_lookup,
         prefill_seq_len=args.prefill_seq_len,
         ctx_len=args.ctx_len,
         max_new_tokens=args.max_new_tokens or args.ctx_len,
@@ -84,9 +102,9 @@ def main(mode: str, argv: list[str] | None = None) -> None:
     )
     engine = build_engine(
         mode, settings, target, dtype=args.dtype, device=args.device,
-        draft_model=getattr(args, "draft_model_name", None), draft_dtype=getattr(args, "draft_dtype", None),
-        speculator_path=getattr(args, "speculator_path", None),
-        target_device_ids=args.target_device_group, draft_device_ids=getattr(args, "draft_device_group", None),
+        draft_model=args.draft_model_name, draft_dtype=args.draft_dtype,
+        speculator_path=args.speculator_path,
+        target_device_ids=args.target_device_group, draft_device_ids=args.draft_device_group,
     )
     exec_info = engine.generate(prompts)
     print(exec_info)

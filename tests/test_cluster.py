@@ -202,11 +202,11 @@ def test_remote_draft_proposer_is_the_in_process_one(tiny, local_ray, sampling):
     from spd_cluster.sessions import load_session, load_tokenizer
 
     s = SpDSettings(num_speculative_tokens=3, max_new_tokens=20, ctx_len=128, prefill_seq_len=16, full_batch_size=2,
-                    ignore_eos=True, **sampling)
+                    ignore_eos=True, adaptive_k=False, **sampling)
     sess = lambda: load_session(tiny, full_batch_size=2, ctx_len=128)  # noqa: E731
     tok = load_tokenizer(tiny)
     local = SpDEngine("draft", sess(), tok, s, draft=sess()).generate(GOOD[:5])
-    handle = _Handle(DraftServer(DraftProposer(sess(), s.prefill_seq_len, s.num_speculative_tokens, sampling=s)))
+    handle = _Handle(DraftServer(DraftProposer(sess(), s.prefill_seq_len, sampling=s)))
     remote = RemoteDraftProposer(handle)
     got = SpDEngine("draft", sess(), tok, s, proposer=remote).generate(GOOD[:5])
     assert [list(x) for x in got.generated_ids] == [list(x) for x in local.generated_ids]
@@ -394,7 +394,8 @@ def test_draft_mode_over_two_actors(tiny, local_ray, tmp_path):
     """Draft == target: every proposal is accepted (k + 1 per step), and the output is the
     target's greedy output, as in the in-process engine."""
     ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(GOOD[:4])])
-    over = {"spd.ignore_eos": "true", "spd.max_new_tokens": 21}  # 1 + 5 steps of k + 1 = 4
+    # 1 + 5 steps of k + 1 = 4; k fixed (adaptive k would not run a draft as dear as the target)
+    over = {"spd.ignore_eos": "true", "spd.max_new_tokens": 21, "spd.adaptive_k": "false"}
     cfg = make_cfg(tiny, ds, tmp_path / "out", mode="draft", **{"draft.model": tiny, "cluster.num_pairs": 1}, **over)
     res = run_job(cfg, progress=False)
     assert res.exec_info.perf_metrics.mean_num_accepted_tokens == 4.0

@@ -75,7 +75,7 @@ def test_lossless_on_qwen2():
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_draft_equal_to_target_accepts_everything(k):
     steps = 4
-    info = engine("draft", k, 2, draft=TARGET, ignore_eos=True,
+    info = engine("draft", k, 2, draft=TARGET, ignore_eos=True, adaptive_k=False,
                   max_new_tokens=1 + steps * (k + 1)).generate(PROMPTS[:3])
     m = info.perf_metrics
     assert m.mean_num_accepted_tokens == k + 1
@@ -100,7 +100,7 @@ def test_prompt_lookup_accepts_more_than_one_on_repetition():
 def test_prompt_lookup_proposes_nothing_without_a_match():
     from spd_cluster.engine import PromptLookupProposer
 
-    p = PromptLookupProposer(max_ngram_size=3, num_speculative_tokens=4)
+    p = PromptLookupProposer(max_ngram_size=3)
     assert p.lookup(np.array([1, 2, 3, 4, 5]), 4).size == 0
     assert p.lookup(np.array([1, 2, 3, 9, 1, 2]), 4).tolist() == [3, 9, 1, 2]
     # the longest n-gram wins over a more recent shorter one
@@ -113,36 +113,44 @@ def test_multiproj_proposes_from_the_heads():
     assert info.num_speculative_tokens == 4
 
 
+def heads_found(tokens, probs):
+    """What a verify of one row found, as multiproj learns it: the heads' guesses only."""
+    from spd_cluster.engine.verifier import Verified
+
+    return Verified(np.zeros(1, np.int64), np.zeros((1, 1), np.int64), np.asarray(tokens)[None], np.asarray(probs)[None])
+
+
 def test_confident_count_keeps_the_leading_proposals_whose_probabilities_multiply_above_the_threshold():
-    from spd_cluster.engine.proposers import MultiProjProposer, confident_count, greedy_guesses, top_prob
+    from spd_cluster.engine.proposers import MultiProjProposer, confident_count
+    from spd_cluster.engine.verifier import greedy_guesses, top_prob
 
     probs = np.array([0.9, 0.8, 0.5, 0.99])  # running products 0.9, 0.72, 0.36, 0.356
     assert [confident_count(probs, t) for t in (0.0, 0.3, 0.5, 0.72, 0.95)] == [4, 4, 2, 2, 0]
     logits = np.log(np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.5, 0.0, 0.5]]) + 1e-30)
     np.testing.assert_allclose(top_prob(logits), [0.9, 0.8, 0.5], rtol=1e-6)
     p = MultiProjProposer(3, confidence_threshold=0.7)
-    p.remember(0, *greedy_guesses(logits))
-    assert p.propose([0], [np.array([1])], [3])[0].tolist() == [0, 1]
+    p.learn([0], heads_found(*greedy_guesses(logits)))
+    assert p.propose([0], [np.array([1])], [3]).tokens[0].tolist() == [0, 1]
     p.threshold = 0.0
-    p.remember(0, *greedy_guesses(logits))
-    assert p.propose([0], [np.array([1])], [2])[0].tolist() == [0, 1]
+    p.learn([0], heads_found(*greedy_guesses(logits)))
+    assert p.propose([0], [np.array([1])], [2]).tokens[0].tolist() == [0, 1]
 
 
 def test_multiproj_prompt_lookup_replaces_shorter_guesses_that_agree():
     from spd_cluster.engine.proposers import MultiProjProposer, PromptLookupProposer
 
-    p = MultiProjProposer(4, confidence_threshold=0.5, lookup=PromptLookupProposer(3, 4))
+    p = MultiProjProposer(4, confidence_threshold=0.5, lookup=PromptLookupProposer(3))
     seq = np.array([4, 5, 6, 7, 8, 9, 1, 4, 5])  # tail [4, 5] occurred before: lookup finds [6, 7, 8, 9]
-    p.remember(0, np.array([6, 3, 3, 3]), np.array([0.9, 0.2, 0.9, 0.9]))  # heads keep [6]
-    assert p.propose([0], [seq], [4])[0].tolist() == [6, 7, 8, 9]
-    assert p.propose([0], [seq], [2])[0].tolist() == [6, 7]  # limits still hold
-    p.remember(0, np.array([2, 3, 3, 3]), np.array([0.9, 0.2, 0.9, 0.9]))  # heads disagree: they win
-    assert p.propose([0], [seq], [4])[0].tolist() == [2]
-    p.remember(0, np.array([6, 3, 3, 3]), np.array([0.1, 0.9, 0.9, 0.9]))  # heads guess nothing
-    assert p.propose([0], [seq], [4])[0].tolist() == [6, 7, 8, 9]
-    p.remember(0, np.array([6, 7, 8, 3]), np.array([0.9, 0.9, 0.9, 0.9]))  # heads as long: heads
-    assert p.propose([0], [seq], [3])[0].tolist() == [6, 7, 8]
-    assert p.propose([0], [np.array([1, 2, 3])], [4])[0].tolist() == [6, 7, 8, 3]  # no match
+    p.learn([0], heads_found(np.array([6, 3, 3, 3]), np.array([0.9, 0.2, 0.9, 0.9])))  # heads keep [6]
+    assert p.propose([0], [seq], [4]).tokens[0].tolist() == [6, 7, 8, 9]
+    assert p.propose([0], [seq], [2]).tokens[0].tolist() == [6, 7]  # limits still hold
+    p.learn([0], heads_found(np.array([2, 3, 3, 3]), np.array([0.9, 0.2, 0.9, 0.9])))  # heads disagree: they win
+    assert p.propose([0], [seq], [4]).tokens[0].tolist() == [2]
+    p.learn([0], heads_found(np.array([6, 3, 3, 3]), np.array([0.1, 0.9, 0.9, 0.9])))  # heads guess nothing
+    assert p.propose([0], [seq], [4]).tokens[0].tolist() == [6, 7, 8, 9]
+    p.learn([0], heads_found(np.array([6, 7, 8, 3]), np.array([0.9, 0.9, 0.9, 0.9])))  # heads as long: heads
+    assert p.propose([0], [seq], [3]).tokens[0].tolist() == [6, 7, 8]
+    assert p.propose([0], [np.array([1, 2, 3])], [4]).tokens[0].tolist() == [6, 7, 8, 3]  # no match
 
 
 @pytest.mark.parametrize("fbs", [1, 3])
@@ -166,7 +174,7 @@ def test_confidence_threshold_proposes_less_and_stays_lossless(mode, fbs):
     """Stopping a row's proposals early changes how many tokens a step can emit, never which."""
     proposed = {}
     for t in (0.0, 0.1, 0.2):  # random tiny models: top probabilities ~0.07-0.25
-        info = engine(mode, 4, fbs, confidence_threshold=t).generate(PROMPTS)
+        info = engine(mode, 4, fbs, confidence_threshold=t, adaptive_k=False).generate(PROMPTS)
         assert [ids.tolist() for ids in info.generated_ids] == REFERENCE
         proposed[t] = sum(info.perf_metrics.proposed_per_position)
     assert proposed[0.0] > proposed[0.1] > proposed[0.2]
@@ -183,7 +191,7 @@ def test_confident_draft_stops_running_early():
     counts = {}
     for t in (0.0, 0.99):
         settings = SpDSettings(num_speculative_tokens=4, prefill_seq_len=8, ctx_len=128, max_new_tokens=MAX_NEW,
-                               full_batch_size=1, confidence_threshold=t)
+                               full_batch_size=1, confidence_threshold=t, adaptive_k=False)
         Counting.calls = 0
         info = SpDEngine("draft", TorchSession(TARGET, 1, 128), None, settings, draft=Counting(DRAFT, 1, 128),
                          eos_token_ids=[EOS]).generate(PROMPTS[:3])
@@ -268,9 +276,11 @@ def test_printed_form_is_the_seeds():
     assert m.decode_time <= m.e2e_time and m.decode_target_time > 0
 
 
-def test_multiproj_on_demand_heads_equal_full_head_logits():
-    """The session's on-demand heads (TorchSession.head_guesses) and a session that returns every
-    head at every column (QEfficient's shape) give the same proposals, so the same steps."""
+def test_multiproj_device_argmax_equals_host_argmax_of_full_head_logits():
+    """The session's own argmax (heads only where each row's verified prefix ends) and a session
+    that returns every head at every column (QEfficient's shape), its argmax taken on the host
+    from those logits, give the same proposals, so the same steps."""
+    from spd_cluster.sessions.base import argmax_outputs, check_inputs, keep_index
 
     class FullHeads:
         def __init__(self, session):
@@ -279,12 +289,16 @@ def test_multiproj_on_demand_heads_equal_full_head_logits():
             self.vocab_size, self.num_heads = session.vocab_size, session.num_heads
 
         def run(self, inputs):
-            return self.session.run(inputs)
+            x = check_inputs(inputs, self.full_batch_size, self.ctx_len)
+            logits = self.session.run({**inputs, "argmax": np.array(False)})["logits"]
+            assert logits.ndim == (4 if x.head_guesses else 3)
+            if not x.argmax:
+                return {"logits": logits}
+            return argmax_outputs(x, keep_index(x.position_ids, x.num_logits), logits, self.num_heads)
 
-    fast = engine("multiproj", 4, 3)
+    fast = engine("multiproj", 4, 3, adaptive_k=False)
     full = SpDEngine("multiproj", FullHeads(TorchSession(TARGET, 3, 128, heads=random_heads())), None,
                      fast.settings, eos_token_ids=[EOS])
-    assert fast.defer_heads and not full.defer_heads
     a, b = fast.generate(PROMPTS), full.generate(PROMPTS)
     assert [x.tolist() for x in a.generated_ids] == [x.tolist() for x in b.generated_ids] == REFERENCE
     assert a.perf_metrics.accepted_per_position == b.perf_metrics.accepted_per_position

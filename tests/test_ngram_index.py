@@ -34,13 +34,13 @@ def test_index_finds_what_a_full_search_finds(max_n, vocab):
 
 
 def test_a_slot_starts_afresh_and_a_shorter_row_is_reindexed():
-    p = PromptLookupProposer(max_ngram_size=2, num_speculative_tokens=3)
+    p = PromptLookupProposer(max_ngram_size=2)
     a = np.array([1, 2, 3, 1, 2])
     p.start(0, a)
-    assert p.propose([0], [a], [3])[0].tolist() == [3, 1, 2]
+    assert p.propose([0], [a], [3]).tokens[0].tolist() == [3, 1, 2]
     b = np.array([7, 8, 7])
     p.start(0, b)  # a new prompt in slot 0: nothing of a's index is left
-    assert p.propose([0], [b], [3])[0].tolist() == [8, 7]
+    assert p.propose([0], [b], [3]).tokens[0].tolist() == [8, 7]
     index = NgramIndex(2)
     index.find(a, 3)
     np.testing.assert_array_equal(index.find(b, 3), search(b, 2, 3))

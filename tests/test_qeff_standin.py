@@ -212,8 +212,8 @@ def test_heads_with_a_head_vocab_propose_what_our_session_proposes(models, tmp_p
     sub = random_heads(tmp_path / "sub", 3, seed=5, vocab=vocab)
     card = session(tdir, "target", 1, 3, sub).run(feed)["logits"][0, 0, 1:]
     torch_s = TorchSession(model, 1, CTX, heads=TurboHeads.load(sub))
-    torch_s.run({**feed, "defer_heads": np.array(True)})
-    tokens, probs = torch_s.head_guesses(np.zeros(1, np.int64))
+    out = torch_s.run({**feed, "argmax": np.array(True)})
+    tokens, probs = out["head_tokens"], out["head_probs"]
     np.testing.assert_array_equal(card.argmax(-1), tokens[0])
     e = np.exp(card - card.max(-1, keepdims=True))
     np.testing.assert_allclose((e / e.sum(-1, keepdims=True)).max(-1), probs[0], atol=2e-3)

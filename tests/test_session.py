@@ -126,10 +126,11 @@ def test_heads_add_an_axis_and_keep_base_logits(model):
     assert not np.allclose(out[0, :, 1], out[0, :, 0])
 
 
-def test_head_guesses_are_the_argmax_over_head_vocab(model, tmp_path):
-    """Deferred heads: ``head_guesses`` gives each head's argmax and softmax probability, over the
-    full vocabulary, or over ``head_vocab`` only where the heads have one (also after a save/load
-    round trip); ids outside the vocabulary are refused."""
+def test_head_guesses_are_the_argmax_over_head_vocab_where_the_verified_prefix_ends(model, tmp_path):
+    """``argmax``: tokens are the base logits' argmax at every kept column; each head's argmax and
+    softmax probability come from the column where the row's verified prefix ends, over the full
+    vocabulary or over ``head_vocab`` only where the heads have one (also after a save/load round
+    trip); ``head_guesses`` False returns base outputs only; ids outside the vocabulary are refused."""
     torch.manual_seed(0)
     heads = TurboHeads(model.config.hidden_size, num_heads=2)
     for p in heads.parameters():
@@ -142,19 +143,27 @@ def test_head_guesses_are_the_argmax_over_head_vocab(model, tmp_path):
     assert loaded.vocab.tolist() == vocab.tolist()
     part = make(model, full_batch_size=1, ctx_len=32, heads=loaded)
     (toks,) = seqs(1, [7])
-    for s in (full, part):
-        s.run({"input_ids": np.array([toks]), "position_ids": np.arange(7)[None], "batch_index": np.zeros((1, 1), np.int64),
-               "num_logits_to_keep": np.zeros((2, 1), np.int64), "defer_heads": np.array(True)})
-    hidden = full.heads(torch.from_numpy(full._kept_hidden.numpy()[:, 1]))[:, 1:]  # [1, 2, D] at column 1
-    logits = (hidden @ model.lm_head.weight.T).detach().numpy()  # the heads' full logits, [1, 2, V]
+    call = {"input_ids": np.array([toks]), "position_ids": np.arange(7)[None], "batch_index": np.zeros((1, 1), np.int64),
+            "num_logits_to_keep": np.zeros((3, 1), np.int64)}
+    every = full.run(call)["logits"]  # [1, 3, H + 1, V]: the columns of tokens 4, 5, 6
+    base = every[0, :, 0].argmax(-1)
+    toks = list(toks)
+    toks[5] = int(base[0])  # the token after column 4 is what the base model chose there
+    toks[6] = (int(base[1]) + 1) % VOCAB  # and the one after column 5 is not: verified up to column 1
+    call["input_ids"] = np.array([toks])
+    every = full.run(call)["logits"]
+    logits = every[0, 1, 1:]  # [2, V]: the heads at kept column 1
     for s, ids in ((full, np.arange(VOCAB)), (part, vocab)):
-        tokens, probs = s.head_guesses(np.array([1]))
+        out = s.run({**call, "argmax": np.array(True)})
+        assert out["tokens"].tolist() == [every[0, :, 0].argmax(-1).tolist()]
         sub = logits[..., ids]
-        assert tokens.shape == probs.shape == (1, 2)
-        assert tokens.tolist() == ids[sub.argmax(-1)].tolist()
+        assert out["head_tokens"].shape == out["head_probs"].shape == (1, 2)
+        assert out["head_tokens"][0].tolist() == ids[sub.argmax(-1)].tolist()
         want = np.exp(sub.max(-1)) / np.exp(sub).sum(-1)
-        np.testing.assert_allclose(probs, want, rtol=1e-4)
-    assert set(part.head_guesses(np.array([1]))[0].ravel()) <= set(vocab.tolist())
+        np.testing.assert_allclose(out["head_probs"][0], want, rtol=1e-4)
+        plain = s.run({**call, "argmax": np.array(True), "head_guesses": np.array(False)})
+        assert set(plain) == {"tokens"}
+    assert full.run({**call, "head_guesses": np.array(False)})["logits"].shape == (1, 3, VOCAB)
     heads.vocab = torch.tensor([0, VOCAB])
     with pytest.raises(ValueError, match="head_vocab"):
         TorchSession(model, 1, 32, heads=heads)

@@ -124,9 +124,7 @@ class DraftServer:
         for s, d, full in zip(slots, deltas, resync):
             self.seqs[s] = d if full else np.concatenate([self.seqs.get(s, EMPTY), d])
         out = self.proposer.propose(list(slots), [self.seqs[s] for s in slots], list(limits))
-        if getattr(self.proposer, "sampling", None) is None:
-            return out, None
-        return out, [pack_probs(self.proposer.draft_probs(s)) if lim > 0 else None for s, lim in zip(slots, limits)]
+        return out.tokens, None if out.draft_probs is None else [pack_probs(q) for q in out.draft_probs]
 
 
 class RemoteDraftProposer:
@@ -139,29 +137,28 @@ class RemoteDraftProposer:
     go both ways; with sampling the draft's distributions come back too (sparse, exact), since
     the verifier needs them."""
 
+    forwards_per_token = 1
+
     def __init__(self, actor):
         self.actor = actor
         self.sent: dict[int, np.ndarray] = {}
-        self.q: dict[int, np.ndarray] = {}
         self._starts: list = []
         self.round_trips = 0
 
     def reset(self) -> None:
         """Forget everything (a new shard; after a failed one, stale start calls included)."""
         self.sent.clear()
-        self.q.clear()
         self._starts = []
 
     def start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
         ids = np.array(prompt_ids, dtype=np.int64).reshape(-1)
         self._starts.append(self.actor.draft_start.remote(slot, ids, key))
         self.sent[slot] = ids
-        self.q.pop(slot, None)
 
-    def draft_probs(self, slot: int) -> Optional[np.ndarray]:
-        return self.q.get(slot)
+    def learn(self, slots, verified) -> None:
+        pass  # the draft finds what was rejected by comparing with the next sequence
 
-    def propose(self, slots, seqs, limits) -> list[np.ndarray]:
+    def propose(self, slots, seqs, limits):
         import ray
 
         if self._starts:  # surface a failed start here; they ran before this step anyway
@@ -181,11 +178,9 @@ class RemoteDraftProposer:
             self.sent[s] = seq.copy()
         self.round_trips += 1
         out, qs = ray.get(self.actor.draft_step.remote(list(slots), deltas, resync, [int(x) for x in limits]))
-        if qs is not None:
-            for s, packed in zip(slots, qs):
-                if packed is not None:
-                    self.q[s] = unpack_probs(packed)
-        return out
+        from ..engine.proposers import Proposal
+
+        return Proposal(out, None if qs is None else [unpack_probs(q) for q in qs])
 
 
 # -- the actor ---------------------------------------------------------------------------------
@@ -220,6 +215,8 @@ class DeviceActor:
         self._live: list = [None, 0, 0, 0, 0]  # see live()
         self.threads = 1
         self._lock_fd: Optional[int] = None
+        self.remote_draft: Optional[RemoteDraftProposer] = None  # draft mode: the target's way to its draft
+        self.baseline = None  # the audit's target-only engine, built at the first audit
         t0 = time.perf_counter()
         try:
             cfg = JobConfig.model_validate(job)
@@ -255,7 +252,9 @@ class DeviceActor:
             self.session = self.engine.session
             return
 
-        s = cfg.spd
+        from ..engine.modes import draft_model, mode as mode_of
+
+        s, mode = cfg.spd, mode_of(cfg.mode)
         kwargs = dict(role=self.role, device=spec.device, dtype=spec.dtype, full_batch_size=s.full_batch_size,
                       ctx_len=s.ctx_len, prefill_seq_len=s.prefill_seq_len,
                       num_speculative_tokens=s.num_speculative_tokens)
@@ -264,14 +263,14 @@ class DeviceActor:
         kwargs["packed_linears"] = spec.cpu_kernels  # CPU only; other devices ignore it
         if spec.qaic is not None:
             kwargs["qaic"] = spec.qaic.model_dump()
-        if self.role == "target" and cfg.mode == "multiproj":
+        if self.role == "target" and mode.uses_heads:
             kwargs.update(with_heads=True, speculator_path=cfg.speculator_path)
         self.session = load_session(spec.model, **kwargs)
         if self.role == "draft":
             from ..engine.proposers import DraftProposer
 
-            self.server = DraftServer(DraftProposer(self.session, s.prefill_seq_len, s.num_speculative_tokens,
-                                                    sampling=s, confidence_threshold=s.confidence_threshold))
+            self.server = DraftServer(DraftProposer(self.session, s.prefill_seq_len, sampling=s,
+                                                    confidence_threshold=s.confidence_threshold))
             return
         from ..engine.engine import SpDEngine
         from ..sessions import load_tokenizer
@@ -279,11 +278,10 @@ class DeviceActor:
         # In draft mode the draft actor's handle comes with every call (not with the constructor:
         # a restarted target then needs nothing that may be gone, and a restarted draft is just
         # the same handle).
-        draft_mode = cfg.mode == "draft"
-        self.engine = SpDEngine(cfg.mode, self.session, load_tokenizer(spec.model), s,
-                                proposer=RemoteDraftProposer(None) if draft_mode else None,
-                                eos_token_ids=getattr(self.session, "eos_token_ids", None),
-                                target_name=spec.model, draft_name=cfg.draft.model if draft_mode else "")
+        self.remote_draft = RemoteDraftProposer(None) if mode.needs_draft else None
+        self.engine = SpDEngine(cfg.mode, self.session, load_tokenizer(spec.model), s, proposer=self.remote_draft,
+                                eos_token_ids=self.session.eos_token_ids, target_name=spec.model,
+                                draft_name=draft_model(cfg) or "")
 
     def _check(self) -> None:
         if self.error:
@@ -318,9 +316,9 @@ class DeviceActor:
 
         self._check()
         t0 = time.perf_counter()
-        if isinstance(self.engine.proposer, RemoteDraftProposer):
-            self.engine.proposer.reset()
-            self.engine.proposer.actor = draft
+        if self.remote_draft is not None:
+            self.remote_draft.reset()
+            self.remote_draft.actor = draft
         import torch
 
         torch.set_num_threads(self.threads)  # calls run on the actor's thread pool: keep its thread count
@@ -360,7 +358,7 @@ class DeviceActor:
     def _audit(self, shard_id: int, job_results: list, prompts: list, prompt_ids: list) -> list[dict]:
         from .audit import baseline_engine, run_audit
 
-        if getattr(self, "baseline", None) is None:
+        if self.baseline is None:
             self.baseline = baseline_engine(self.engine)
         return run_audit(self.engine, self.baseline, shard_id, job_results, prompts, prompt_ids)
 
@@ -380,8 +378,9 @@ class Pair:
     the actors once the group is placed, restarts a dead actor in its own bundle, and places the
     bundles of a dead node again; ``kill`` removes the group, freeing what it held."""
 
-    def __init__(self, pair_id: int, job: dict, mode: str, target_device: str, draft_device: Optional[str],
+    def __init__(self, pair_id: int, job: dict, mode, target_device: str, draft_device: Optional[str],
                  cpus: int, max_restarts: int):
+        """``mode``: the job's engine.modes.Mode (whether the pair has a draft actor)."""
         import ray
         from ray.util import placement_group
 
@@ -390,11 +389,11 @@ class Pair:
         cls = ray.remote(concurrency_groups={"live": 1})(DeviceActor)
         self.pair_id = pair_id
         self.draft = None
-        devices = [target_device] + ([draft_device] if mode == "draft" else [])
+        devices = [target_device] + ([draft_device] if mode.needs_draft else [])
         self.bundles = [bundle(d, cpus) for d in devices]
         self.pg = placement_group(self.bundles, strategy=PAIR_STRATEGY)
         self.placed = self.pg.ready()  # resolves once Ray has reserved every bundle
-        if mode == "draft":
+        if mode.needs_draft:
             self.draft = cls.options(**actor_options(draft_device, cpus, max_restarts, self.pg, 1)).remote(
                 "draft", job, pair_id)
         self.target = cls.options(**actor_options(target_device, cpus, max_restarts, self.pg, 0)).remote(

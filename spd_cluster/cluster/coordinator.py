@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 from ..config import JobConfig
 from .errors import JobCancelled, JobError  # noqa: F401 - re-exported
 from ..engine.metrics import CloudAI100ExecInfo
+from ..engine.modes import draft_model
 from ..io import results as rio
 from ..io.dataset import Shard, iter_shards
 from ..io import fs as fsmod
@@ -177,7 +178,7 @@ def check_job_models(cfg: JobConfig, prepare: bool = True) -> str:
     from ..engine.build import check_models
     from .validate import locate_model
 
-    draft = cfg.draft.model if cfg.mode == "draft" and cfg.draft else None
+    draft = draft_model(cfg)
     try:
         target_path, t_note = locate_model(cfg.target.model, prepare)
         draft_path, d_note = locate_model(draft, prepare) if draft else (None, "")
@@ -190,14 +191,14 @@ def check_job_models(cfg: JobConfig, prepare: bool = True) -> str:
         raise ConfigError(f"models (target.model={cfg.target.model!r}"
                           + (f", draft.model={draft!r}" if draft else "") + f"): {e}") from None
     checked = ("draft and target tokenizers match" if draft else
-               "heads found" if cfg.mode == "multiproj" else "")
+               "heads found" if cfg.method.uses_heads else "")
     return "; ".join(notes + ([checked] if checked else []))
 
 
 def local_qaic_resources(cfg: JobConfig) -> dict[str, float]:
     """The ``qaic`` resource of a local Ray: one per card the job's specs name (``device_ids``),
     else one per qaic actor the job starts (the onnxruntime stand-in has no cards to count)."""
-    specs = [cfg.target] + ([cfg.draft] if cfg.mode == "draft" else [])
+    specs = [cfg.target] + ([cfg.draft] if cfg.method.needs_draft else [])
     qaic = [s for s in specs if s.device == "qaic"]
     if not qaic:
         return {}
@@ -213,12 +214,12 @@ def _check_qaic_models(cfg: JobConfig) -> None:
     from ..sessions.qaic import check_qaic_model
     from ..store import resolve_model
 
-    roles = [("target", cfg.target)] + ([("draft", cfg.draft)] if cfg.mode == "draft" else [])
+    roles = [("target", cfg.target)] + ([("draft", cfg.draft)] if cfg.method.needs_draft else [])
     for role, spec in roles:
         if spec.device != "qaic":
             continue
         path = resolve_model(spec.model)
-        heads = TurboHeads.find(path, cfg.speculator_path) if role == "target" and cfg.mode == "multiproj" else None
+        heads = TurboHeads.find(path, cfg.speculator_path) if role == "target" and cfg.method.uses_heads else None
         check_qaic_model(path, role, None if heads is None else str(heads))
 
 
@@ -331,7 +332,7 @@ class _Run:
         from .actors import PAIR_STRATEGY, bundle
 
         c = self.cfg.cluster
-        roles = [("target", self.cfg.target)] + ([("draft", self.cfg.draft)] if self.cfg.mode == "draft" else [])
+        roles = [("target", self.cfg.target)] + ([("draft", self.cfg.draft)] if self.cfg.method.needs_draft else [])
         need = [bundle(spec.device, c.cpus_per_actor) for _, spec in roles]
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         keys = {k for b in need for k in b}
@@ -371,7 +372,7 @@ class _Run:
         # no more pairs than shards left to run (a resume of one shard starts one pair)
         todo = self.info.num_shards(self.shard_size) - len(self.records)
         for i in range(max(1, min(c.num_pairs, todo))):
-            pair = Pair(i, job, self.cfg.mode, self.cfg.target.device,
+            pair = Pair(i, job, self.cfg.method, self.cfg.target.device,
                         self.cfg.draft.device if self.cfg.draft else None, c.cpus_per_actor, c.max_retries)
             self.pairs.append(pair)
             self._probe(pair)
@@ -616,7 +617,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
     started, status, error = False, "failed", None
     try:
         if len(records) < num_shards:
-            per_pair = 2 if cfg.mode == "draft" else 1
+            per_pair = cfg.method.actors_per_pair
             with _keep_sigterm_handler():
                 started = init_ray(c.address, num_cpus=c.num_pairs * per_pair * c.cpus_per_actor,
                                    resources=local_qaic_resources(cfg))
@@ -669,7 +670,7 @@ def _finish(cfg: JobConfig, out: Location, records: dict, wall: float, batch_ttf
     recs = [records[k] for k in sorted(records)]
     metrics = reduce_metrics([metrics_from_record(r) for r in recs], wall,
                              num_ran=[r["num_prompts"] - r["num_errors"] for r in recs], batch_ttft=batch_ttft)
-    draft_name = cfg.draft.model if cfg.mode == "draft" and cfg.draft else ""
+    draft_name = draft_model(cfg) or ""
     exec_info = aggregate_exec_info(metrics, mode=cfg.mode, settings=cfg.spd, target_name=cfg.target.model,
                                     draft_name=draft_name)
     num_errors = sum(r["num_errors"] for r in recs)

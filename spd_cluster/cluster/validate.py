@@ -102,7 +102,7 @@ def _dataset(pf: Preflight) -> str:
 
     cfg = pf.cfg
     ds, c = cfg.dataset, cfg.cluster
-    pf.sample = Sample(cfg.audit.seed) if cfg.mode != "baseline" and cfg.audit.fraction > 0 else None
+    pf.sample = Sample(cfg.audit.seed) if cfg.method.speculates and cfg.audit.fraction > 0 else None
     info = scan(ds.path, ds.prompt_column, ds.id_column, ds.format, ds.filesystem,
                 observe=pf.sample.add if pf.sample is not None else None)
     pf.info, pf.ident = info, cfg.identity_hash(info.sha256)
@@ -231,7 +231,7 @@ def actor_needs(cfg: JobConfig) -> list[tuple[str, dict, int]]:
     from .actors import actor_options
 
     c = cfg.cluster
-    roles = [("target", cfg.target)] + ([("draft", cfg.draft)] if cfg.mode == "draft" else [])
+    roles = [("target", cfg.target)] + ([("draft", cfg.draft)] if cfg.method.needs_draft else [])
     out = []
     for role, spec in roles:
         o = actor_options(spec.device, c.cpus_per_actor, 0)

@@ -10,7 +10,8 @@ _EXPORTS = {
     "build_engine": "build", "check_models": "build", "PromptError": "engine", "SpDEngine": "engine",
     "CloudAI100ExecInfo": "metrics", "PromptResult": "metrics", "SpDPerfMetrics": "metrics",
     "DraftProposer": "proposers", "MultiProjProposer": "proposers", "NoProposer": "proposers",
-    "PromptLookupProposer": "proposers", "Proposer": "proposers", "MODES": "settings", "SpDSettings": "settings",
+    "PromptLookupProposer": "proposers", "Proposer": "proposers", "MODES": "modes", "mode": "modes",
+    "SpDSettings": "settings", "Proposal": "proposers", "Verified": "verifier", "StepCost": "adaptive",
 }
 __all__ = list(_EXPORTS)
 

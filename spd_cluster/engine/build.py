@@ -6,7 +6,8 @@ import logging
 from pathlib import Path
 
 from .engine import SpDEngine
-from .settings import MODES, SpDSettings
+from .modes import mode as mode_of
+from .settings import SpDSettings
 
 log = logging.getLogger("spd_cluster.engine")
 
@@ -21,10 +22,9 @@ def check_models(mode: str, target_model: str, draft_model: str | None = None,
     from ..sessions.heads import TurboHeads
     from ..sessions.loader import _resolve
 
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    spec = mode_of(mode)
     target_path = _resolve(target_model)
-    if mode == "draft":
+    if spec.needs_draft:
         if not draft_model:
             raise ValueError("draft mode needs a draft model")
         draft_path = _resolve(draft_model)
@@ -37,7 +37,7 @@ def check_models(mode: str, target_model: str, draft_model: str | None = None,
             )
         if Path(draft_path).resolve() != Path(target_path).resolve():
             _check_same_tokenizer(target_model, target_path, draft_model, draft_path)
-    if mode == "multiproj" and TurboHeads.find(target_path, speculator_path) is None:
+    if spec.uses_heads and TurboHeads.find(target_path, speculator_path) is None:
         raise ValueError(
             f"multiproj needs projection heads for {target_model!r}: none in the model directory and no "
             "speculator_path given (train some with `spd-cluster train-heads`)"
@@ -90,17 +90,18 @@ def build_engine(
     from ..sessions.loader import load_session, load_tokenizer
 
     check_models(mode, target_model, draft_model, speculator_path)
+    spec = mode_of(mode)
     common = dict(full_batch_size=settings.full_batch_size, ctx_len=settings.ctx_len,
                   prefill_seq_len=settings.prefill_seq_len, num_speculative_tokens=settings.num_speculative_tokens,
                   packed_linears=cpu_kernels)
     target = load_session(target_model, role="target", device=device, dtype=dtype,
-                          with_heads=mode == "multiproj", speculator_path=speculator_path,
+                          with_heads=spec.uses_heads, speculator_path=speculator_path,
                           device_ids=target_device_ids, **common)
     draft = None
-    if mode == "draft":
+    if spec.needs_draft:
         draft = load_session(draft_model, role="draft", device=draft_device or device,
                              dtype=draft_dtype or dtype, device_ids=draft_device_ids, **common)
     tokenizer = load_tokenizer(target_model)
     return SpDEngine(mode, target, tokenizer, settings, draft=draft,
-                     eos_token_ids=getattr(target, "eos_token_ids", None),
+                     eos_token_ids=target.eos_token_ids,
                      target_name=target_model, draft_name=draft_model or "")

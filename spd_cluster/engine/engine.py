@@ -2,9 +2,10 @@
 
 Continuous batching over ``full_batch_size`` slots: a prompt takes a free slot, is prefilled in
 ``prefill_seq_len`` chunks (that gives its first token), then decodes with the others. Each step
-the proposer offers up to k tokens per row, the target scores ``[last, d1..dm]`` at positions
-``p..p+m`` in one forward, and the verifier keeps the agreeing prefix plus the target's own
-token. A finished row frees its slot for the next prompt at once.
+the proposer offers up to m tokens per row (m chosen by adaptive k, engine/adaptive.py), the
+target scores ``[last, d1..dm]`` at positions ``p..p+m`` in one forward, and the verifier keeps
+the agreeing prefix plus the target's own token; the proposer learns what the verify found. A
+finished row frees its slot for the next prompt at once.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..sessions.base import DeviceSession, prefill_chunks
+from .adaptive import Acceptance, StepCost, choose_width
 from .metrics import CloudAI100ExecInfo, PromptResult, SpDPerfMetrics
-from .proposers import DraftProposer, MultiProjProposer, NoProposer, PromptLookupProposer, Proposer, greedy_guesses
-from .settings import MODES, SpDSettings
-from .sampling import row_rng, sample, speculative_sample, warp
-from .verifier import greedy_accept
+from .modes import mode as mode_of
+from .proposers import Proposal, Proposer
+from .sampling import row_rng
+from .settings import SpDSettings
+from .verifier import Verified, verify_greedy, verify_sampled
 
 
 class PromptError(ValueError):
@@ -77,52 +80,31 @@ class SpDEngine:
         eos_token_ids: Sequence[int] | None = None,
         target_name: str = "",
         draft_name: str = "",
+        step_cost: StepCost | None = None,
     ):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        """``step_cost``: the target's step-cost curve for adaptive k; measured on ``target`` here
+        when not given (settings.adaptive_k, a mode that speculates)."""
+        self.spec = spec = mode_of(mode)
         self.mode, self.target, self.tokenizer = mode, target, tokenizer
         self.settings = settings = settings or SpDSettings()
-        self.k = settings.num_speculative_tokens
+        self.k = spec.max_k(settings)
         self.target_name, self.draft_name = target_name, draft_name
         if target.ctx_len < settings.ctx_len or target.full_batch_size < settings.full_batch_size:
             raise ValueError(
                 f"target session has ctx_len={target.ctx_len}, full_batch_size={target.full_batch_size}; "
                 f"settings need {settings.ctx_len}, {settings.full_batch_size}"
             )
-        if proposer is None:
-            proposer = self._default_proposer(mode, draft)
-        if mode == "multiproj":
+        self.proposer = proposer if proposer is not None else spec.build(settings, target, draft)
+        if spec.uses_heads:
             self.k = min(self.k, target.num_heads)
-        self.proposer = proposer
-        # A session that computes the heads on demand (see TorchSession.head_guesses) is asked for
-        # base logits only; multiproj then fetches the heads' guesses where it needs them, and another
-        # mode over a session with heads (the audit's baseline of a multiproj job) never pays for them.
-        self.defer_heads = getattr(target, "num_heads", 0) > 0 and hasattr(target, "head_guesses")
-        self._extra = {"defer_heads": np.array(True)} if self.defer_heads else {}
+        self.adaptive = settings.adapts and self.k > 0
+        if self.adaptive and step_cost is None:
+            step_cost = StepCost.measure(target, settings.full_batch_size, self.k + 1, heads=spec.uses_heads)
+        self.cost = step_cost
+        self.acceptance = Acceptance()
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_token_ids = [tokenizer.eos_token_id]
         self.eos = np.array(sorted(set(eos_token_ids or [])), dtype=np.int64)
-
-    def _default_proposer(self, mode: str, draft: DeviceSession | None) -> Proposer:
-        s = self.settings
-        if mode == "draft":
-            if draft is None:
-                raise ValueError("draft mode needs a draft session (or a proposer)")
-            if draft.vocab_size != self.target.vocab_size:
-                raise ValueError(
-                    f"draft and target vocabularies differ: {draft.vocab_size} vs {self.target.vocab_size} tokens"
-                )
-            return DraftProposer(draft, s.prefill_seq_len, s.num_speculative_tokens, sampling=s,
-                                 confidence_threshold=s.confidence_threshold)
-        if mode == "pld":
-            return PromptLookupProposer(s.max_ngram_size, s.num_speculative_tokens)
-        if mode == "multiproj":
-            if self.target.num_heads < 1:
-                raise ValueError("multiproj needs projection heads: none were found for the target model "
-                                 "(give speculator_path, or train them with `spd-cluster train-heads`)")
-            lookup = PromptLookupProposer(s.max_ngram_size, s.num_speculative_tokens) if s.prompt_lookup else None
-            return MultiProjProposer(self.target.num_heads, s.confidence_threshold, lookup)
-        return NoProposer()
 
     # -- prompts ---------------------------------------------------------------------------
 
@@ -223,30 +205,34 @@ class SpDEngine:
             r.generated_text = self.decode(r.generated_ids) if r.finish_reason != "error" else ""
         return self._exec_info(prompts, results, clock, e2e, batch_ttft or 0.0)
 
+    def _verify(self, call: dict, proposals: np.ndarray, counts: np.ndarray, rngs, draft_probs=None) -> Verified:
+        """One target forward and the verifier over it: tokens from the device's argmax when
+        greedy, logits for speculative sampling; the heads' guesses where the mode uses them."""
+        sampling = self.settings.sampling
+        out = self.target.run({**call, "argmax": np.array(not sampling), "head_guesses": np.array(self.spec.uses_heads)})
+        if sampling:
+            return verify_sampled(out["logits"], proposals, counts, draft_probs, rngs, self.settings)
+        return verify_greedy(out, proposals, counts)
+
     def _prefill(self, slot: int, result: PromptResult, ids: np.ndarray, clock: _Clock) -> _Row:
         t0 = perf_counter()
-        for inputs in prefill_chunks(ids, self.settings.prefill_seq_len, slot):
-            out = self.target.run({**inputs, **self._extra})["logits"]
-            clock.target_forwards += 1
-        self.proposer.start(slot, ids, key=result.prompt_id)
         s = self.settings
-        last = out[0, -1]  # [V] or [H + 1, V]
-        if isinstance(self.proposer, MultiProjProposer):
-            tokens, probs = (self.target.head_guesses(np.zeros(1, np.int64)) if self.defer_heads
-                             else greedy_guesses(last[None, 1:]))
-            self.proposer.remember(slot, tokens[0], probs[0])
-        if last.ndim == 2:  # a session with heads: base logits only (baseline over a multiproj session)
-            last = last[0]
+        chunks = list(prefill_chunks(ids, s.prefill_seq_len, slot))
+        for inputs in chunks[:-1]:  # no output needed: tokens only, no heads
+            self.target.run({**inputs, "argmax": np.array(True), "head_guesses": np.array(False)})
         buf = np.zeros(s.ctx_len, dtype=np.int64)
         buf[: ids.size] = ids
         row = _Row(result, slot, buf, int(ids.size), t0)
         if s.sampling:
             row.rng = row_rng(s.seed, result.prompt_id)
-            first = sample(warp(last, s.temperature, s.top_k, s.top_p), row.rng)
-        else:
-            first = int(last.argmax())
+        none = np.zeros((1, 0), dtype=np.int64)
+        verified = self._verify(chunks[-1], none, np.zeros(1, np.int64), [row.rng])
+        clock.target_forwards += len(chunks)
+        self.proposer.start(slot, ids, key=result.prompt_id)
+        self.proposer.learn([slot], verified)
+        self.acceptance.start(slot)
         result.finish_reason = None
-        self._append(row, [first])
+        self._append(row, verified.tokens[0, :1])
         result.ttft_s = result.e2e_s = perf_counter() - t0
         clock.prefill += result.ttft_s
         return row
@@ -273,76 +259,62 @@ class SpDEngine:
         remaining = self.settings.max_new_tokens - len(row.result.generated_ids)
         return max(0, min(self.k, remaining - 1, self.settings.ctx_len - row.n - 1))
 
+    def _widths(self, slots, avail, forwards_per_token: int) -> list[int]:
+        """Adaptive k: each row's ``avail`` cut to the step's best proposal width."""
+        if not self.adaptive or not any(avail):
+            return list(avail)
+        m = choose_width([self.acceptance.rate(s) for s in slots], avail, self.cost, forwards_per_token)
+        return [min(a, m) for a in avail]
+
     def _step(self, rows: list[_Row], clock: _Clock) -> list[_Row]:
+        slots = [r.slot for r in rows]
+        costly = self.proposer.forwards_per_token
         limits = [self._limit(r) for r in rows]
+        if costly:  # proposals cost forwards: decide how many before asking for them
+            limits = self._widths(slots, limits, costly)
         t0 = perf_counter()
-        proposals = self.proposer.propose([r.slot for r in rows], [r.seq for r in rows], limits)
+        proposal = (self.proposer.propose(slots, [r.seq for r in rows], limits) if any(limits)
+                    else Proposal.empty(len(rows)))
         t1 = perf_counter()
-        counts = np.array([min(len(p), lim) for p, lim in zip(proposals, limits)], dtype=np.int64)
+        counts = [min(len(p), lim) for p, lim in zip(proposal.tokens, limits)]
+        if costly:
+            if self.adaptive:
+                self.cost.observe_draft(t1 - t0, max(limits))
+        else:  # free proposals: keep as many as pay for their verify
+            counts = self._widths(slots, counts, 0)
+        counts = np.array(counts, dtype=np.int64)
         width = int(counts.max()) + 1
         ids = np.zeros((len(rows), width), dtype=np.int64)
         pos = np.full((len(rows), width), -1, dtype=np.int64)
-        for i, (row, p, m) in enumerate(zip(rows, proposals, counts)):
+        for i, (row, p, m) in enumerate(zip(rows, proposal.tokens, counts)):
             ids[i, 0] = row.buf[row.n - 1]
             ids[i, 1 : 1 + m] = p[:m]
             pos[i, : 1 + m] = np.arange(row.n - 1, row.n + m)
-        logits = self.target.run({
-            "input_ids": ids,
-            "position_ids": pos,
-            "batch_index": np.array([[r.slot] for r in rows], dtype=np.int64),
-            "num_logits_to_keep": np.arange(width, dtype=np.int64).reshape(-1, 1),
-            **self._extra,
-        })["logits"]
-        tokens = logits.argmax(-1)  # [B, W] or [B, W, H + 1]
+        call = {"input_ids": ids, "position_ids": pos, "batch_index": np.array([[s] for s in slots], dtype=np.int64),
+                "num_logits_to_keep": np.arange(width, dtype=np.int64).reshape(-1, 1)}
+        verified = self._verify(call, ids[:, 1:], counts, [r.rng for r in rows], proposal.draft_probs)
         t2 = perf_counter()
         clock.draft += t1 - t0
         clock.target += t2 - t1
         clock.iterations += 1
         clock.target_forwards += 1
-        target_tokens = tokens[..., 0] if tokens.ndim == 3 else tokens
-        if self.settings.sampling:
-            base = logits[:, :, 0] if logits.ndim == 4 else logits
-            accepted, target_tokens = self._sample_accept(rows, ids, counts, base)
-        else:
-            accepted = greedy_accept(ids[:, 1:], counts, target_tokens)
-        guesses = None
-        if isinstance(self.proposer, MultiProjProposer):  # the heads' guesses where each row's accepted prefix ends
-            guesses = (self.target.head_guesses(accepted) if self.defer_heads
-                       else greedy_guesses(logits[np.arange(len(rows)), accepted, 1:]))
+        self.proposer.learn(slots, verified)
         done = []
         for i, row in enumerate(rows):
-            n_acc, m = int(accepted[i]), int(counts[i])
+            n_acc, m = int(verified.accepted[i]), int(counts[i])
+            self.acceptance.learn(row.slot, m, n_acc)
             self._proposed[:m] += 1
             self._accepted[:n_acc] += 1
             row.result.accepted_per_step.append(n_acc + 1)
             row.result.num_decode_iterations += 1
             before = len(row.result.generated_ids)
-            self._append(row, target_tokens[i, : n_acc + 1])
+            self._append(row, verified.tokens[i, : n_acc + 1])
             clock.decode_tokens += len(row.result.generated_ids) - before
             clock.row_steps += 1
             if row.result.finish_reason is not None:
                 row.result.e2e_s = t2 - row.t0
                 done.append(row)
-            elif guesses is not None:
-                self.proposer.remember(row.slot, guesses[0][i], guesses[1][i])
         return done
-
-    def _sample_accept(self, rows, ids, counts, base):
-        """Speculative sampling per row; returns accepted counts and, per row, the tokens it
-        emits laid out like greedy's target tokens (accepted proposals, then the sampled one)."""
-        s = self.settings
-        q_of = getattr(self.proposer, "draft_probs", None)
-        accepted = np.zeros(len(rows), dtype=np.int64)
-        emitted = ids[:, 1:].copy()
-        emitted = np.concatenate([emitted, np.zeros((len(rows), 1), dtype=np.int64)], axis=1)
-        for i, row in enumerate(rows):
-            m = int(counts[i])
-            p = warp(base[i, : m + 1], s.temperature, s.top_k, s.top_p)
-            q = q_of(row.slot) if (q_of is not None and m) else None
-            n, tok = speculative_sample(p, ids[i, 1 : 1 + m], None if q is None else q[:m], row.rng)
-            accepted[i] = n
-            emitted[i, n] = tok
-        return accepted, emitted
 
     def _exec_info(self, prompts, results, clock: _Clock, e2e: float, batch_ttft: float) -> CloudAI100ExecInfo:
         s = self.settings

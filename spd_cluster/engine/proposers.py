@@ -1,36 +1,39 @@
 """Proposers: where the k speculative tokens of a step come from.
 
-One interface for every mode. The engine owns each row's token sequence (prompt + generated);
-a proposer sees it read-only and returns up to ``k`` tokens per row. Nothing else flows back:
-a proposer that keeps a KV cache (the draft model) works out for itself how much of what it fed
-is still valid by comparing with the sequence it is shown, so the same object works in-process
-and behind a Ray actor (one round trip per step).
+One interface for every mode (``Proposer``). The engine owns each row's token sequence (prompt +
+generated); a proposer sees it read-only and returns a ``Proposal`` of up to ``limits[i]``
+tokens per row. What the verify found comes back through one hook, ``learn`` (the heads'
+guesses for multiproj). A proposer that keeps a KV cache (the draft model) works out for itself
+how much of what it fed is still valid by comparing with the sequence it is shown, so the same
+object works in-process and behind a Ray actor (one round trip per step).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
 from ..sessions.base import DeviceSession, prefill_chunks
 from .sampling import row_rng, sample, warp
+from .verifier import Verified, top_prob
 
 EMPTY = np.zeros(0, dtype=np.int64)
 
 
-def top_prob(logits: np.ndarray) -> np.ndarray:
-    """Softmax probability of the argmax along the last axis. In place on one temporary: over a
-    full vocabulary (4 heads x 152k) that is ~4x faster than allocating ``np.exp(z)`` too."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    np.exp(z, out=z)
-    return 1.0 / z.sum(axis=-1)
+@dataclass
+class Proposal:
+    """What a proposer offers for one step: per row, the tokens that should follow its sequence,
+    and, only where the proposer sampled them, the distributions [m, V] it sampled them from (what
+    speculative sampling needs; None everywhere else: a point mass on each token)."""
 
+    tokens: list[np.ndarray]
+    draft_probs: Optional[list[Optional[np.ndarray]]] = None
 
-def greedy_guesses(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax along the last axis and its softmax probability: what ``MultiProjProposer.remember``
-    takes, from head logits [..., H, V]."""
-    return np.asarray(logits.argmax(-1), dtype=np.int64), top_prob(logits)
+    @classmethod
+    def empty(cls, rows: int) -> "Proposal":
+        return cls([EMPTY] * rows)
 
 
 def confident_count(probs: np.ndarray, threshold: float) -> int:
@@ -44,25 +47,35 @@ def confident_count(probs: np.ndarray, threshold: float) -> int:
 
 
 class Proposer(Protocol):
+    """The per-step interface every mode implements, in-process or behind an actor."""
+
+    # draft forwards one proposed token costs (0: the proposer costs only host time); the
+    # engine's adaptive k prices a step's proposals with it before asking for them
+    forwards_per_token: int
+
     def start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
         """A new prompt takes ``slot``; ``key`` (the prompt id) seeds its random stream."""
 
-    def propose(self, slots: Sequence[int], seqs: Sequence[np.ndarray], limits: Sequence[int]) -> list[np.ndarray]:
+    def propose(self, slots: Sequence[int], seqs: Sequence[np.ndarray], limits: Sequence[int]) -> Proposal:
         """For each row, at most ``limits[i]`` tokens that should follow ``seqs[i]``."""
 
-    # Optional, for speculative sampling: ``draft_probs(slot) -> [m, V]``, the warped
-    # distributions the last proposals of ``slot`` were sampled from. Proposers without it are
-    # deterministic (a point mass on each proposed token).
+    def learn(self, slots: Sequence[int], verified: Verified) -> None:
+        """What the target's verify of these rows found (their prefill included: no proposals)."""
 
 
 class NoProposer:
     """Baseline: the target decodes one token per step."""
 
+    forwards_per_token = 0
+
     def start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
         pass
 
     def propose(self, slots, seqs, limits):
-        return [EMPTY for _ in slots]
+        return Proposal.empty(len(slots))
+
+    def learn(self, slots, verified):
+        pass
 
 
 class NgramIndex:
@@ -111,11 +124,12 @@ class PromptLookupProposer:
     occurrence. Each slot keeps an NgramIndex of its row, grown with the row; no match proposes
     nothing, so the step costs a one-token decode, not a verify of junk."""
 
-    def __init__(self, max_ngram_size: int = 3, num_speculative_tokens: int = 4):
+    forwards_per_token = 0
+
+    def __init__(self, max_ngram_size: int = 3):
         if max_ngram_size < 1:
             raise ValueError(f"max_ngram_size must be >= 1, got {max_ngram_size}")
         self.max_ngram_size = max_ngram_size
-        self.k = num_speculative_tokens
         self.index: dict[int, NgramIndex] = {}
 
     def start(self, slot, prompt_ids, key=None):
@@ -127,7 +141,10 @@ class PromptLookupProposer:
         return self.index[slot]
 
     def propose(self, slots, seqs, limits):
-        return [self.index_of(sl).find(np.asarray(s), min(self.k, lim)) for sl, s, lim in zip(slots, seqs, limits)]
+        return Proposal([self.index_of(sl).find(np.asarray(s), lim) for sl, s, lim in zip(slots, seqs, limits)])
+
+    def learn(self, slots, verified):
+        pass
 
     def lookup(self, seq: np.ndarray, k: int) -> np.ndarray:
         """The same search on a sequence of no slot (indexed from scratch)."""
@@ -135,33 +152,34 @@ class PromptLookupProposer:
 
 
 class DraftProposer:
-    """A small draft model proposes k tokens greedily, one draft forward per token.
+    """A small draft model proposes up to ``limits[i]`` tokens, one draft forward per token.
 
     Per slot it remembers the tokens it has fed into its KV cache. At each step it keeps the
     longest prefix of those that still agrees with the row's sequence, feeds the rest (one token
     usually; two when all k proposals were accepted last step: the seed's bonus-token case) and
-    then runs k - 1 more one-token forwards. Writes go by position, so rejected tokens need no
+    then runs one-token forwards for the rest. Writes go by position, so rejected tokens need no
     rollback.
 
     With ``sampling`` (an SpDSettings with temperature > 0) it samples each proposal from its own
-    warped distribution q, with a random stream per prompt, and keeps q for the verifier.
+    warped distribution q, with a random stream per prompt, and hands q to the verifier in its
+    Proposal.
 
     With ``confidence_threshold`` a row stops proposing (and the draft stops running once every
     row has) when the product of its proposals' draft probabilities falls below it."""
 
-    def __init__(self, session: DeviceSession, prefill_seq_len: int, num_speculative_tokens: int, sampling=None,
+    forwards_per_token = 1
+
+    def __init__(self, session: DeviceSession, prefill_seq_len: int, sampling=None,
                  confidence_threshold: float = 0.0):
         self.session = session
         self.threshold = confidence_threshold
         self.prefill_seq_len = prefill_seq_len
-        self.k = num_speculative_tokens
         self.sampling = sampling if sampling is not None and sampling.temperature > 0 else None
         self.fed: dict[int, np.ndarray] = {}
         self.rngs: dict[int, np.random.Generator] = {}
-        self.q: dict[int, np.ndarray] = {}
 
-    def draft_probs(self, slot: int) -> np.ndarray | None:
-        return self.q.get(slot)
+    def learn(self, slots, verified):
+        pass  # what it fed that the verify rejected is found by comparing with the next sequence
 
     def start(self, slot, prompt_ids, key=None):
         if self.sampling is not None:
@@ -170,7 +188,7 @@ class DraftProposer:
         # Feed all but the last prompt token; propose() feeds the rest with the first token.
         head = prompt_ids[:-1]
         for inputs in prefill_chunks(head, self.prefill_seq_len, slot):
-            self.session.run(inputs)
+            self.session.run({**inputs, "argmax": np.array(True)})
         self.fed[slot] = head.copy()
 
     def _valid_prefix(self, slot: int, seq: np.ndarray) -> int:
@@ -183,8 +201,8 @@ class DraftProposer:
         rows = [i for i, lim in enumerate(limits) if lim > 0]
         out = [EMPTY for _ in slots]
         if not rows:
-            return out
-        steps = min(self.k, max(limits[i] for i in rows))
+            return Proposal(out)
+        steps = max(limits[i] for i in rows)
         # First forward: the pending tail of each row (1 token, or 2 in the bonus case).
         tails, starts = [], []
         for i in rows:
@@ -205,15 +223,20 @@ class DraftProposer:
         qs: list[np.ndarray] = []  # per draft forward: [rows, V] (sampling only)
         confidence = np.ones(len(rows))
         last_pos = pos.max(axis=1)
+        greedy = self.sampling is None and self.threshold <= 0  # tokens only: the argmax on the device
         for j in range(steps):
-            logits = self.session.run({
+            out_j = self.session.run({
                 "input_ids": ids, "position_ids": pos, "batch_index": batch_index,
-                "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
-            })["logits"]
-            if self.sampling is None:
+                "num_logits_to_keep": np.ones((1, 1), dtype=np.int64), "argmax": np.array(greedy),
+            })
+            if greedy:
+                tok, prob = out_j["tokens"][:, -1].astype(np.int64), None
+            elif self.sampling is None:
+                logits = out_j["logits"]
                 tok = logits[:, -1].argmax(-1).astype(np.int64)
-                prob = top_prob(logits[:, -1]) if self.threshold > 0 else None
+                prob = top_prob(logits[:, -1])
             else:
+                logits = out_j["logits"]
                 s = self.sampling
                 q = warp(logits[:, -1], s.temperature, s.top_k, s.top_p)
                 tok = np.array([sample(q[r], self.rngs[slots[i]]) if j < row_limits[r] else 0
@@ -229,6 +252,7 @@ class DraftProposer:
             # rows that need no more proposals ride along as padding (no KV write)
             last_pos = last_pos + 1
             ids, pos = tok[:, None], np.where(j + 1 < row_limits, last_pos, -1)[:, None]
+        probs = [None] * len(slots) if qs else None
         for r, i in enumerate(rows):
             seq = np.asarray(seqs[i], dtype=np.int64)
             n = int(row_limits[r])
@@ -236,21 +260,22 @@ class DraftProposer:
             # KV holds seq plus at least the first n - 1 proposals (the last one was never fed).
             self.fed[slots[i]] = np.concatenate([seq, proposals[r, : max(n - 1, 0)]])
             if qs:
-                self.q[slots[i]] = np.stack([q[r] for q in qs[:n]])
-        return out
+                probs[i] = np.stack([q[r] for q in qs[:n]])
+        return Proposal(out, probs)
 
 
 class MultiProjProposer:
-    """Turbo/Medusa heads: the target's own verify forward also returns, at every position, the
-    heads' guesses for the tokens after it. The engine hands the heads' argmax tokens and their
-    probabilities at the last accepted position to ``remember`` (``greedy_guesses`` makes them
-    from logits); the next step proposes those tokens (the leading ones whose probabilities
-    multiply to at least ``confidence_threshold``). Costs no forward of its own.
+    """Turbo/Medusa heads: the target's own verify forward also returns the heads' guesses for
+    the tokens after the last one each row emits (``Verified.head_tokens``, through ``learn``);
+    the next step proposes those tokens (the leading ones whose probabilities multiply to at
+    least ``confidence_threshold``). Costs no forward of its own.
 
     With ``lookup`` (a PromptLookupProposer) the row's own text is searched too: where the text
     after the latest match of its tail is longer than the heads' confident guesses and starts
     with the same token (or the heads guess nothing), that is proposed instead. Heads see one
     hidden state and fade with depth; code repeats names and lines that a lookup copies whole."""
+
+    forwards_per_token = 0
 
     def __init__(self, num_heads: int, confidence_threshold: float = 0.0,
                  lookup: PromptLookupProposer | None = None):
@@ -266,20 +291,21 @@ class MultiProjProposer:
         if self.lookup is not None:
             self.lookup.start(slot, prompt_ids, key)
 
-    def remember(self, slot: int, tokens: np.ndarray, probs: np.ndarray) -> None:
-        """``tokens`` [H]: head h's guess for the token h + 2 ahead of the last accepted one;
-        ``probs`` [H]: the head's softmax probability of it."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if self.threshold > 0:
-            tokens = tokens[: confident_count(probs, self.threshold)]
-        self.next[slot] = tokens
+    def learn(self, slots, verified):
+        """Keep each row's heads' guesses (``verified.head_tokens`` [B, H]: head h's guess for
+        the token h + 1 after the last one the row emitted) for its next step."""
+        for i, slot in enumerate(slots):
+            tokens = np.asarray(verified.head_tokens[i], dtype=np.int64)
+            if self.threshold > 0:
+                tokens = tokens[: confident_count(verified.head_probs[i], self.threshold)]
+            self.next[slot] = tokens
 
     def propose(self, slots, seqs, limits):
         out = [self.next.get(s, EMPTY)[:lim] for s, lim in zip(slots, limits)]
         if self.lookup is not None:
             out = [with_lookup(guess, seq, lim, self.lookup.index_of(s))
                    for s, guess, seq, lim in zip(slots, out, seqs, limits)]
-        return out
+        return Proposal(out)
 
 
 def with_lookup(guess: np.ndarray, seq, limit: int, index: NgramIndex) -> np.ndarray:

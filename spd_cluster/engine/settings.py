@@ -6,8 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Mode = Literal["draft", "pld", "multiproj", "baseline"]
-MODES: tuple[str, ...] = ("draft", "pld", "multiproj", "baseline")
+from .modes import MODES
+
+Mode = Literal[MODES]
 
 
 class SpDSettings(BaseModel):
@@ -15,7 +16,12 @@ class SpDSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_speculative_tokens: int = Field(4, ge=1, description="k: tokens proposed per step")
+    num_speculative_tokens: int = Field(4, ge=1, description="k: the most tokens a step proposes (always k, or as "
+                                                            "many as the row may emit, with adaptive_k off)")
+    adaptive_k: bool = Field(
+        True, description="greedy: each step proposes the number of tokens (0 to k) that maximises the expected "
+                          "tokens per second, from each row's acceptance history and the target's step-cost curve "
+                          "measured at load (engine/adaptive.py); off, and when sampling: always k")
     max_ngram_size: int = Field(3, ge=1, description="pld (and multiproj with prompt_lookup): longest n-gram looked up")
     prompt_lookup: bool = Field(
         False, description="multiproj: also look the row's tail up in its own text; propose what followed when that "
@@ -39,6 +45,13 @@ class SpDSettings(BaseModel):
     @property
     def sampling(self) -> bool:
         return self.temperature > 0
+
+    @property
+    def adapts(self) -> bool:
+        """Adaptive k runs greedy only: any k emits the same greedy tokens, while a sampled text
+        must depend on the seed and the prompt id alone, not on what its batch or the measured
+        step costs made k."""
+        return self.adaptive_k and not self.sampling
 
     @model_validator(mode="after")
     def _check(self) -> "SpDSettings":

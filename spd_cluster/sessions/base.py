@@ -14,9 +14,22 @@ Inputs of ``run``:
                       padding ``logits[:, j]`` belongs to input column ``j`` as long as the
                       row's valid length is <= n.
 
-Output:
-  logits  [B, n, vocab] float32, or [B, n, heads + 1, vocab] for a session with projection heads
+  argmax              optional bool (default False): return the target's tokens, not its logits:
+                      the argmax is taken on the device and only [B, n] ids cross to the host
+  head_guesses        optional bool (default True): a session with projection heads computes
+                      them in this call; False runs it as a plain session (base outputs only)
+
+Output, without ``argmax``:
+  logits  [B, n, vocab] float32, or [B, n, heads + 1, vocab] for a session computing its heads
           (index 0 is the base model; head h predicts the token h + 1 further on).
+Output, with ``argmax``:
+  tokens       [B, n] int64: the base logits' argmax at each kept column
+  head_tokens  [B, heads] int64, head_probs [B, heads] float32 (a session computing its heads):
+               each head's argmax and its softmax probability at the kept column where the row's
+               greedily verified prefix ends: column a, where kept columns 1..a hold exactly the
+               tokens the base model chose after the column before (``verified_column``). Those
+               are the guesses for the tokens after the one the row emits last, from this very
+               call. (A session whose heads have a ``head_vocab`` takes the argmax over it.)
 
 Cache semantics: slot s holds ``ctx_len`` positions. Writing position p replaces what was there;
 a query at position p attends to keys at positions <= p of its own slot only. Rejected
@@ -41,6 +54,7 @@ class DeviceSession(Protocol):
     ctx_len: int
     vocab_size: int
     num_heads: int  # projection heads; 0 for a plain session
+    eos_token_ids: list[int]  # the model's end-of-sequence ids (may be empty)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
@@ -51,6 +65,8 @@ class CheckedInputs:
     position_ids: np.ndarray
     batch_index: np.ndarray  # [B]
     num_logits: int
+    argmax: bool = False  # return tokens, not logits
+    head_guesses: bool = True  # compute the heads (sessions that have them)
 
 
 def logits_to_keep(value, seq_len: int) -> int:
@@ -89,7 +105,40 @@ def check_inputs(inputs: dict[str, np.ndarray], full_batch_size: int, ctx_len: i
     if pos.size and pos.min() < -1:
         raise SessionInputError(f"position {int(pos.min())} < -1 (only -1 marks padding)")
     n = logits_to_keep(inputs.get("num_logits_to_keep"), ids.shape[1])
-    return CheckedInputs(ids.astype(np.int64, copy=False), pos.astype(np.int64, copy=False), slots, n)
+    flags = {}
+    for key in ("argmax", "head_guesses"):
+        if key in inputs:
+            v = np.asarray(inputs[key])
+            if v.size != 1 or v.dtype.kind not in "bi":
+                raise SessionInputError(f"{key} must be one bool, got {v.dtype} of shape {v.shape}")
+            flags[key] = bool(v.reshape(-1)[0])
+    return CheckedInputs(ids.astype(np.int64, copy=False), pos.astype(np.int64, copy=False), slots, n, **flags)
+
+
+def verified_column(x: CheckedInputs, kept: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """[B]: per row, the kept column where its greedily verified prefix ends: the number of
+    leading kept columns j (j >= 1, valid) whose input token is ``tokens[:, j - 1]``, the base
+    model's choice after the column before (the verifier's own rule)."""
+    from ..engine.verifier import greedy_accept
+
+    rows = np.arange(kept.shape[0])[:, None]
+    follow = kept[:, 1:]
+    valid = x.position_ids[rows, follow] >= 0
+    counts = np.cumprod(valid, axis=1).sum(axis=1)
+    return greedy_accept(x.input_ids[rows, follow], counts, tokens)
+
+
+def argmax_outputs(x: CheckedInputs, kept: np.ndarray, logits: np.ndarray, num_heads: int) -> dict[str, np.ndarray]:
+    """The ``argmax`` outputs of a call from its logits, for a session whose device returns logits
+    (QEfficient's graphs): what a card's own argmax would hand back."""
+    from ..engine.verifier import greedy_guesses
+
+    base = logits[:, :, 0] if logits.ndim == 4 else logits
+    out = {"tokens": base.argmax(-1).astype(np.int64)}
+    if num_heads and x.head_guesses and logits.ndim == 4:
+        col = verified_column(x, kept, out["tokens"])
+        out["head_tokens"], out["head_probs"] = greedy_guesses(logits[np.arange(logits.shape[0]), col, 1:])
+    return out
 
 
 def keep_index(position_ids: np.ndarray, n: int) -> np.ndarray:

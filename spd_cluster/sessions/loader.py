@@ -99,6 +99,4 @@ def load_session(
         heads = TurboHeads.load(where, hidden_size=m.config.hidden_size)
     if packed_linears is None:
         packed_linears = device == "cpu"
-    session = TorchSession(m, full_batch_size, ctx_len, heads=heads, pack=packed_linears)
-    session.eos_token_ids = eos_token_ids(m)
-    return session
+    return TorchSession(m, full_batch_size, ctx_len, heads=heads, pack=packed_linears, eos_token_ids=eos_token_ids(m))

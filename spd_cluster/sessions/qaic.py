@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import SessionInputError, check_inputs, keep_index
+from .base import SessionInputError, argmax_outputs, check_inputs, keep_index
 
 INSTALL_HINT = (
     "install QEfficient beside spd_cluster without its pinned torch wheels: `make setup-qaic` (a venv in "
@@ -137,6 +137,10 @@ class QaicSession:
                 logits[hit] = out[local[:, None], offset]
         if self._off_vocab is not None:
             logits[:, :, 1:, self._off_vocab] = -np.inf
+        if self.num_heads and not c.head_guesses:
+            logits = logits[:, :, 0]
+        if c.argmax:  # the card returns logits; the contract's argmax is taken as they arrive
+            return argmax_outputs(c, want, logits, self.num_heads)
         return {"logits": logits}
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache
 
-from .base import SessionInputError, check_inputs, keep_index
+from .base import SessionInputError, check_inputs, keep_index, verified_column
 from . import bf16, packed
 from .heads import TurboHeads
 
@@ -165,7 +165,7 @@ class TorchSession:
     """One model on one torch device with ``full_batch_size`` KV slots of ``ctx_len`` positions."""
 
     def __init__(self, model, full_batch_size: int, ctx_len: int, heads: TurboHeads | None = None,
-                 pack: bool = False):
+                 pack: bool = False, eos_token_ids: list[int] | None = None):
         """``pack``: run CPU linears on kernels made for few-row calls, in place on ``model`` and
         ``heads``: float32 on prepacked oneDNN weights (sessions/packed.py), bfloat16 on our AVX2
         kernel where the CPU has no native bfloat16 (sessions/bf16.py); ignored where neither
@@ -174,6 +174,7 @@ class TorchSession:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.full_batch_size, self.ctx_len = full_batch_size, ctx_len
+        self.eos_token_ids = list(eos_token_ids or [])  # what the engine stops at (the model's generation config)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.heads = heads
         if heads is not None:
@@ -247,39 +248,25 @@ class TorchSession:
         ).last_hidden_state
         idx = torch.from_numpy(kept).to(self.device)
         hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, n, D]
-        if self.heads is not None:
-            if bool(np.asarray(inputs.get("defer_heads", False))):
-                self._kept_hidden = hidden
-                hidden = hidden[:, :, None]  # [B, n, 1, D]: base logits only, heads on demand
-            else:
-                hidden = self.heads(hidden)  # [B, n, H + 1, D]
-        return {"logits": self._logits(hidden).cpu().numpy()}
+        heads = self.heads is not None and x.head_guesses
+        if not x.argmax:
+            return {"logits": self._logits(self.heads(hidden) if heads else hidden).cpu().numpy()}
+        # the argmax on the device: [B, n] ids cross to the host, and the heads run only where
+        # each row's verified prefix ends (n + H lm_head rows, not n * (H + 1))
+        out = {"tokens": self._logits(hidden).argmax(-1).cpu().numpy()}
+        if heads:
+            col = torch.from_numpy(verified_column(x, kept, out["tokens"])).to(self.device)
+            at = hidden[torch.arange(hidden.shape[0], device=self.device), col]  # [B, D]
+            logits = self._logits(self.heads(at)[:, 1:], self._head_lm)  # [B, H, V']
+            index = logits.argmax(dim=-1, keepdim=True)
+            probs = torch.softmax(logits, dim=-1).gather(-1, index)[..., 0]
+            index = index[..., 0].cpu().numpy()
+            tokens = index if self._head_vocab is None else self._head_vocab[index]
+            out["head_tokens"], out["head_probs"] = tokens.astype(np.int64, copy=False), probs.cpu().numpy()
+        return out
 
     def _logits(self, hidden: torch.Tensor, lm_head=None) -> torch.Tensor:
         logits = (self.model.lm_head if lm_head is None else lm_head)(hidden)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
-
-    def _heads_at(self, columns: np.ndarray) -> torch.Tensor:
-        """[B, H, D]: the heads' hidden states at one kept column per row of the last ``run`` that
-        passed ``defer_heads``."""
-        rows = torch.arange(self._kept_hidden.shape[0], device=self.device)
-        cols = torch.from_numpy(np.asarray(columns, dtype=np.int64)).to(self.device)
-        return self.heads(self._kept_hidden[rows, cols])[:, 1:]
-
-    @torch.inference_mode()
-    def head_guesses(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """([B, H] token ids, [B, H] probabilities): each head's argmax (over ``head_vocab`` where
-        the heads have one) at one kept column per row of the last ``run`` that passed
-        ``defer_heads``, and its softmax probability: what multiproj proposes from. An optional
-        extension of the contract: the verifier needs base logits at every column but the heads
-        only where a row's accepted prefix ends, so the lm_head runs on n + H rows instead of
-        n * (H + 1) (most of a step's cost with a 150k-token vocabulary), and the host never sees
-        a [B, H, V] array."""
-        logits = self._logits(self._heads_at(columns), self._head_lm)
-        index = logits.argmax(dim=-1, keepdim=True)
-        probs = torch.softmax(logits, dim=-1).gather(-1, index)[..., 0]
-        index = index[..., 0].cpu().numpy()
-        tokens = index if self._head_vocab is None else self._head_vocab[index]
-        return tokens.astype(np.int64, copy=False), probs.cpu().numpy()
