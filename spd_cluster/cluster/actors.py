@@ -269,8 +269,11 @@ class DeviceActor:
         if self.role == "draft":
             from ..engine.proposers import DraftProposer
 
-            self.server = DraftServer(DraftProposer(self.session, s.prefill_seq_len, sampling=s,
-                                                    confidence_threshold=s.confidence_threshold))
+            from ..engine.modes import overlapped
+
+            # with spd.overlap_draft the draft actor drafts the next window while the target verifies
+            self.server = DraftServer(overlapped(DraftProposer(self.session, s.prefill_seq_len, sampling=s,
+                                                               confidence_threshold=s.confidence_threshold), s))
             return
         from ..engine.engine import SpDEngine
         from ..sessions import load_tokenizer

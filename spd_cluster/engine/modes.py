@@ -48,8 +48,17 @@ def _draft(settings, target, draft):
         raise ValueError("draft mode needs a draft session (or a proposer)")
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"draft and target vocabularies differ: {draft.vocab_size} vs {target.vocab_size} tokens")
-    return DraftProposer(draft, settings.prefill_seq_len, sampling=settings,
-                         confidence_threshold=settings.confidence_threshold)
+    return overlapped(DraftProposer(draft, settings.prefill_seq_len, sampling=settings,
+                                    confidence_threshold=settings.confidence_threshold), settings)
+
+
+def overlapped(proposer, settings):
+    """The draft proposer, overlapped with the verify where the settings ask for it (greedy)."""
+    if settings.overlap_draft and not settings.sampling:
+        from .overlap import OverlappedDraft
+
+        return OverlappedDraft(proposer)
+    return proposer
 
 
 def _multiproj(settings, target, draft):

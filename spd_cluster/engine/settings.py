@@ -22,6 +22,10 @@ class SpDSettings(BaseModel):
         True, description="greedy: each step proposes the number of tokens (0 to k) that maximises the expected "
                           "tokens per second, from each row's acceptance history and the target's step-cost curve "
                           "measured at load (engine/adaptive.py); off, and when sampling: always k")
+    overlap_draft: bool = Field(
+        False, description="draft mode, greedy: the draft drafts what follows this window while the target "
+                           "verifies it; that guess is used when all of the window is accepted and the target's "
+                           "next token is the draft's own (engine/overlap.py). For a draft on its own device")
     max_ngram_size: int = Field(3, ge=1, description="pld (and multiproj with prompt_lookup): longest n-gram looked up")
     prompt_lookup: bool = Field(
         False, description="multiproj: also look the row's tail up in its own text; propose what followed when that "
