@@ -1,7 +1,7 @@
 """SpD modes against the target-only baseline, measured in the same run on the same session code.
 
     python bench/bench_spd.py [--target qwen2.5-coder-1.5b --draft qwen2.5-coder-0.5b --dtype bfloat16]
-                              [--new 96] [--k-draft 5] [--k-pld 8] [--k-multiproj 4] [--modes baseline,draft,pld]
+                              [--new 96] [--k-draft 5] [--k-pld 12] [--k-multiproj 4] [--modes baseline,draft,pld]
                               [--fixed-k]
 
 Two prompt sets, each through the tokenizer's chat template: open generation, and copy-heavy
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--k-draft", type=int, default=5)
-    ap.add_argument("--k-pld", type=int, default=8)
+    ap.add_argument("--k-pld", type=int, default=12)
     ap.add_argument("--k-multiproj", type=int, default=4)
     ap.add_argument("--modes", default="baseline,draft,pld")
     ap.add_argument("--fixed-k", action="store_true", help="always propose k (adaptive_k off)")
