@@ -411,7 +411,8 @@ class _Run:
             if not busy and len(stalled) == len(live) and time.perf_counter() - min(stalled) > RECOVER_TIMEOUT_S:
                 raise JobError(f"no pair recovered within {RECOVER_TIMEOUT_S:.0f} s")
             self._poll_live()
-            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
+            # wake at least as often as the bar asks busy pairs for their counts
+            ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=min(0.5, LIVE_EVERY_S))
             for ref in ready:
                 item = self.inflight.pop(ref)
                 if item[0] == "probe":
