@@ -16,6 +16,8 @@ from spd_cluster.sessions import bf16
 from spd_cluster.sessions.loader import load_session
 from spd_cluster.sessions.torch_session import TorchSession
 
+pytestmark = pytest.mark.usefixtures("bf16_kernel")
+
 
 def reference(x, w, b):
     y = x.double() @ w.double().T
@@ -144,10 +146,16 @@ def test_rowwise_attention_matches_float64_and_is_batch_invariant(heads, kv_head
     torch.testing.assert_close(python, out, rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("attn, bitwise", [("sdpa", False), ("spd_rowwise", True)])
+# PyTorch's SDPA on an AVX2 CPU (this project's machines) rounds a 5-query verify differently from
+# 5 one-query decode steps on this model and context; its AVX512 kernels happen not to: what the
+# row-wise attention is for is shown where it is needed, and its own claim is checked everywhere.
+SDPA_DIFFERS = [("sdpa", False)] if torch.backends.cpu.get_cpu_capability() == "AVX2" else []
+
+
+@pytest.mark.parametrize("attn, bitwise", SDPA_DIFFERS + [("spd_rowwise", True)])
 def test_verify_and_decode_agree_bit_for_bit_with_rowwise_attention(attn, bitwise):
-    """On this model and context plain SDPA rounds a 5-query verify differently from 5 one-query
-    decode steps; the row-wise attention the session installs does not."""
+    """A k-token verify with the row-wise attention the session installs gives the bits of k
+    one-token decode steps (plain SDPA on AVX2 does not)."""
     model = tiny_model("qwen2", hidden=128).to(torch.bfloat16)
     s = TorchSession(model, 1, 128, pack=True)
     assert s.model.config._attn_implementation == "spd_rowwise"
@@ -176,7 +184,7 @@ def test_bfloat16_speculation_returns_the_baseline_tokens():
     out = {}
     for mode in ("baseline", "pld", "multiproj"):
         settings = SpDSettings(num_speculative_tokens=3, prefill_seq_len=32, ctx_len=256, max_new_tokens=40,
-                               full_batch_size=2, ignore_eos=True)
+                               full_batch_size=2, ignore_eos=True, adaptive_k=False)  # every proposal verified
         session = TorchSession(copy.deepcopy(model), 2, 256, heads=copy.deepcopy(heads) if mode == "multiproj" else None,
                                pack=True)
         info = SpDEngine(mode, session, None, settings).generate(prompts)
@@ -200,3 +208,14 @@ def test_tied_weights_stay_shared_and_load_session_switch(tmp_path):
     assert load_session(str(tmp_path / "m"), dtype="bfloat16", full_batch_size=1, ctx_len=16,
                         packed_linears=False).packed is None
     assert ModelSpec(model="m").cpu_kernels and not ModelSpec(model="m", cpu_kernels=False).cpu_kernels
+
+
+def test_a_cpu_with_native_bfloat16_keeps_pytorchs_linears(monkeypatch):
+    """The kernel is the default only where PyTorch's bfloat16 linears fall back to slow code: a
+    CPU that computes bfloat16 itself keeps them (and float32 models never take the kernel)."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    assert bf16.available(model)
+    monkeypatch.setattr(bf16, "native_bf16", lambda: True)
+    assert not bf16.available(model)
+    assert TorchSession(copy.deepcopy(model), 1, 16, pack=True).packed is None
+    assert not bf16.available(tiny_model("llama"))

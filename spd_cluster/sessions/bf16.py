@@ -29,11 +29,15 @@ SOURCES = ("bf16_linear.cpp", "bf16_linear.h", "attention.h")
 _ext, _error = None, None
 
 
-def _cpu_ok() -> bool:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
+def kernel_runs() -> bool:
+    """The CPU has what the kernel is written for (AVX2 and FMA; AVX512 CPUs have both)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def native_bf16() -> bool:
+    """The CPU computes bfloat16 itself (AVX512-BF16, AMX): oneDNN / PyTorch do better there."""
     native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return not (native is not None and native())  # native bf16: oneDNN / PyTorch do better
+    return bool(native is not None and native())
 
 
 def extension():
@@ -57,8 +61,8 @@ def available(model: nn.Module) -> bool:
     """True when this model's linears can run on the kernel: bfloat16 weights on an AVX2 CPU
     without native bfloat16, and the extension builds."""
     p = next(model.parameters(), None)
-    return (p is not None and p.device.type == "cpu" and p.dtype == torch.bfloat16 and _cpu_ok()
-            and extension() is not None)
+    return (p is not None and p.device.type == "cpu" and p.dtype == torch.bfloat16 and kernel_runs()
+            and not native_bf16() and extension() is not None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
