@@ -329,7 +329,8 @@ def test_kill_cancel_terminate_resume(tiny, tmp_path):
     ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": GOOD[i % len(GOOD)]} for i in range(n)])
     out = tmp_path / "out"
     cfg = write_cfg(tmp_path / "job.yaml", make_cfg(tiny, ds, out, mode="baseline", **{
-        "spd.max_new_tokens": 100, "spd.ignore_eos": "true", "cluster.shard_size": 2, "cluster.num_pairs": 1}))
+        "spd.max_new_tokens": 400, "spd.ctx_len": 512, "spd.ignore_eos": "true", "cluster.shard_size": 2,
+        "cluster.num_pairs": 1}))  # shards long enough for a signal to land mid-job on a fast machine
     runs_cmd = f"spd-cluster run {cfg}"
 
     # 1. kill -9 the driver (and its Ray) after two shards: status says interrupted, not running
@@ -352,11 +353,14 @@ def test_kill_cancel_terminate_resume(tiny, tmp_path):
     assert "interrupted" in text and f"resume   {runs_cmd}" in text
 
     # 2. Ctrl-C (SIGINT to the whole process group, as a terminal sends it): cancelled, exit 130
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+    for run_no, (sig, code) in enumerate(((signal.SIGINT, 130), (signal.SIGTERM, 143)), start=2):
         before = len(rio.written_shards(out))
         p = _start(cfg)
         try:
-            _wait_shards(out, before + 1, p)
+            # this run's driver is past its start (Ray up: job.json of this run names it), then a
+            # shard of this run is written
+            _wait_for_job(out, lambda j: len(j["runs"]) == run_no and "ray" in j, p, timeout=300)
+            _wait_shards(out, len(rio.written_shards(out)) + 1, p)
             os.killpg(p.pid, sig)
             _, err = p.communicate(timeout=120)
         finally:
@@ -367,7 +371,7 @@ def test_kill_cancel_terminate_resume(tiny, tmp_path):
         assert len(lines) == 1 and lines[0].endswith(f"resume with: {runs_cmd}"), err[-3000:]
         assert f"cancelled ({sig.name}): " in lines[0]
         job = json.loads((out / "job.json").read_text())
-        assert job["status"] == "cancelled" and job["runs"][-1]["status"] == "cancelled"
+        assert job["status"] == "cancelled" and job["runs"][-1]["status"] == "cancelled", (json.dumps(job)[-1500:], err[-2000:])
         assert job["error"] == f"cancelled by {sig.name}"
         # every written shard kept; a pair may finish writing the one it ran as the driver stops
         # (the driver counted it or not: a resume reads its file either way)
@@ -420,3 +424,25 @@ def test_a_pair_prefetches_only_what_no_idle_pair_needs():
     assert run._may_take(busy)  # a re-queued shard counts as waiting too
     busy.holding = {"r": 0, "s": 1}
     assert not run._may_take(busy)  # PREFETCH
+
+
+def test_a_signal_while_the_driver_writes_its_last_records_waits_for_them():
+    """Ctrl-C as a job finishes must not cut the writes that say how it ended (job.json would stay
+    'running'): while held, the CLI's handler notes the signal; outside, it raises at once."""
+    from spd_cluster.cluster.cli import _handle_signals
+    from spd_cluster.cluster.errors import JobCancelled
+
+    restore = _handle_signals()
+    try:
+        with JobCancelled.held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs here, in the main thread
+            wrote = True
+        assert wrote and JobCancelled.received == signal.SIGINT and not JobCancelled.holding
+        restore()
+        restore = _handle_signals()
+        with pytest.raises(JobCancelled):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    finally:
+        restore()

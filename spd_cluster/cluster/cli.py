@@ -44,7 +44,8 @@ def _handle_signals():
             os._exit(128 + signum)
         seen.append(signum)
         JobCancelled.received = signum
-        raise JobCancelled(signum)
+        if not JobCancelled.holding:  # held: the driver is writing the job's last records, then ends
+            raise JobCancelled(signum)
 
     JobCancelled.received = None
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -643,23 +643,30 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
             error = f"{type(e).__name__}: {e}"
         raise
     finally:
-        # the output first, Ray after: `ray job stop` SIGKILLs 3 s after its SIGTERM, and Ray's
-        # teardown may wait on processes the same signal ended
-        job.stop_heartbeat()
-        run.progress.close()
-        wall = prior_wall + run.wall_s()
-        exec_info, num_errors, audit = _finish(cfg, out, run.records, wall,
-                                               first_batch_ttft(list(run.first_shards.values())), info.num_rows,
-                                               num_shards, actor_startup_s=run.startup_s() + sum(
-                                                   float(r.get("actor_startup_s") or 0.0) for r in runs))
-        job.run.update(ended_at=_now(), status=status, error=error)
-        job.write(status=status, ended_at=job.run["ended_at"], wall_time_s=wall, error=error, num_errors=num_errors,
-                  shards_done=len(run.records), failed_shards={str(k): v for k, v in run.failed.items()})
-        if not (started and status == "cancelled"):  # a local Ray of ours goes down whole with its shutdown,
-            run.close()  # and after a signal to the process group its GCS may be gone (ray.kill would wait on it)
-        shutdown_ray(started)
-        if status == "completed":
-            rio.remove_temporaries(out)  # a pair killed mid-write during this run left its temporary
+        # a signal now is noted, not raised: these records say how the job ended
+        with JobCancelled.held():
+            # the output first, Ray after: `ray job stop` SIGKILLs 3 s after its SIGTERM, and Ray's
+            # teardown may wait on processes the same signal ended
+            job.stop_heartbeat()
+            run.progress.close()
+            wall = prior_wall + run.wall_s()
+            exec_info, num_errors, audit = _finish(cfg, out, run.records, wall,
+                                                   first_batch_ttft(list(run.first_shards.values())), info.num_rows,
+                                                   num_shards, actor_startup_s=run.startup_s() + sum(
+                                                       float(r.get("actor_startup_s") or 0.0) for r in runs))
+            job.run.update(ended_at=_now(), status=status, error=error)
+            job.write(status=status, ended_at=job.run["ended_at"], wall_time_s=wall, error=error, num_errors=num_errors,
+                      shards_done=len(run.records), failed_shards={str(k): v for k, v in run.failed.items()})
+            if not (started and status == "cancelled"):  # a local Ray of ours goes down whole with its shutdown,
+                run.close()  # and after a signal to the process group its GCS may be gone (ray.kill would wait on it)
+            shutdown_ray(started)
+            if status == "completed":
+                rio.remove_temporaries(out)  # a pair killed mid-write during this run left its temporary
+    if JobCancelled.received and status == "completed":
+        import signal
+
+        print(f"{signal.Signals(JobCancelled.received).name} came as the job completed: nothing was cancelled",
+              file=sys.stderr)
     return JobResult(exec_info, out, status, info.num_rows, num_errors, run.shards_run, skipped, wall, run.failed,
                      audit)
 

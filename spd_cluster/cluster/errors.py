@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 
 class JobError(RuntimeError):
@@ -13,9 +14,21 @@ class JobError(RuntimeError):
 class JobCancelled(KeyboardInterrupt):
     """SIGINT or SIGTERM (what `ray job stop` sends) ended the job; raised by the CLI's handler.
     Raised inside ``ray.wait`` it comes out as a plain KeyboardInterrupt (Ray's check_status
-    makes a new one), so the handler also leaves the signal in ``received``."""
+    makes a new one), so the handler also leaves the signal in ``received``. While the driver
+    writes a job's last records (``held``) a signal is only noted: the job ends right after, and
+    its output says how it ended."""
 
     received: Optional[int] = None
+    holding = False
+
+    @classmethod
+    @contextmanager
+    def held(cls) -> Iterator[None]:
+        cls.holding = True
+        try:
+            yield
+        finally:
+            cls.holding = False
 
     def __init__(self, signum: int):
         import signal
