@@ -60,7 +60,7 @@ class ModelSpec(_Strict):
     # actor locks one id for its lifetime, so two actors on a node never share a device.
     device_ids: Optional[list[int]] = None
     # CPU only: run linears on kernels made for the few rows of a decode or verify step (float32:
-    # prepacked oneDNN weights; bfloat16: our AVX2 kernel where the CPU has no native bfloat16).
+    # prepacked oneDNN weights; bfloat16: our batch-invariant AVX2 kernel on any AVX2 CPU).
     # false: PyTorch's own F.linear, bit for bit what HF `generate` computes, and slower.
     cpu_kernels: bool = True
     qaic: Optional[QaicSpec] = None  # device qaic only; null: QaicSpec's defaults

@@ -18,17 +18,3 @@ HAVE_QEFFICIENT = importlib.util.find_spec("QEfficient") is not None
 if os.environ.get("SPD_CLUSTER_QEFF_LANE") == "1" and not HAVE_QEFFICIENT:
     raise RuntimeError("SPD_CLUSTER_QEFF_LANE=1 but QEfficient is not installed here: run `make setup-qaic`")
 collect_ignore = [] if HAVE_QEFFICIENT else ["test_qeff_standin.py"]
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture
-def bf16_kernel(monkeypatch):
-    """The AVX2 bfloat16 kernel as the default on any CPU that runs it: on a CPU with native
-    bfloat16 (AVX512-BF16, AMX) PyTorch's linears are the default, and the kernel's tests must
-    still test the kernel."""
-    from spd_cluster.sessions import bf16
-
-    if not bf16.kernel_runs():
-        raise RuntimeError("this CPU lacks AVX2/FMA: the bfloat16 kernel cannot run here")
-    monkeypatch.setattr(bf16, "native_bf16", lambda: False)

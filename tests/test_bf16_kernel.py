@@ -16,8 +16,6 @@ from spd_cluster.sessions import bf16
 from spd_cluster.sessions.loader import load_session
 from spd_cluster.sessions.torch_session import TorchSession
 
-pytestmark = pytest.mark.usefixtures("bf16_kernel")
-
 
 def reference(x, w, b):
     y = x.double() @ w.double().T
@@ -210,12 +208,5 @@ def test_tied_weights_stay_shared_and_load_session_switch(tmp_path):
     assert ModelSpec(model="m").cpu_kernels and not ModelSpec(model="m", cpu_kernels=False).cpu_kernels
 
 
-def test_a_cpu_with_native_bfloat16_keeps_pytorchs_linears(monkeypatch):
-    """The kernel is the default only where PyTorch's bfloat16 linears fall back to slow code: a
-    CPU that computes bfloat16 itself keeps them (and float32 models never take the kernel)."""
-    model = tiny_model("llama").to(torch.bfloat16)
-    assert bf16.available(model)
-    monkeypatch.setattr(bf16, "native_bf16", lambda: True)
-    assert not bf16.available(model)
-    assert TorchSession(copy.deepcopy(model), 1, 16, pack=True).packed is None
-    assert not bf16.available(tiny_model("llama"))
+def test_float32_models_keep_pytorchs_linears():
+    assert bf16.available(tiny_model("llama").to(torch.bfloat16)) and not bf16.available(tiny_model("llama"))

@@ -169,7 +169,7 @@ def test_head_guesses_are_the_argmax_over_head_vocab_where_the_verified_prefix_e
         TorchSession(model, 1, 32, heads=heads)
 
 
-def test_packing_replaces_weights_and_keeps_tied_ones(bf16_kernel):
+def test_packing_replaces_weights_and_keeps_tied_ones():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def test_cpu_kernels_refuse_a_bare_linear_they_could_not_swap():
 
 
 @pytest.mark.parametrize("dtype, kind", [(torch.float32, "onednn"), (torch.bfloat16, "avx2-bf16")])
-def test_cpu_kernels_for_a_block_give_the_model_back(dtype, kind, bf16_kernel):
+def test_cpu_kernels_for_a_block_give_the_model_back(dtype, kind):
     from spd_cluster.sessions.torch_session import cpu_kernels
 
     model = tiny_model("llama").to(dtype)

@@ -1,4 +1,4 @@
-"""bfloat16 linears on CPUs without native bfloat16, through our own AVX2 kernel.
+"""bfloat16 linears on the CPU through our own AVX2 kernel: fast at few rows, and batch invariant.
 
 On a CPU without AVX512-BF16 / AMX / AVX-NE-CONVERT (this project's AMD EPYC machines), PyTorch's
 bfloat16 ``F.linear`` and oneDNN both fall back to code whose cost grows with the row count: a
@@ -8,11 +8,13 @@ from memory once per call, widens it to float32 in registers (bf16 is the high h
 and applies it to all rows with FMAs: five rows cost ~1.3x one row, and one row runs at memory
 speed. It is also batch invariant (a row's result does not depend on which other rows share the
 call), so a verify forward computes exactly what k + 1 decode steps would, linear for linear.
+That is why it is used on CPUs with native bfloat16 too (AVX512-BF16): PyTorch's bfloat16 linears
+there are not batch invariant, and a verify's argmax can then differ from a decode step's (seen
+on Qwen2.5-Coder-1.5B: speculation stopped returning the target-only tokens).
 
 The extension is compiled on first use with the system C++ compiler through
 ``torch.utils.cpp_extension`` (a minute, cached under ``~/.cache/torch_extensions``). Where
-that fails, or the CPU has native bfloat16 or lacks AVX2/FMA, ``available`` is False and models
-keep PyTorch's linears. Inference only: no autograd.
+that fails, or the CPU lacks AVX2/FMA, ``available`` is False and models keep PyTorch's linears. Inference only: no autograd.
 """
 
 from __future__ import annotations
@@ -34,12 +36,6 @@ def kernel_runs() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def native_bf16() -> bool:
-    """The CPU computes bfloat16 itself (AVX512-BF16, AMX): oneDNN / PyTorch do better there."""
-    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(native is not None and native())
-
-
 def extension():
     """The compiled kernel module, building it on first call; None where it cannot be built."""
     global _ext, _error
@@ -58,11 +54,11 @@ def extension():
 
 
 def available(model: nn.Module) -> bool:
-    """True when this model's linears can run on the kernel: bfloat16 weights on an AVX2 CPU
-    without native bfloat16, and the extension builds."""
+    """True when this model's linears can run on the kernel: bfloat16 weights on an AVX2 CPU, and
+    the extension builds."""
     p = next(model.parameters(), None)
     return (p is not None and p.device.type == "cpu" and p.dtype == torch.bfloat16 and kernel_runs()
-            and not native_bf16() and extension() is not None)
+            and extension() is not None)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -71,7 +71,7 @@ def load_session(
     else from the model directory. The session carries ``eos_token_ids`` for the engine.
     ``packed_linears`` (default: on, on CPU) runs linears on kernels that make a k+1-token verify
     nearly as cheap as one decode step: float32 on prepacked oneDNN weights (sessions/packed.py),
-    bfloat16 on our AVX2 kernel where the CPU lacks native bfloat16 (sessions/bf16.py).
+    bfloat16 on our batch-invariant AVX2 kernel (sessions/bf16.py).
     ``qaic``: how a qaic model is compiled and run (``QaicSpec`` of the job config, as a dict)."""
     if device == "qaic":
         from .qaic import load_qaic_session

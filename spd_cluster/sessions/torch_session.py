@@ -24,7 +24,7 @@ from .heads import TurboHeads
 def use_cpu_kernels(model, *extra, keep_weights: bool = False) -> str | None:
     """Run the linears of ``model`` (and of ``extra`` modules: heads) on the CPU kernels made for
     few-row calls, in place: float32 on prepacked oneDNN weights (sessions/packed.py), bfloat16 on
-    our AVX2 kernel where the CPU has no native bfloat16 (sessions/bf16.py). Returns which ran
+    our batch-invariant AVX2 kernel (sessions/bf16.py). Returns which ran
     ("onednn", "avx2-bf16") or None where neither applies (GPU, float16, no AVX2...).
     ``keep_weights``: float32 packing keeps the original weights too (by default it drops those
     no other module shares)."""

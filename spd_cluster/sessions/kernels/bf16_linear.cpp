@@ -1,5 +1,5 @@
 // y[M, N] = x[M, K] @ w[N, K]^T (+ bias): bfloat16 weights, float32 activations and accumulation,
-// AVX2 + FMA, for CPUs without native bfloat16 (see sessions/bf16.py). Each weight row is read
+// AVX2 + FMA, batch invariant (see sessions/bf16.py). Each weight row is read
 // from memory once per call (the next tile's rows prefetched meanwhile), widened to float32 in
 // registers and applied to up to 5 activation rows per pass while it sits in L1, so a k + 1 row
 // verify costs little more than a one-row decode step, which is memory-bound.
