@@ -58,6 +58,19 @@ def test_the_width_follows_acceptance_and_cost():
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
 
 
+def test_one_long_draft_call_does_not_price_the_draft_out():
+    """A call that also fed the draft a long gap (or waited on its prefill) is one sample: it may
+    raise the estimate, but not past the point where proposing would never be tried again."""
+    cost = StepCost(CURVE.verify_s)
+    cost.observe_draft(0.01, 1)
+    assert cost.draft_s == 0.01
+    cost.observe_draft(30.0, 4)  # 7.5 s a forward, once
+    assert cost.draft_s == pytest.approx(0.8 * 0.01 + 0.2 * 0.02)
+    for _ in range(10):
+        cost.observe_draft(0.04, 4)
+    assert cost.draft_s == pytest.approx(0.01, rel=0.05)  # back to what its steps cost
+
+
 def test_acceptance_is_the_rows_own_and_fades_back_to_the_jobs():
     a = Acceptance()
     a.start(0), a.start(1)

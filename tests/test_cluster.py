@@ -226,6 +226,37 @@ def test_remote_draft_proposer_is_the_in_process_one(tiny, local_ray, sampling):
     assert handle.deltas[-1] == ([4], [True]) and handle.server.seqs[0].tolist() == [5, 9, 7, 8]
 
 
+def test_a_slow_remote_draft_prefill_is_not_priced_as_its_steps(tiny, local_ray):
+    """The draft's prefill runs on its own actor beside the target's and is waited for when the
+    target's prefill is done, not inside the first step: adaptive k, which prices the draft by its
+    proposal calls, still proposes (the first call used to carry the whole prefill, and the draft
+    was priced out for good)."""
+    import time
+
+    from spd_cluster.engine.engine import SpDEngine
+    from spd_cluster.engine.proposers import DraftProposer
+    from spd_cluster.engine.settings import SpDSettings
+    from spd_cluster.sessions import load_session, load_tokenizer
+    from spd_cluster.sessions.timed import TimedSession
+
+    @ray.remote
+    def prefill_on_its_device():
+        time.sleep(1.0)
+
+    s = SpDSettings(num_speculative_tokens=3, max_new_tokens=24, ctx_len=128, prefill_seq_len=16, full_batch_size=1,
+                    ignore_eos=True)
+    sess = lambda: load_session(tiny, full_batch_size=1, ctx_len=128)  # noqa: E731
+    handle = _Handle(DraftServer(DraftProposer(sess(), s.prefill_seq_len)))  # draft == target: all accepted
+    slow = SimpleNamespace(remote=lambda slot, ids, key=None: (handle.server.start(slot, ids, key),
+                                                               prefill_on_its_device.remote())[1])
+    remote = RemoteDraftProposer(SimpleNamespace(draft_start=slow, draft_step=handle.draft_step))
+    target = TimedSession(sess(), 0.02)  # a target step costs 20 ms: a draft forward is cheap beside it
+    info = SpDEngine("draft", target, load_tokenizer(tiny), s, proposer=remote).generate(GOOD[:2])
+    m = info.perf_metrics
+    assert m.proposed_per_position[0] >= m.num_row_steps - 2 and m.mean_num_accepted_tokens > 3
+    assert min(info.perf_metrics.ttft_per_prompt) >= 1.0  # the draft's prefill is the prompt's, in its TTFT
+
+
 def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
     rows = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(GOOD[:6])]
     rows[1:1] = [{"id": "empty", "prompt": ""}, {"id": "ws", "prompt": "  \n "}, {"id": "num", "prompt": 42},

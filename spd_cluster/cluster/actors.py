@@ -131,7 +131,9 @@ class RemoteDraftProposer:
     """The Proposer protocol over a draft actor (any handle with ``draft_start``/``draft_step``).
 
     ``start`` is sent without waiting (Ray runs one caller's calls to an actor in order), so the
-    draft prefill overlaps the target's; ``propose`` is the one round trip of a step. Per slot it
+    draft prefill overlaps the target's, and ``learn`` (which the engine calls when the target's
+    prefill is done) waits for it: a step's ``propose`` is then only its one round trip, and
+    adaptive k prices the draft by its steps, not by its prefill. Per slot it
     mirrors what the remote has seen and sends only the new tail; a sequence that does not extend
     the mirror (it never happens with the engine, whose rows only grow) is sent whole. Token ids
     go both ways; with sampling the draft's distributions come back too (sparse, exact), since
@@ -155,15 +157,20 @@ class RemoteDraftProposer:
         self._starts.append(self.actor.draft_start.remote(slot, ids, key))
         self.sent[slot] = ids
 
+    def _settle(self) -> None:
+        if self._starts:  # a failed start surfaces here
+            import ray
+
+            starts, self._starts = self._starts, []
+            ray.get(starts)
+
     def learn(self, slots, verified) -> None:
-        pass  # the draft finds what was rejected by comparing with the next sequence
+        self._settle()  # the rest it finds by comparing with the next sequence
 
     def propose(self, slots, seqs, limits):
         import ray
 
-        if self._starts:  # surface a failed start here; they ran before this step anyway
-            ray.get(self._starts)
-            self._starts = []
+        self._settle()
         deltas, resync = [], []
         for s, seq in zip(slots, seqs):
             seq = np.asarray(seq, dtype=np.int64)

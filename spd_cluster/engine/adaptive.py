@@ -24,6 +24,7 @@ PRIOR = 0.6  # acceptance before any evidence
 PRIOR_WEIGHT = 2.0  # pseudo-trials of the prior (job level) and of the job's rate (row level)
 DECAY = 0.85  # per step, a row's evidence fades: a row that stopped proposing probes again later
 JOB_DECAY = 0.99
+DRAFT_CLIP = 2.0  # a draft-cost sample counts at most this many times the estimate
 
 
 class StepCost:
@@ -43,9 +44,16 @@ class StepCost:
         return c[-1] + slope * (width - len(c))  # past what was measured: linear
 
     def observe_draft(self, seconds: float, forwards: int) -> None:
+        """One proposal call of ``forwards`` draft forwards took ``seconds``. A call may also feed
+        the draft every token since its last one (a row that proposed nothing for a while), so
+        one sample moves the estimate by at most DRAFT_CLIP times its share: a rare long call
+        must not price the draft out for good (it would then never be observed again)."""
         if forwards > 0:
             per = seconds / forwards
-            self.draft_s = per if self.draft_s == 0 else 0.8 * self.draft_s + 0.2 * per
+            if self.draft_s == 0:
+                self.draft_s = per
+            else:
+                self.draft_s = 0.8 * self.draft_s + 0.2 * min(per, DRAFT_CLIP * self.draft_s)
 
     @classmethod
     def measure(cls, session, rows: int, max_width: int, reps: int = 2, heads: bool = False) -> "StepCost":

@@ -217,6 +217,8 @@ class SpDEngine:
     def _prefill(self, slot: int, result: PromptResult, ids: np.ndarray, clock: _Clock) -> _Row:
         t0 = perf_counter()
         s = self.settings
+        # the proposer first: a draft on its own device prefills beside the target (learn settles it)
+        self.proposer.start(slot, ids, key=result.prompt_id)
         chunks = list(prefill_chunks(ids, s.prefill_seq_len, slot))
         for inputs in chunks[:-1]:  # no output needed: tokens only, no heads
             self.target.run({**inputs, "argmax": np.array(True), "head_guesses": np.array(False)})
@@ -228,7 +230,6 @@ class SpDEngine:
         none = np.zeros((1, 0), dtype=np.int64)
         verified = self._verify(chunks[-1], none, np.zeros(1, np.int64), [row.rng])
         clock.target_forwards += len(chunks)
-        self.proposer.start(slot, ids, key=result.prompt_id)
         self.proposer.learn([slot], verified)
         self.acceptance.start(slot)
         result.finish_reason = None

@@ -54,7 +54,8 @@ class Proposer(Protocol):
     forwards_per_token: int
 
     def start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
-        """A new prompt takes ``slot``; ``key`` (the prompt id) seeds its random stream."""
+        """A new prompt takes ``slot`` (called before the target's prefill of it; ``learn`` gets
+        that prefill's verify); ``key`` (the prompt id) seeds its random stream."""
 
     def propose(self, slots: Sequence[int], seqs: Sequence[np.ndarray], limits: Sequence[int]) -> Proposal:
         """For each row, at most ``limits[i]`` tokens that should follow ``seqs[i]``."""
