@@ -62,6 +62,8 @@ def test_one_long_draft_call_does_not_price_the_draft_out():
     """A call that also fed the draft a long gap (or waited on its prefill) is one sample: it may
     raise the estimate, but not past the point where proposing would never be tried again."""
     cost = StepCost(CURVE.verify_s)
+    cost.observe_draft(5.0, 1)  # the first call warms the draft up: not counted
+    assert cost.draft_s == 0
     cost.observe_draft(0.01, 1)
     assert cost.draft_s == 0.01
     cost.observe_draft(30.0, 4)  # 7.5 s a forward, once

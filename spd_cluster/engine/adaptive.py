@@ -35,6 +35,7 @@ class StepCost:
             raise ValueError(f"verify_s needs a positive cost for width 1 and up, got {list(verify_s)}")
         self.verify_s = [float(c) for c in verify_s]
         self.draft_s = float(draft_s)
+        self._warm = draft_s > 0  # a given draft cost needs no warm-up call
 
     def verify(self, width: int) -> float:
         c = self.verify_s
@@ -47,8 +48,12 @@ class StepCost:
         """One proposal call of ``forwards`` draft forwards took ``seconds``. A call may also feed
         the draft every token since its last one (a row that proposed nothing for a while), so
         one sample moves the estimate by at most DRAFT_CLIP times its share: a rare long call
-        must not price the draft out for good (it would then never be observed again)."""
+        must not price the draft out for good (it would then never be observed again). The first
+        call warms the draft's decode path up (a new actor's first forwards) and is not counted."""
         if forwards > 0:
+            if not self._warm:
+                self._warm = True
+                return
             per = seconds / forwards
             if self.draft_s == 0:
                 self.draft_s = per

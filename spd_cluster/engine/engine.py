@@ -82,8 +82,9 @@ class SpDEngine:
         draft_name: str = "",
         step_cost: StepCost | None = None,
     ):
-        """``step_cost``: the target's step-cost curve for adaptive k; measured on ``target`` here
-        when not given (settings.adaptive_k, a mode that speculates)."""
+        """``step_cost``: the target's step-cost curve for adaptive k; measured on ``target`` at
+        the first ``generate`` when not given (settings.adaptive_k, a mode that speculates), when
+        the device is quiet: in a pair, the draft actor may still be loading while this one is."""
         self.spec = spec = mode_of(mode)
         self.mode, self.target, self.tokenizer = mode, target, tokenizer
         self.settings = settings = settings or SpDSettings()
@@ -98,9 +99,7 @@ class SpDEngine:
         if spec.uses_heads:
             self.k = min(self.k, target.num_heads)
         self.adaptive = settings.adapts and self.k > 0
-        if self.adaptive and step_cost is None:
-            step_cost = StepCost.measure(target, settings.full_batch_size, self.k + 1, heads=spec.uses_heads)
-        self.cost = step_cost
+        self.cost = step_cost  # measured at the first generate when None: not while a pair still loads
         self.acceptance = Acceptance()
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_token_ids = [tokenizer.eos_token_id]
@@ -176,6 +175,8 @@ class SpDEngine:
             r.num_prompt_tokens = int(ids.size)
             queue.append((r, ids))
 
+        if self.adaptive and self.cost is None:
+            self.cost = StepCost.measure(self.target, s.full_batch_size, self.k + 1, heads=self.spec.uses_heads)
         clock = _Clock()
         self._proposed = np.zeros(self.k, dtype=np.int64)
         self._accepted = np.zeros(self.k, dtype=np.int64)
