@@ -126,3 +126,15 @@ def test_the_step_cost_is_measured_on_the_session_and_never_falls_with_width():
     cost = StepCost.measure(TorchSession(TARGET, 2, 128), rows=2, max_width=K + 1)
     assert len(cost.verify_s) == K + 1 and all(c > 0 for c in cost.verify_s)
     assert cost.verify_s == sorted(cost.verify_s)
+
+
+def test_the_verify_curve_follows_the_steps_and_stays_non_decreasing():
+    cost = StepCost([1.0, 1.1, 1.2, 1.3])
+    for _ in range(20):
+        cost.observe_verify(3, 1.6)  # width 3 dearer in place than measured (a draft beside it)
+    assert cost.verify(3) == pytest.approx(1.6, rel=0.02) and cost.verify(4) >= cost.verify(3)
+    assert cost.verify(1) == 1.0 and cost.verify(2) == 1.1
+    cost.observe_verify(1, 100.0)  # one outlier: at most DRAFT_CLIP times its share
+    assert cost.verify(1) == pytest.approx(0.8 + 0.2 * 2.0) and cost.verify(2) >= cost.verify(1)
+    cost.observe_verify(9, 5.0)  # past the measured widths: ignored
+    assert len(cost.verify_s) == 4

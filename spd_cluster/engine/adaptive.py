@@ -8,8 +8,8 @@ expected tokens the batch emits per second of the step:
 where ``E(a, m) = 1 + a + ... + a^m`` is what a row emits when each proposal is accepted with
 probability ``a`` given those before it were (``Acceptance``: the row's own history, shrunk
 towards the job's), ``avail_i`` what the row may (or, for a free proposer, did) propose, and
-``StepCost`` the target's cost of verifying m + 1 tokens a row, measured at load, plus the
-draft's cost of one forward, measured as the job runs. Any m keeps the output: it only changes
+``StepCost`` the target's cost of verifying m + 1 tokens a row, measured before the first step
+and followed as the job runs, plus the draft's cost of one forward, measured as the job runs. Any m keeps the output: it only changes
 how much of it one step can emit.
 """
 
@@ -24,7 +24,7 @@ PRIOR = 0.6  # acceptance before any evidence
 PRIOR_WEIGHT = 2.0  # pseudo-trials of the prior (job level) and of the job's rate (row level)
 DECAY = 0.85  # per step, a row's evidence fades: a row that stopped proposing probes again later
 JOB_DECAY = 0.99
-DRAFT_CLIP = 2.0  # a draft-cost sample counts at most this many times the estimate
+DRAFT_CLIP = 2.0  # a cost sample (draft or verify) counts at most this many times the estimate
 
 
 class StepCost:
@@ -59,6 +59,21 @@ class StepCost:
                 self.draft_s = per
             else:
                 self.draft_s = 0.8 * self.draft_s + 0.2 * min(per, DRAFT_CLIP * self.draft_s)
+
+    def observe_verify(self, width: int, seconds: float) -> None:
+        """A verify of ``width`` tokens a row took ``seconds`` as the job runs: the curve measured
+        before the first step follows what steps cost in place (a draft actor beside the target on
+        shared cores makes them dearer than on a quiet device), one sample at most DRAFT_CLIP
+        times its share, and stays non-decreasing."""
+        c = self.verify_s
+        if not 1 <= width <= len(c):
+            return
+        i = width - 1
+        c[i] = 0.8 * c[i] + 0.2 * min(seconds, DRAFT_CLIP * c[i])
+        for j in range(i + 1, len(c)):
+            c[j] = max(c[j], c[i])
+        for j in range(i):
+            c[j] = min(c[j], c[i])
 
     @classmethod
     def measure(cls, session, rows: int, max_width: int, reps: int = 2, heads: bool = False) -> "StepCost":

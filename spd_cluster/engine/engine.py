@@ -100,6 +100,7 @@ class SpDEngine:
             self.k = min(self.k, target.num_heads)
         self.adaptive = settings.adapts and self.k > 0
         self.cost = step_cost  # measured at the first generate when None: not while a pair still loads
+        self._follow_verify = step_cost is None  # a curve measured here follows the steps; a given one is the model
         self.acceptance = Acceptance()
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_token_ids = [tokenizer.eos_token_id]
@@ -296,6 +297,8 @@ class SpDEngine:
                 "num_logits_to_keep": np.arange(width, dtype=np.int64).reshape(-1, 1)}
         verified = self._verify(call, ids[:, 1:], counts, [r.rng for r in rows], proposal.draft_probs)
         t2 = perf_counter()
+        if self.adaptive and self._follow_verify:
+            self.cost.observe_verify(width, t2 - t1)
         clock.draft += t1 - t0
         clock.target += t2 - t1
         clock.iterations += 1
