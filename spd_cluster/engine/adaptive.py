@@ -9,8 +9,8 @@ where ``E(a, m) = 1 + a + ... + a^m`` is what a row emits when each proposal is 
 probability ``a`` given those before it were (``Acceptance``: the row's own history, shrunk
 towards the job's), ``avail_i`` what the row may (or, for a free proposer, did) propose, and
 ``StepCost`` the target's cost of verifying m + 1 tokens a row, measured before the first step
-and followed as the job runs, plus the draft's cost of one forward, measured as the job runs. Any m keeps the output: it only changes
-how much of it one step can emit.
+and followed as the job runs, plus the draft's cost of one forward, measured as the job runs.
+Any m keeps the output: it only changes how much of it one step can emit.
 """
 
 from __future__ import annotations

@@ -82,9 +82,10 @@ class SpDEngine:
         draft_name: str = "",
         step_cost: StepCost | None = None,
     ):
-        """``step_cost``: the target's step-cost curve for adaptive k; measured on ``target`` at
-        the first ``generate`` when not given (settings.adaptive_k, a mode that speculates), when
-        the device is quiet: in a pair, the draft actor may still be loading while this one is."""
+        """``step_cost``: the target's step-cost curve for adaptive k, taken as given. When not
+        given (settings.adaptive_k, a mode that speculates) it is measured on ``target`` at the
+        first ``generate`` (not here: in a pair the draft actor may still be loading) and then
+        follows what the job's verifies cost."""
         self.spec = spec = mode_of(mode)
         self.mode, self.target, self.tokenizer = mode, target, tokenizer
         self.settings = settings = settings or SpDSettings()
