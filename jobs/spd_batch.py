@@ -1,7 +1,9 @@
 """Ray job entrypoint: the same as `spd-cluster run`, for
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+    ray job submit --address http://127.0.0.1:$DASH --working-dir . -- \
         python jobs/spd_batch.py --config configs/demo.yaml [--set key.path=value ...]
+
+(a head of one's own on free ports, $DASH its dashboard's: the README's recipe)
 
 Under `ray job submit` the driver joins the cluster that runs it (RAY_ADDRESS); run by hand
 without one it starts a local Ray on 127.0.0.1. `ray job stop` sends SIGTERM: the job ends as
