@@ -1,8 +1,9 @@
-"""The AVX2 bfloat16 linear kernel (sessions/kernels, sessions/bf16.py): float32-accurate against
-a float64 reference on odd shapes, batch invariant bit for bit, and a bfloat16 session on it
-agrees with the model's own forward; with row-wise attention (sessions/rowwise.py) a k-token
-verify gives the same bits as k one-token decode steps, so bfloat16 speculation returns exactly
-the baseline's tokens; `cpu_kernels: false` keeps PyTorch's linears."""
+"""The bfloat16 linear kernel (sessions/kernels, sessions/bf16.py): float32-accurate against a
+float64 reference on odd shapes, batch invariant bit for bit, and a bfloat16 session on it agrees
+with the model's own forward; its AVX512-BF16 tiles give the AVX2 tiles' bits, for 1..16 rows;
+with row-wise attention (sessions/rowwise.py) a k-token verify gives the same bits as k one-token
+decode steps, so bfloat16 speculation returns exactly the baseline's tokens; `cpu_kernels: false`
+keeps PyTorch's linears."""
 
 import copy
 
@@ -76,6 +77,93 @@ def test_bfloat16_input_gives_the_float32_path_rounded_bit_for_bit(m, n, k):
     nan = want.isnan()  # PyTorch's own NaN bits differ between its scalar and vector paths
     assert nan.any() and torch.equal(y.isnan(), nan)
     assert torch.equal(y[~nan].view(torch.int16), want[~nan].view(torch.int16))
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+def test_the_tiles_follow_the_cpu():
+    """AVX512-BF16 tiles exactly where the CPU has AVX512-BF16 (and BW, VL); AVX2 ones can always
+    be asked for, AVX512-BF16 ones only there."""
+    native = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
+    assert bf16.isa() == ("avx512-bf16" if native else "avx2")
+    assert bf16.isas() == (["avx2", "avx512-bf16"] if native else ["avx2"])
+    try:
+        bf16.set_isa("avx2")
+        assert bf16.isa() == "avx2"
+        with pytest.raises(RuntimeError, match="'avx2' or 'avx512-bf16'"):
+            bf16.set_isa("amx")
+        if not native:
+            with pytest.raises(RuntimeError, match="no AVX512-BF16"):
+                bf16.set_isa("avx512-bf16")
+    finally:
+        bf16.set_isa(bf16.isas()[-1])
+    assert bf16.isa() == ("avx512-bf16" if native else "avx2")
+
+
+# outputs N: whole tiles of 8 and 6, pairs and a lone row, tasks of 48 split over threads; inputs
+# K: a K % 16 tail or none
+WIDE = [(101, 1540), (96, 1536), (7, 40), (1, 16)]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512-bf16"])
+@pytest.mark.parametrize("n, k", WIDE)
+def test_each_isa_is_batch_invariant_for_1_to_16_rows(isa, n, k):
+    """Every row count 1..16 (one pass of 1..8 rows, two passes past 8) gives each row the bits it
+    gets alone and within 16 rows: float32 sums and bfloat16 outputs, with and without bias; the
+    sums are float32-accurate. A CPU without AVX512-BF16 refuses those tiles."""
+    if isa not in bf16.isas():
+        with pytest.raises(RuntimeError, match="no AVX512-BF16"):
+            bf16.set_isa(isa)
+        return
+    ext = bf16.extension()
+    g = torch.Generator().manual_seed(n + k)
+    x = torch.randn(16, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g)
+    default = bf16.isa()
+    try:
+        bf16.set_isa(isa)
+        for bias in (None, b):
+            whole, whole16 = ext.bf16_linear(x, w, bias, float_out=True), ext.bf16_linear(x, w, bias)
+            assert whole.dtype == torch.float32 and whole16.dtype == torch.bfloat16
+            bound = 1e-5 * (x.abs().double() @ w.abs().double().T) + 1e-6
+            assert ((whole.double() - reference(x, w, bias)).abs() <= bound).all()
+            for m in range(1, 17):
+                assert torch.equal(ext.bf16_linear(x[:m], w, bias, float_out=True), whole[:m])
+                assert torch.equal(ext.bf16_linear(x[16 - m:], w, bias).view(torch.int16), whole16[16 - m:].view(torch.int16))
+            for i in range(16):
+                assert torch.equal(ext.bf16_linear(x[i : i + 1], w, bias, float_out=True)[0], whole[i])
+    finally:
+        bf16.set_isa(default)
+
+
+@pytest.mark.parametrize("n, k", WIDE + [(13, 9), (50, 40)])
+def test_avx512_bf16_tiles_give_the_avx2_bits(n, k):
+    """bfloat16 activations on the AVX512-BF16 tiles: the float32 sums of the AVX2 tiles bit for
+    bit (and of float32 activations, which always take the AVX2 tiles), for 1..16 rows; zeros,
+    large and small values included. Where the CPU has no AVX512-BF16 both runs take AVX2."""
+    ext = bf16.extension()
+    g = torch.Generator().manual_seed(7 * n + k)
+    x = torch.randn(16, k, generator=g) * torch.logspace(-6, 6, k)[torch.randperm(k, generator=g)]
+    x[3] = 0
+    x = x.to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g)
+    default = bf16.isa()
+    try:
+        for bias in (None, b):
+            out = {}
+            for isa in ("avx2", bf16.isas()[-1]):
+                bf16.set_isa(isa)
+                out[isa] = [ext.bf16_linear(x[:m], w, bias, float_out=True) for m in range(1, 17)]
+            for a, c in zip(*out.values()):
+                assert torch.equal(a, c)
+            assert torch.equal(out["avx2"][-1], ext.bf16_linear(x.float(), w, bias))
+    finally:
+        bf16.set_isa(default)
 
 
 def run(session, toks, p0, keep):
@@ -165,6 +253,22 @@ def test_verify_and_decode_agree_bit_for_bit_with_rowwise_attention(attn, bitwis
     run(s, toks[:100], 0, 1)
     decode = np.concatenate([run(s, toks[100 + i : 101 + i], 100 + i, 1) for i in range(5)])
     assert np.array_equal(verify, decode) is bitwise
+
+
+def test_a_session_computes_the_same_logits_on_either_tiles():
+    """Prefill, verify and decode of a bfloat16 session: the same bits on the AVX2 and the
+    AVX512-BF16 tiles (where the CPU has both)."""
+    s = TorchSession(tiny_model("qwen2", hidden=128).to(torch.bfloat16), 1, 64, pack=True)
+    toks = np.random.default_rng(1).integers(3, VOCAB, size=30)
+    default, out = bf16.isa(), {}
+    try:
+        for isa in bf16.isas():
+            bf16.set_isa(isa)
+            s.cache.reset()
+            out[isa] = [run(s, toks[:20], 0, 20), run(s, toks[20:28], 20, 8), run(s, toks[28:29], 28, 1)]
+    finally:
+        bf16.set_isa(default)
+    assert out and all(np.array_equal(a, b) for got in out.values() for a, b in zip(got, out["avx2"]))
 
 
 def test_bfloat16_speculation_returns_the_baseline_tokens():

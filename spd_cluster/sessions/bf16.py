@@ -1,25 +1,45 @@
-"""bfloat16 linears on the CPU through our own AVX2 kernel: fast at few rows, and batch invariant.
+"""bfloat16 linears on the CPU through our own kernel: fast at few rows, and batch invariant.
 
-On a CPU without AVX512-BF16 / AMX / AVX-NE-CONVERT (this project's AMD EPYC machines), PyTorch's
-bfloat16 ``F.linear`` and oneDNN both fall back to code whose cost grows with the row count: a
-[5, 1536] x [1536, 8960] linear costs ~3.6x one row, so a k + 1-token verify costs several decode
-steps and speculation cannot pay in bfloat16. ``kernels/bf16_linear.cpp`` reads each weight row
-from memory once per call, widens it to float32 in registers (bf16 is the high half of a float32)
-and applies it to all rows with FMAs: five rows cost ~1.3x one row, and one row runs at memory
-speed. It is also batch invariant (a row's result does not depend on which other rows share the
-call), so a verify forward computes exactly what k + 1 decode steps would, linear for linear.
-That is why it is used on CPUs with native bfloat16 too (AVX512-BF16): PyTorch's bfloat16 linears
-there are not batch invariant, and a verify's argmax can then differ from a decode step's (seen
-on Qwen2.5-Coder-1.5B: speculation stopped returning the target-only tokens).
+PyTorch's bfloat16 ``F.linear`` and oneDNN cost more with every row on a CPU without native
+bfloat16 (a [5, 1536] x [1536, 8960] linear costs ~3.6x one row on an AVX2 EPYC), and on a CPU
+with it they are not batch invariant: a verify's argmax can differ from a decode step's (seen on
+Qwen2.5-Coder-1.5B: speculation stopped returning the target-only tokens). ``kernels/`` reads
+each weight row from memory once per call and applies it to all the call's rows while it sits
+in registers and L1, so a verify of a few tokens costs about what a one-row decode step costs
+(memory-bound), and every output element is summed in one fixed order whatever the rows: a row's
+result does not depend on which other rows share the call, so a verify forward computes exactly
+what k + 1 decode steps would, linear for linear.
+
+Two sets of tiles compute the same sums, picked at run time by the CPU (``isa()``):
+
+* ``"avx2"`` (``kernels/bf16_linear.h``, any AVX2 + FMA CPU): the weights widened to float32 in
+  registers (bf16 is the high half of a float32), float32 FMAs into 8-lane accumulators, up to 5
+  activation rows a pass. On Qwen2.5-Coder-1.5B it made a verify flat to 4 tokens, then linear
+  (98, 99, 99, 99, 127, 161, 187, 187 ms at widths 1..8): compute-bound past 4 rows.
+* ``"avx512-bf16"`` (``kernels/bf16_avx512.h``, CPUs with AVX512-BF16: these AMD EPYC machines),
+  for bfloat16 activations: ``vdpbf16ps`` does two exact bf16 products and their two float32 adds
+  per lane per instruction, 32 per zmm, twice the AVX2 tiles' work per instruction, and up to 8
+  activation rows a pass, so a verify of up to 8 tokens reads each weight once and stays near the
+  memory-bound decode step (docs/cpu-kernel.md has the figures). With the weight words rotated
+  and the activations' pairs swapped it adds the products in the AVX2 tiles' order: the result is
+  the AVX2 kernel's bit for bit, except where an input, a product or a partial sum is subnormal
+  (below 2^-126, which ``vdpbf16ps`` flushes to zero). Float32 activations keep the AVX2 tiles.
+
+The choice is made once per process, never per call, so a decode step and a verify on one machine
+always run the same instructions; ``SPD_BF16_ISA=avx2`` in the environment (or ``set_isa``) keeps
+the AVX2 tiles. The AVX512 tiles are compiled with target attributes, not ``-mavx512*``, so the
+extension builds and loads on AVX2-only CPUs too.
 
 The extension is compiled on first use with the system C++ compiler through
-``torch.utils.cpp_extension`` (a minute, cached under ``~/.cache/torch_extensions``). Where
-that fails, or the CPU lacks AVX2/FMA, ``available`` is False and models keep PyTorch's linears. Inference only: no autograd.
+``torch.utils.cpp_extension`` (a minute or two, cached under ``~/.cache/torch_extensions`` by a
+digest of ``SOURCES``). Where that fails, or the CPU lacks AVX2/FMA, ``available`` is False and
+models keep PyTorch's linears. Inference only: no autograd.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from pathlib import Path
 
@@ -27,7 +47,7 @@ import torch
 from torch import nn
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("bf16_linear.cpp", "bf16_linear.h", "attention.h")
+SOURCES = ("bf16_linear.cpp", "bf16_linear.h", "bf16_avx512.h", "attention.h")
 _ext, _error = None, None
 
 
@@ -50,7 +70,38 @@ def extension():
         except Exception as e:  # no compiler, no ninja, ...: PyTorch's linears stay
             _error = e
             warnings.warn(f"bfloat16 AVX2 kernel unavailable, using PyTorch's bfloat16 linears: {e}", stacklevel=2)
+        if _ext is not None and os.environ.get("SPD_BF16_ISA"):
+            _ext.set_isa(os.environ["SPD_BF16_ISA"])
     return _ext
+
+
+def isa() -> str | None:
+    """Which tiles bfloat16 activations take in this process: "avx512-bf16" or "avx2" (float32
+    activations always take "avx2"); None where the extension is unavailable."""
+    ext = extension()
+    return None if ext is None else ext.isa()
+
+
+def set_isa(name: str) -> None:
+    """Run later calls on "avx2" or "avx512-bf16" tiles (the latter only where the CPU has
+    AVX512-BF16), for the whole process: both compute the same bits, so this is for tests and
+    benchmarks. Switching between a decode and a verify would break nothing but is never done."""
+    extension().set_isa(name)
+
+
+def isas() -> list[str]:
+    """The tiles this CPU (and compiler) can run."""
+    ext = extension()
+    if ext is None:
+        return []
+    now = ext.isa()
+    try:
+        ext.set_isa("avx512-bf16")
+        return ["avx2", "avx512-bf16"]
+    except RuntimeError:
+        return ["avx2"]
+    finally:
+        ext.set_isa(now)
 
 
 def available(model: nn.Module) -> bool:
@@ -86,7 +137,7 @@ class Bf16Linear(nn.Module):
         return linear(x, self.weight.detach(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, avx2-bf16"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {isa()}"
 
 
 def use_kernel(root: nn.Module) -> int:
