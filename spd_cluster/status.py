@@ -15,6 +15,11 @@ So where the driver's process can be seen (same boot, same pid namespace) its pi
 once, the start time guarding against a reused pid; a pid alone would be wrong across machines
 and after reuse, a heartbeat alone slow and exposed to clock skew between hosts.
 
+Throughputs are engine/reduce.py's, over the shard records written so far and the job's clock in
+job.json (each run's wall_s and actor_startup_s; an ended job's wall_time_s): e2e, generated
+tokens / the job wall time less the audit's share of it, as exec_info.parquet, the CLI summary
+and the report have it; decode, per pair.
+
 Only the standard library (and pyarrow, for the shard files) is imported: no torch, no Ray.
 """
 
@@ -130,8 +135,12 @@ def job_status(out: str | Path, now: Optional[float] = None) -> dict:
     run = runs[-1]
     prompts = sum(r.get("num_prompts", 0) for r in recs.values())
     total = (job.get("dataset") or {}).get("num_rows")
-    tokens = sum(r.get("num_generated_tokens", 0) for r in recs.values())
-    wall = sum(float(r.get("wall_s") or 0.0) for r in runs)
+    from .engine.reduce import job_clock, reduce_records
+
+    wall, startup = job_clock(job)
+    wall = wall or 0.0
+    fig = reduce_records(recs.values(), wall, actor_startup_s=startup)
+    tokens = fig.metrics.num_generated_tokens
     eta = None
     if state == "running" and total is not None and run.get("wall_s") and run.get("prompts_run"):
         eta = (total - prompts) / (run["prompts_run"] / run["wall_s"])
@@ -142,7 +151,10 @@ def job_status(out: str | Path, now: Optional[float] = None) -> dict:
         "shards_done": len(recs), "shards_total": num_shards, "prompts_done": prompts, "prompts_total": total,
         "errors": sum(r.get("num_errors", 0) for r in recs.values()),
         "max_error_fraction": cfg.get("max_error_fraction"),
-        "tokens": tokens, "wall_time_s": wall, "tokens_per_s": tokens / wall if wall > 0 else None,
+        "tokens": tokens, "wall_time_s": wall, "actor_startup_s": startup,
+        "audit_wall_time_s": fig.audit_wall_time_s, "e2e_time_s": fig.e2e_time,
+        "tokens_per_s": fig.metrics.e2e_throughput if fig.e2e_time > 0 and tokens else None,
+        "decode_tokens_per_s": fig.metrics.decode_throughput if fig.metrics.decode_time > 0 else None,
         "eta_s": eta, "runs": len(job.get("runs") or []), "started_at": job.get("started_at"),
         "ended_at": job.get("ended_at"), "driver": job.get("driver"), "heartbeat_at": job.get("heartbeat_at"),
         "resume": run.get("command") if state in ("failed", "cancelled", "interrupted") else None,
@@ -165,8 +177,11 @@ def format_status(st: dict) -> str:
              f"shards   {st['shards_done']} / {st['shards_total'] if st['shards_total'] is not None else '?'}",
              f"prompts  {st['prompts_done']} / {st['prompts_total'] if st['prompts_total'] is not None else '?'}",
              f"errors   {st['errors']} ({frac}max_error_fraction {st['max_error_fraction']})",
-             f"tokens   {st['tokens']:,}" + (f", {st['tokens_per_s']:.1f} tok/s over {_dur(st['wall_time_s'])} "
-                                             f"of wall time in {st['runs']} run(s)" if st["tokens_per_s"] else "")]
+             f"tokens   {st['tokens']:,}" + (f", {st['tokens_per_s']:.1f} tok/s e2e over {_dur(st['e2e_time_s'])} "
+                                             f"of wall time in {st['runs']} run(s)" if st["tokens_per_s"] else "")
+             + (f"; decode {st['decode_tokens_per_s']:.1f} tok/s per pair" if st.get("decode_tokens_per_s") else "")]
+    if st.get("audit_wall_time_s"):
+        lines.append(f"audit    {_dur(st['audit_wall_time_s'])} of wall time (not in the throughputs)")
     if st["eta_s"] is not None:
         lines.append(f"ETA      {_dur(st['eta_s'])}")
     if st["error"]:

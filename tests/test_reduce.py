@@ -1,4 +1,4 @@
-"""Reduction rules of cluster/reduce.py, one test per rule."""
+"""Reduction rules and throughput definitions of engine/reduce.py, one test per rule."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 
-from spd_cluster.cluster.reduce import (aggregate_exec_info, empty_metrics, first_batch_ttft, metrics_from_record,
-                                        reduce_metrics)
+from spd_cluster.engine import reduce as rd
 from spd_cluster.engine.metrics import SpDPerfMetrics
+from spd_cluster.engine.reduce import (aggregate_exec_info, empty_metrics, first_batch_ttft, metrics_from_record,
+                                       reduce_metrics, reduce_records)
 from spd_cluster.engine.settings import SpDSettings
 from spd_cluster.io.results import metrics_record
 
@@ -63,13 +64,70 @@ def test_busy_times_are_summed_e2e_is_wall():
     assert r.e2e_time == 2.5
 
 
-def test_throughputs_are_tokens_over_job_wall_time():
+def test_e2e_throughput_is_tokens_over_job_wall_time_decode_is_per_pair():
     r = reduce_metrics([A, B], 2.5)
-    assert r.e2e_throughput == pytest.approx(32 / 2.5)
-    decode_wall = 2.5 * (1.6 + 0.7) / (2.0 + 1.0)
-    assert r.decode_throughput == pytest.approx((A.num_decode_tokens + B.num_decode_tokens) / decode_wall)
-    # two pairs in parallel: the same shards in half the wall time give twice the throughput
-    assert reduce_metrics([A, B], 1.25).e2e_throughput == pytest.approx(2 * r.e2e_throughput)
+    assert r.e2e_throughput == pytest.approx(32 / 2.5) and r.e2e_throughput == r.num_generated_tokens / r.e2e_time
+    # decode: one pair's speed, decode tokens / decode pair-seconds (it was tokens over a "decode
+    # share" of the job's wall time, a figure that moved with start-up and the number of pairs)
+    assert r.decode_throughput == pytest.approx((A.num_decode_tokens + B.num_decode_tokens) / (1.6 + 0.7))
+    # two pairs in parallel: the same shards in half the wall time give twice the e2e throughput,
+    # and the same decode throughput
+    r2 = reduce_metrics([A, B], 1.25)
+    assert r2.e2e_throughput == pytest.approx(2 * r.e2e_throughput) and r2.decode_throughput == r.decode_throughput
+
+
+def test_the_audit_is_left_out_of_the_job_throughput():
+    recs = [{**metrics_record(A), "shard_id": 0, "pair_id": 0, "num_prompts": 2, "num_errors": 0, "wall_s": 3.0,
+             "audit_s": 1.0, "busy_s": 2.0},
+            {**metrics_record(B), "shard_id": 1, "pair_id": 0, "num_prompts": 3, "num_errors": 0, "wall_s": 1.0,
+             "audit_s": 0.0, "busy_s": 1.0}]
+    # one pair: 1 s start-up, then 4 s of shards (1 s of it the audit's), 0.2 s of driver overhead
+    j = reduce_records(recs[::-1], 5.2, actor_startup_s=1.0)
+    assert j.audit_time_s == 1.0 and j.audit_wall_time_s == pytest.approx(4.2 * 1.0 / 4.0)
+    assert j.e2e_time == pytest.approx(5.2 - 1.05) and j.wall_time_s == 5.2 and j.actor_startup_s == 1.0
+    assert j.metrics.e2e_throughput == pytest.approx(32 / (5.2 - 1.05))
+    assert j.metrics.decode_throughput == reduce_metrics([A, B], 5.2).decode_throughput  # the audit is not in it
+    assert (j.num_pairs, j.num_prompts, j.num_errors) == (1, 5, 0)
+    assert j.metrics.generated_tokens_per_prompt == []  # records hold no per-prompt lists
+    assert j.metrics.num_generated_tokens == 32  # reduced in shard order, whatever the order given
+    # no audit: e2e_time is the wall time
+    assert reduce_records([{**r, "audit_s": 0.0} for r in recs], 5.2, 1.0).e2e_time == 5.2
+    assert rd.audit_wall_time(5.0, 6.0, 1.0, 4.0) == 0.0 and rd.audit_wall_time(5.0, 1.0, 0.0, 0.0) == 0.0
+
+
+def test_per_shard_and_per_pair_figures():
+    ra = {**metrics_record(A), "shard_id": 0, "pair_id": 1, "num_prompts": 2, "wall_s": 3.0, "audit_s": 1.0,
+          "busy_s": 2.0}
+    rb = {**metrics_record(B), "shard_id": 1, "pair_id": 1, "num_prompts": 3, "wall_s": 1.0}  # no busy_s: wall - audit
+    audit = [{"spd_time_per_token_s": 0.1, "baseline_time_per_token_s": 0.3},
+             {"spd_time_per_token_s": 0.3, "baseline_time_per_token_s": 0.5},
+             {"spd_time_per_token_s": None, "baseline_time_per_token_s": 9.0}]
+    s = rd.shard_figures(ra, audit)
+    assert s["tokens"] == 16 and s["busy_s"] == 2.0 and s["e2e_throughput"] == 8.0
+    assert s["decode_throughput"] == pytest.approx(A.num_decode_tokens / A.decode_time)
+    assert s["tokens_per_step"] == pytest.approx(14 / 7) and s["proposal_width"] == pytest.approx((7 + 7 + 5) / 7)
+    assert s["speedup"] == pytest.approx(0.4 / 0.2) and s["audited"] == 3
+    assert rd.shard_figures(rb)["speedup"] is None and rd.shard_figures(rb)["busy_s"] == 1.0
+    (p,) = rd.pair_figures([ra, rb])
+    assert p["pair_id"] == 1 and p["shards"] == 2 and p["prompts"] == 5 and p["busy_s"] == 3.0
+    assert p["e2e_throughput"] == pytest.approx(32 / 3.0) and p["decode_time"] == pytest.approx(2.3)
+    assert p["tokens_per_step"] == pytest.approx(27 / 13) and p["proposal_width"] == pytest.approx((13 + 11 + 5) / 13)
+    empty = rd.shard_figures({"shard_id": 2, "wall_s": 0.0})
+    assert empty["tokens_per_step"] is None and empty["proposal_width"] is None and empty["e2e_throughput"] == 0.0
+
+
+def test_step_counts_are_exact_from_the_position_counts():
+    # 7 row steps; accepted at positions 1..3: 5, 3, 2 -> 2 steps emit 1, 2 emit 2, 1 emits 3, 2 emit 4
+    assert rd.step_counts([5, 3, 2], 7) == {1: 2, 2: 2, 3: 1, 4: 2}
+    assert rd.step_counts([], 4) == {1: 4}  # no speculation: every step emits one token
+    assert rd.step_counts([2, 3], 4) == {} and rd.step_counts([1], 0) == {}  # counts that do not nest; no steps
+
+
+def test_job_clock_from_job_json():
+    runs = [{"wall_s": 10.0, "actor_startup_s": 2.0}, {"wall_s": 5.5, "actor_startup_s": 1.0}]
+    assert rd.job_clock({"status": "running", "runs": runs, "wall_time_s": 10.0}) == (15.5, 3.0)
+    assert rd.job_clock({"status": "completed", "runs": runs, "wall_time_s": 15.5004}) == (15.5004, 3.0)
+    assert rd.job_clock({"status": "running", "runs": [{}]}) == (None, 0.0) and rd.job_clock(None) == (None, 0.0)
 
 
 def test_mean_ttft_weighted_by_prompts_run():
@@ -123,8 +181,17 @@ def test_record_roundtrip_and_exec_info():
                                     num_accepted_tokens_per_prompt=[])
     info = aggregate_exec_info(reduce_metrics([A, B], 2.5), mode="pld", settings=SpDSettings(), target_name="t")
     text = str(info)
-    assert "E2E Throughput = 12.8" in text and "Avg number of accepted tokens" in text
+    assert "E2E Throughput = 12.8 tokens/s" in text and "Avg number of accepted tokens" in text
     assert info.mode == "pld" and info.full_batch_size == SpDSettings().full_batch_size
+    assert "Job Wall Time" not in text  # an engine run's print: no job clock
+    # a job's print says what its throughputs divide by, and the audit and start-up apart
+    recs = [{**metrics_record(m), "shard_id": i, "pair_id": 0, "wall_s": w, "audit_s": a}
+            for i, (m, w, a) in enumerate(((A, 3.0, 1.0), (B, 1.0, 0.0)))]
+    j = reduce_records(recs, 5.0, actor_startup_s=1.0)
+    text = str(aggregate_exec_info(j.metrics, mode="pld", settings=SpDSettings(), target_name="t", job=j))
+    assert f"E2E Throughput = {round(32 / 4.0, 2)} tokens/s (32 tokens / 4.00 s)" in text
+    assert "Decode Throughput = " in text and "tokens/s per pair" in text
+    assert "Job Wall Time = 5.00 s (actor start-up 1.00 s; audit 1.00 s, not in the throughputs)" in text
 
 
 def test_mean_accepted_is_the_ratio_of_the_summed_counts():
@@ -135,3 +202,11 @@ def test_mean_accepted_is_the_ratio_of_the_summed_counts():
     old = [metrics_from_record({k: v for k, v in metrics_record(m).items() if k != "num_accepted_tokens"})
            for m in (A, B)]
     assert reduce_metrics(old, 2.5).mean_num_accepted_tokens == r.mean_num_accepted_tokens
+
+
+def test_cluster_reduce_is_the_engine_rules():
+    from spd_cluster.cluster import reduce as shim
+
+    for name in ("reduce_metrics", "reduce_records", "metrics_from_record", "aggregate_exec_info", "first_batch_ttft",
+                 "empty_metrics", "throughput"):
+        assert getattr(shim, name) is getattr(rd, name)

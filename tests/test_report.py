@@ -21,8 +21,9 @@ import pytest
 from tiny import VOCAB, tiny_model
 
 from spd_cluster import report
+from spd_cluster import status as status_mod
 from spd_cluster.cluster.actors import _result_row
-from spd_cluster.cluster.reduce import metrics_from_record, reduce_metrics
+from spd_cluster.engine.reduce import metrics_from_record, reduce_metrics
 from spd_cluster.engine import SpDEngine, SpDSettings
 from spd_cluster.io import results as rio
 from spd_cluster.sessions.torch_session import TorchSession
@@ -102,7 +103,7 @@ def write_job(out: Path, job_run, *, shards=None, finished=True, audit_mismatch=
 
 def write_audit(out: Path, job_run, mismatch: int, with_exec_info: bool) -> None:
     rows = []
-    for (_, _, ids, spd), (_, _, _, base) in zip(job_run["pld"], job_run["baseline"]):
+    for (sid, _, ids, spd), (_, _, _, base) in zip(job_run["pld"], job_run["baseline"]):
         spd_tpt = spd.perf_metrics.e2e_time / max(1, spd.perf_metrics.num_generated_tokens)
         base_tpt = base.perf_metrics.e2e_time / max(1, base.perf_metrics.num_generated_tokens)
         for pid, a, b in zip(ids, spd.results, base.results):
@@ -110,7 +111,7 @@ def write_audit(out: Path, job_run, mismatch: int, with_exec_info: bool) -> None
             if pid == f"p{mismatch}":
                 sa[3] = (sa[3] + 1) % VOCAB  # the injected mismatch
             diff = next((i for i, (x, y) in enumerate(zip(sa, sb)) if x != y), None)
-            rows.append({"prompt_id": pid, "match": sa == sb, "first_diff_position": diff,
+            rows.append({"prompt_id": pid, "shard_id": sid, "match": sa == sb, "first_diff_position": diff,
                          "spd_token": None if diff is None else sa[diff],
                          "baseline_token": None if diff is None else sb[diff],
                          "spd_time_per_token_s": spd_tpt, "baseline_time_per_token_s": base_tpt})
@@ -235,3 +236,65 @@ def test_audit_mismatch_shows_match_rate_below_one(tmp_path, job_run, capsys):
     report.build_report(out)
     assert "no audit" in (out / "report.html").read_text() and not (out / "report" / "audit.png").exists()
     assert run_cli(tmp_path / "nope") == 2
+
+
+def test_shard_table_shows_where_speculation_paid(tmp_path, job_run):
+    """Per shard: tokens per step, the proposal width adaptive k chose and the audit's speedup,
+    each the engine's own count for that shard (engine/reduce.py's definitions)."""
+    out = write_job(tmp_path / "job", job_run, audit_mismatch=0)
+    fig = report.compute(report.load_job(out))
+    rows = fig.shard_rows.set_index("shard_id")
+    audit = pq.read_table(out / "audit.parquet").to_pandas()
+    for sid, _, ids, info in job_run["pld"]:
+        m = info.perf_metrics
+        steps = [a for r in info.results for a in r.accepted_per_step]
+        assert rows.loc[sid, "tokens_per_step"] == pytest.approx(sum(steps) / len(steps))
+        assert rows.loc[sid, "proposal_width"] == pytest.approx(sum(m.proposed_per_position) / m.num_row_steps)
+        assert rows.loc[sid, "decode_throughput"] == pytest.approx(m.decode_throughput)
+        a = audit[audit.shard_id == sid]
+        assert rows.loc[sid, "speedup"] == pytest.approx(a.baseline_time_per_token_s.mean() / a.spd_time_per_token_s.mean())
+    assert fig.proposal_width == pytest.approx(sum(fig.proposed) / sum(rows.row_steps))
+    page = check_page(report.build_report(out), out)
+    assert (out / "report" / report.PNG["speculation"]).is_file()
+    head = re.search(r"<h2>Shards</h2>.*?<tr>(.*?)</tr>", page, flags=re.S).group(1)
+    assert "<th>tokens/step</th><th>proposed/step</th><th>speedup</th>" in head
+    r0 = rows.loc[0]
+    assert (f"<td class=num>{r0.tokens_per_step:.2f}</td><td class=num>{r0.proposal_width:.2f}</td>"
+            f"<td class=num>{r0.speedup:.2f}x</td>") in page
+    table = report.terminal_table(out)
+    assert "proposal width (proposed tokens / step)" in table and "speculation paused (width 0)" in table
+    assert report.summary._width(0.0, K) == "0 (paused)" and report.summary._width(0.0, 0) == "n/a"
+
+
+def test_a_running_job_reads_the_job_clock_as_status_does(tmp_path, job_run):
+    """While a job runs, its throughput is reduce's over the records written so far and the runs'
+    wall time in job.json, the audit's share left out: the report and `status` print one figure."""
+    out = write_job(tmp_path / "job", job_run, shards={0, 1, 2}, finished=False)
+    js = rio.read_job_json(out)
+    recs, _ = rio.load_records(out)
+    shard_wall = sum(r["wall_s"] for r in recs.values())
+    # the audit took a quarter of shard 1's wall time; the run started 2 s before its first shard
+    audit_s = recs[1]["wall_s"] / 4
+    rec = dict(recs[1], audit_s=audit_s, busy_s=recs[1]["wall_s"] - audit_s)
+    rio.write_shard(out, 1, pq.read_table(out / "results" / "shard-00001.parquet").to_pylist(), rec)
+    js["runs"] = [{"wall_s": 2.0 + shard_wall / 2, "actor_startup_s": 2.0}]
+    rio.write_job_json(out, js)
+    fig = report.compute(report.load_job(out))
+    st = status_mod.job_status(out)
+    wall = 2.0 + shard_wall / 2
+    audit_wall = (wall - 2.0) * audit_s / shard_wall
+    tokens = sum(r["num_generated_tokens"] for r in recs.values())
+    assert fig.wall_s == wall and not fig.wall_approx and fig.audit_wall_s == pytest.approx(audit_wall)
+    assert fig.e2e_throughput == pytest.approx(tokens / (wall - audit_wall))
+    assert st["tokens_per_s"] == fig.e2e_throughput and st["audit_wall_time_s"] == fig.audit_wall_s
+    assert st["decode_tokens_per_s"] == fig.decode_throughput
+    decode = [m for sid, _, _, info in job_run["pld"] if sid in (0, 1, 2) for m in [info.perf_metrics]]
+    assert fig.decode_throughput == pytest.approx(sum(m.num_decode_tokens for m in decode)
+                                                  / sum(m.decode_time for m in decode))
+    # the pair's tokens/s divide by its busy seconds: shard 1's audit is not in them
+    pair1 = fig.pairs.set_index("pair_id").loc[1]
+    assert pair1.busy_s == pytest.approx(sum(r["wall_s"] for r in recs.values() if r["pair_id"] == 1) - audit_s)
+    assert pair1.tokens_per_s == pytest.approx(pair1.tokens / pair1.busy_s)
+    text = report.terminal_table(out)
+    assert "audit's share of it" in text and "not in the throughputs" in text
+    assert f"{st['tokens_per_s']:.1f} tok/s e2e" in status_mod.format_status(st)

@@ -6,6 +6,11 @@ and a postfix string tqdm redraws at most every 0.5 s (every 10 s into a log fil
 Results reach the driver a shard at a time (an actor runs a shard as one call); in between the
 driver asks each busy pair what its shard has finished so far (``live``), so the bar moves prompt
 by prompt, and the shard's result then takes the place of those counts (``settle``).
+
+Its tok/s is a live rate: this run's generated tokens (finished shards and the running shards'
+prompts so far) / seconds since its first dispatch (engine/reduce.py's ``throughput``). The job's
+own figure, e2e_throughput over the job wall time less the audit, is the one the summary prints
+when the job ends, and `status` and the report show.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import sys
 import time
 from typing import Optional
+
+from ..engine.reduce import throughput
 
 
 class Progress:
@@ -67,7 +74,7 @@ class Progress:
         elapsed = time.perf_counter() - self.t0 if self.t0 else 0.0
         part = [sum(x) for x in zip(*self.partial.values())] or [0, 0, 0, 0.0]
         tokens, steps, accepted = self.tokens_run + part[1], self.steps + part[2], self.accepted + part[3]
-        rate = tokens / elapsed if elapsed > 0 else 0.0
+        rate = throughput(tokens, elapsed)
         acc = accepted / steps if steps else 0.0
         self.bar.set_postfix_str(f"{tokens:,} tok, {rate:.1f} tok/s, acc {acc:.2f}, errors {self.errors}",
                                  refresh=False)

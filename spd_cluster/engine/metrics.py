@@ -1,12 +1,14 @@
 """The seed's metric dataclasses, with the definitions written down (each SpDPerfMetrics field
 also carries its unit and a one-line description, which io/results.py puts in the Parquet files).
 
-Definitions (per engine run; the Ray layer reduces runs with the rules in cluster/reduce.py):
+Definitions per engine run (one shard). A job's figures are made from its shards' by the rules in
+engine/reduce.py, which also defines, once, the throughputs of a job, a pair and a shard:
   ttft (per prompt)         seconds from the start of a prompt's prefill to its first token.
   mean_ttft                 mean of the per-prompt TTFTs.
   batch_ttft                seconds from the run's start until every slot of the first batch
                             (the first min(full_batch_size, n_prompts) prompts) had its first token.
-  e2e_time                  wall seconds of the whole run.
+  e2e_time                  wall seconds of the whole run (a job: its wall time less the audit's
+                            share, engine/reduce.py).
   decode_time               e2e_time minus the time spent in prefill.
   decode_draft_time         seconds spent in the proposer (draft forwards, n-gram lookup).
   decode_target_time        seconds spent in target verify forwards.
@@ -14,8 +16,9 @@ Definitions (per engine run; the Ray layer reduces runs with the rules in cluste
   num_generated_tokens      tokens generated for a prompt, the one from prefill included
                             (HF `generate` counts the same way; the seed added one more).
   generated_tokens_per_prompt  num_generated_tokens of each prompt.
-  decode_throughput         tokens emitted by decode steps / decode_time.
-  e2e_throughput            all generated tokens / e2e_time.
+  decode_throughput         tokens/s: tokens emitted by decode steps / decode_time (a job: per
+                            pair, decode tokens / decode pair-seconds).
+  e2e_throughput            tokens/s: all generated tokens / e2e_time.
   accepted tokens per step  tokens a row emits in one step: the accepted proposals plus the
                             target's own token (the bonus token counts, as in the seed), so a
                             step emits between 1 and k + 1.
@@ -82,12 +85,12 @@ def _m(unit: str, doc: str, per_prompt: bool = False, **kw):
 class SpDPerfMetrics:
     mean_ttft: float = _m("s", "mean over the prompts run (not error rows) of the seconds from prefill start to first token")
     batch_ttft: float = _m("s", "seconds from the start until every slot of the first batch had its first token")
-    decode_throughput: float = _m("tokens/s", "tokens emitted by decode steps / decode_time (a job: over the decode share of its wall time)")
+    decode_throughput: float = _m("tokens/s", "tokens emitted by decode steps / decode_time: one pair's decode speed (a job: summed decode tokens / summed decode pair-seconds)")
     e2e_throughput: float = _m("tokens/s", "all generated tokens / e2e_time")
     mean_num_accepted_tokens: float = _m("tokens", "tokens per speculative step over all (row, step) pairs (accepted proposals + the target's own): num_accepted_tokens / num_row_steps")
     max_gen_len: int = _m("tokens", "the largest num_generated_tokens of any prompt")
     generated_tokens_per_prompt: list[int] = _m("tokens", "num_generated_tokens of each prompt", per_prompt=True)
-    e2e_time: float = _m("s", "wall seconds of the run (a job: job wall time, summed over its runs, actor start-up included)")
+    e2e_time: float = _m("s", "wall seconds of the run (a job: job wall time summed over its runs, actor start-up included, less the audit's share audit_wall_time_s)")
     decode_time: float = _m("s", "e2e_time minus prefill time (a job: summed over shards, pair-seconds)")
     decode_draft_time: float = _m("s", "seconds in the proposer: draft forwards, n-gram lookup (a job: summed, pair-seconds)")
     decode_target_time: float = _m("s", "seconds in target verify forwards (a job: summed, pair-seconds)")
@@ -129,15 +132,25 @@ class CloudAI100ExecInfo:
     # set by a job's audit (cluster/audit.py): None when not audited / not comparable
     audit_match_rate: Optional[float] = None
     audit_speedup: Optional[float] = None
+    # set for a job (engine/reduce.py): the clock its throughputs were made over
+    job_wall_time_s: Optional[float] = None
+    actor_startup_s: Optional[float] = None
+    audit_wall_time_s: Optional[float] = None
 
     def __repr__(self) -> str:
         m = self.perf_metrics
         return (
-            f"Avg TLM+DLM TTFT = {round(m.mean_ttft, 2)}\n"
-            f"Total TLM+DLM Batch TTFT = {round(m.batch_ttft, 2)}\n"
-            f"Decode Throughput = {round(m.decode_throughput, 2)}\n"
-            f"E2E Throughput = {round(m.e2e_throughput, 2)}\n"
-            f"Avg number of accepted tokens = {round(m.mean_num_accepted_tokens, 2)}\n"
+            f"Avg TLM+DLM TTFT = {round(m.mean_ttft, 2)} s\n"
+            f"Total TLM+DLM Batch TTFT = {round(m.batch_ttft, 2)} s\n"
+            f"Decode Throughput = {round(m.decode_throughput, 2)} tokens/s"
+            + (" per pair (decode tokens / decode pair-seconds)\n" if self.job_wall_time_s is not None else "\n")
+            + f"E2E Throughput = {round(m.e2e_throughput, 2)} tokens/s"
+            + (f" ({m.num_generated_tokens} tokens / {m.e2e_time:.2f} s)\n" if self.job_wall_time_s is not None
+               else "\n")
+            + (f"Job Wall Time = {self.job_wall_time_s:.2f} s (actor start-up {self.actor_startup_s or 0.0:.2f} s; "
+               f"audit {self.audit_wall_time_s or 0.0:.2f} s, not in the throughputs)\n"
+               if self.job_wall_time_s is not None else "")
+            + f"Avg number of accepted tokens = {round(m.mean_num_accepted_tokens, 2)}\n"
             f"Max generation len = {m.max_gen_len}\n"
             + (f"Total Generated Tokens per Prompt: = {m.generated_tokens_per_prompt}" if m.generated_tokens_per_prompt
                else f"Total Generated Tokens = {m.num_generated_tokens}")  # a job's: per prompt in its results

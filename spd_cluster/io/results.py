@@ -122,6 +122,8 @@ EXEC_INFO_SCHEMA = pa.schema([
     col("actor_startup_s", pa.float64(), "s",
         "seconds from each run's start to its first shard dispatch (Ray, placement, model loading), summed over runs"),
     col("audit_time_s", pa.float64(), "s", "pair-seconds spent in the audit's re-runs, summed over shards"),
+    col("audit_wall_time_s", pa.float64(), "s",
+        "the audit's share of the job wall time, left out of e2e_time: (wall - actor_startup_s) * audit / shard seconds"),
     *METRIC_FIELDS,
     col("audit_num_prompts", pa.int64(), "count", "prompts audited"),
     col("audit_match_rate", pa.float64(), "",
