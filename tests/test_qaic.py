@@ -26,7 +26,9 @@ def token_of(tok: int, pos: int, head: int = 0) -> int:
 
 class FakeQpcSession:
     """Behaves like QAICInferenceSession on a continuous-batching QPC: refuses any input or
-    logits-buffer shape outside the compiled specialisations and records KV writes."""
+    output-buffer shape outside the compiled specialisations and records KV writes. A QPC of a
+    graph with the argmax outputs (add_device_argmax) also has tokens (and the heads' guesses at
+    the verified column); an output whose buffer was set empty stays on the device."""
 
     instances: list["FakeQpcSession"] = []
 
@@ -34,17 +36,18 @@ class FakeQpcSession:
         self.qpc_path, self.device_ids = qpc_path, device_ids
         cfg = json.loads(Path(qpc_path).read_text())
         self.is_tlm, self.heads, self.fbs = cfg["is_tlm"], cfg["heads"], cfg["full_batch_size"]
-        k1 = cfg["k"] + 1
         p = cfg["prefill_seq_len"]
-        # (batch, seq_len, logits kept) as QEfficient builds them for CB
-        self.specs = [(1, p, 1), (self.fbs, k1 if self.is_tlm else 1, k1 if self.is_tlm else 1)]
+        # (batch, seq_len, logits kept) as QEfficient builds them for CB: one decode shape per k
+        self.specs = [(1, p, 1)] + [(self.fbs, k + 1, k + 1) if self.is_tlm else (self.fbs, 1, 1) for k in cfg["ks"]]
         self.input_names = ["input_ids", "position_ids", "batch_index", "past_key.0", "past_value.0"]
         if self.is_tlm:
             self.input_names.append("num_logits_to_keep")
-        self.output_names = ["logits", "past_key.0_RetainedState", "past_value.0_RetainedState"]
+        argmax = ["tokens"] + (["head_tokens", "head_probs"] if self.heads else []) if cfg["argmax"] else []
+        self.output_names = ["logits", *argmax, "past_key.0_RetainedState", "past_value.0_RetainedState"]
         self.skipped: set[str] = set()
-        self.logits_shape = None
+        self.buffers: dict[str, tuple] = {}
         self.runs: list[tuple[int, int]] = []
+        self.returned: list[set[str]] = []
         self.writes: dict[tuple[int, int], int] = {}
         FakeQpcSession.instances.append(self)
 
@@ -52,19 +55,17 @@ class FakeQpcSession:
         self.skipped |= set(names)
 
     def set_buffers(self, buffers):
-        self.logits_shape = buffers["logits"].shape
+        self.buffers.update({k: v.shape for k, v in buffers.items()})
 
     def run(self, inputs):
         ids, pos, slots = inputs["input_ids"], inputs["position_ids"], inputs["batch_index"]
         b, s = ids.shape
-        spec = next((sp for sp in self.specs if sp[:2] == (b, s)), None)
+        spec = next((sp for sp in self.specs if sp[:2] == (b, s)
+                     and (not self.is_tlm or inputs["num_logits_to_keep"].shape == (sp[2], 1))), None)
         assert spec is not None, f"no specialisation for {ids.shape}"
         assert set(inputs) <= set(self.input_names) - self.skipped, set(inputs)
-        if self.is_tlm:
-            assert inputs["num_logits_to_keep"].shape == (spec[2], 1)
         keep = spec[2]
         out_shape = (b, keep) + ((self.heads + 1,) if self.heads else ()) + (V,)
-        assert self.logits_shape == out_shape, (self.logits_shape, out_shape)
         assert slots.shape == (b, 1) and len(set(slots.ravel().tolist())) == b
         self.runs.append((b, s))
         for r in range(b):
@@ -73,6 +74,8 @@ class FakeQpcSession:
                     self.writes[(int(slots[r, 0]), int(pos[r, j]))] = int(ids[r, j])
         logits = np.zeros(out_shape, np.float32)
         last = pos.argmax(1)
+        tokens = np.zeros((b, keep), np.int32)
+        head_tokens = np.zeros((b, self.heads), np.int32)
         for r in range(b):
             lower = max(0, last[r] + 1 - keep)
             for j in range(keep):
@@ -80,7 +83,26 @@ class FakeQpcSession:
                 for h in range(self.heads + 1 if self.heads else 1):
                     idx = (r, j, h) if self.heads else (r, j)
                     logits[idx + (token_of(ids[r, c], pos[r, c], h),)] = 1.0
-        return {"logits": logits, "past_key.0_RetainedState": np.zeros(1)}
+                tokens[r, j] = token_of(ids[r, c], pos[r, c])
+            a = 0  # the verified column: kept columns 1..a valid, each the token chosen at the one before
+            while a + 1 < keep and lower + a + 1 < s and pos[r, lower + a + 1] >= 0 and ids[r, lower + a + 1] == tokens[r, a]:
+                a += 1
+            c = min(lower + a, s - 1)
+            head_tokens[r] = [token_of(ids[r, c], pos[r, c], h + 1) for h in range(self.heads)]
+        e = np.e / (np.e + V - 1)  # softmax at the one-hot 1.0
+        everything = {"logits": logits, "tokens": tokens, "head_tokens": head_tokens,
+                      "head_probs": np.full((b, self.heads), e, np.float32)}
+        out = {}
+        for name in self.output_names:
+            if name.endswith("_RetainedState"):
+                continue
+            shape = self.buffers.get(name)
+            if shape == (0,):
+                continue  # left on the device
+            assert shape == everything[name].shape, (name, shape, everything[name].shape)
+            out[name] = everything[name]
+        self.returned.append(set(out))
+        return out
 
 
 class FakeQEFFModel:
@@ -107,10 +129,12 @@ class FakeQEFFModel:
         qc = self.kwargs.get("qaic_config") or {}
         heads = self.model.config.speculative_config["num_speculative_tokens"] if self.model.config.speculative_config else 0
         out = Path(kwargs["_qpc_dir"]) / f"qpc-{len(FakeQEFFModel.calls)}.json"
+        ks = kwargs.get("num_speculative_tokens")
         out.write_text(json.dumps({
             "is_tlm": qc.get("speculative_model_type") in ("target", "turbo"), "heads": heads,
-            "k": heads or kwargs.get("num_speculative_tokens") or 0, "full_batch_size": kwargs["full_batch_size"],
-            "prefill_seq_len": kwargs["prefill_seq_len"],
+            "ks": [heads] if heads else ks if isinstance(ks, list) else [ks or 0],
+            "full_batch_size": kwargs["full_batch_size"], "prefill_seq_len": kwargs["prefill_seq_len"],
+            "argmax": kwargs["onnx_path"].endswith("-argmax.onnx"),
         }))
         return str(out)
 
@@ -128,6 +152,10 @@ def fake_qeff(monkeypatch, tmp_path):
         return orig_compile(self, _qpc_dir=qpc_dir, **kw)
 
     monkeypatch.setattr(FakeQEFFModel, "compile", compile_)
+    # the graph with the argmax outputs: a name the fake QPC reads (the real pass is tested on
+    # QEfficient's graphs, tests/test_qeff_standin.py)
+    monkeypatch.setattr("spd_cluster.sessions.qaic.add_device_argmax",
+                        lambda path, *a: str(path).replace(".onnx", "-argmax.onnx"))
     root = types.ModuleType("QEfficient")
     root.QEFFAutoModelForCausalLM = FakeQEFFModel
     gen = types.ModuleType("QEfficient.generation")
@@ -250,9 +278,9 @@ def test_target_calls(fake_qeff):
     cp = {k: v for k, v in cp.items() if k != "_qpc_dir"}
     root = compile_root(str(fake_qeff.resolve()), "target", None)
     assert str(root).startswith(str(Path(os.environ["SPD_CLUSTER_CACHE"]))) and ex == str(root / "onnx")
-    assert cp == {"compile_dir": str(root), "onnx_path": str(root / "onnx" / "model.onnx"), "num_cores": 14,
+    assert cp == {"compile_dir": str(root), "onnx_path": str(root / "onnx" / "model-argmax.onnx"), "num_cores": 14,
                   "num_devices": 2, "prefill_seq_len": 8, "ctx_len": 64, "full_batch_size": 4,
-                  "mxfp6_matmul": True, "mxint8_kv_cache": False, "num_speculative_tokens": 3,
+                  "mxfp6_matmul": True, "mxint8_kv_cache": False, "num_speculative_tokens": [0, 1, 2, 3],
                   "aic_enable_depth_first": True}
     qpc = FakeQpcSession.instances[0]
     assert qpc.device_ids == [2, 3]
@@ -338,7 +366,8 @@ def test_run_maps_calls_onto_specialisations(fake_qeff, role):
             s.run({"input_ids": np.zeros((1, 2), np.int64), "position_ids": np.array([[0, 1]]),
                    "batch_index": np.array([[0]]), "num_logits_to_keep": np.zeros((2, 1), np.int64)})
     assert qpc.writes == expected_writes  # padding rows and columns never wrote the KV
-    assert set(qpc.runs) <= {(1, 8), (4, 4 if role == "target" else 1)}
+    assert s.widths == ((1, 2, 3, 4) if role == "target" else (1,))
+    assert set(qpc.runs) <= {(1, 8)} | {(4, w) for w in s.widths}
 
 
 def test_turbo_run_returns_head_logits(fake_qeff, tmp_path):
@@ -369,3 +398,110 @@ def test_turbo_heads_propose_only_from_their_head_vocab(fake_qeff, tmp_path):
     assert np.isneginf(out[1:, off]).all() and np.isfinite(out[1:, vocab]).all()
     assert np.isfinite(out[0]).all()  # the base logits keep every token
     assert out[0].argmax() == token_of(8, 3, 0)
+
+
+def _call(ids, pos, slots, n, **flags):
+    return {"input_ids": ids, "position_ids": pos, "batch_index": np.array(slots).reshape(-1, 1),
+            "num_logits_to_keep": np.zeros((n, 1), np.int64), **{k: np.array(v) for k, v in flags.items()}}
+
+
+def _following(starts, valid, width, accept):
+    """Verify inputs whose first ``accept[r]`` proposals are what the fake device chooses."""
+    pos = _positions(starts, valid, width)
+    ids = np.array([[(3 + 5 * r) % V] * width for r in range(len(starts))])
+    for r, a in enumerate(accept):
+        for j in range(1, width):
+            ids[r, j] = token_of(ids[r, j - 1], pos[r, j - 1]) if j <= a else (token_of(ids[r, j - 1], pos[r, j - 1]) + 1) % V
+    return ids, pos
+
+
+@pytest.mark.parametrize("role", ["target", "draft"])
+def test_greedy_calls_bring_only_ids_off_the_device(fake_qeff, role):
+    """The graph takes the argmax: a greedy call brings back int32 ids (bytes_off_device counts
+    them), a call that asks for logits brings back the logits, and each gets what it asked."""
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    s = load_qaic_session(str(fake_qeff), role, full_batch_size=4, ctx_len=64, prefill_seq_len=8,
+                          num_speculative_tokens=3, device_ids=[0])
+    qpc = FakeQpcSession.instances[0]
+    assert s.device_argmax
+    rng = np.random.default_rng(1)
+    calls = [([2], [0], [13], 20, 1), ([0, 1, 2, 3], [5, 17, 13, 0], [1, 1, 1, 0], 1, 1)]
+    if role == "target":
+        calls += [([0, 1, 2, 3], [6, 18, 14, 30], [4, 4, 2, 3], 4, 4), ([2, 0], [40, 50], [3, 2], 3, 3)]
+    for slots, starts, valid, width, n in calls:
+        ids, pos = rng.integers(0, 1000, (len(slots), width)), _positions(starts, valid, width)
+        out = s.run(_call(ids, pos, slots, n, argmax=True))
+        assert set(out) == {"tokens"} and out["tokens"].dtype == np.int64
+        ok = (pos >= 0).any(1)
+        np.testing.assert_array_equal(out["tokens"][ok], _expected(ids, pos, n)[ok][..., 0])
+        assert all(r == {"tokens"} for r in qpc.returned)  # no logits came back
+        runs = qpc.runs[-len(qpc.returned):]  # this call's device runs: [rows, kept columns] int32 each
+        assert s.last_call_bytes == sum(b * (w if role == "target" and b == 4 else 1) * 4 for b, w in runs)
+        qpc.returned.clear()
+    # a verify of fbs x (k + 1): the ids' bytes, against the logits' bytes of the same call with logits
+    ids, pos = rng.integers(0, 1000, (4, 4)), _positions([6, 18, 14, 30], [4, 4, 4, 4], 4)
+    n = 4 if role == "target" else 1
+    s.run(_call(ids, pos, [0, 1, 2, 3], n, argmax=True))
+    before = s.bytes_off_device
+    runs = 1 if role == "target" else 4  # a draft decodes one column a run
+    assert s.last_call_bytes == runs * 4 * (n if role == "target" else 1) * 4  # int32 ids
+    out = s.run(_call(ids, pos, [0, 1, 2, 3], n))
+    assert set(out) == {"logits"} and qpc.returned[-1] == {"logits"}
+    assert s.last_call_bytes == runs * 4 * (n if role == "target" else 1) * V * 4 == s.bytes_off_device - before
+
+
+def test_turbo_guesses_come_from_the_graph_unless_its_window_differs(fake_qeff):
+    """Heads' ids and probabilities at the verified column come off the device as [B, heads]; a
+    call whose window the graph cannot see as the contract does (num_logits_to_keep narrower than
+    the compiled keep, valid columns before it) takes the logits instead: the same answer."""
+    from spd_cluster.sessions.base import argmax_outputs, check_inputs, keep_index
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    save_heads(fake_qeff)
+    s = load_qaic_session(str(fake_qeff), "target", full_batch_size=3, ctx_len=64, prefill_seq_len=4,
+                          num_speculative_tokens=2, device_ids=[0], speculator_path=str(fake_qeff))
+    qpc = FakeQpcSession.instances[0]
+    assert s.widths == (3,) and s.device_argmax  # the heads fix k: one decode width
+
+    def both(call):
+        logits = s.run({k: v for k, v in call.items() if k != "argmax"})["logits"]
+        c = check_inputs(call, 3, 64)
+        want = argmax_outputs(c, keep_index(c.position_ids, c.num_logits), logits, 2)
+        qpc.returned.clear()
+        got = s.run(call)
+        return want, got
+
+    ids, pos = _following([10, 20, 30], [3, 3, 2], 3, accept=[2, 1, 1])
+    want, got = both(_call(ids, pos, [0, 1, 2], 3, argmax=True))
+    assert qpc.returned == [{"tokens", "head_tokens", "head_probs"}]
+    assert s.last_call_bytes == 3 * 3 * 4 + 3 * 2 * (4 + 4)  # ids, heads' ids and probabilities
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+    assert got["head_tokens"][0].tolist() == [token_of(ids[0, 2], pos[0, 2], h) for h in (1, 2)]  # column 2
+    assert got["head_tokens"][1].tolist() == [token_of(ids[1, 1], pos[1, 1], h) for h in (1, 2)]  # column 1
+    out = s.run(_call(ids, pos, [0, 1, 2], 3, argmax=True, head_guesses=False))
+    assert set(out) == {"tokens"} and qpc.returned[-1] == {"tokens"}  # heads left on the card
+    ids, pos = _following([40, 50, 60], [3, 3, 1], 3, accept=[2, 2, 0])
+    want, got = both(_call(ids, pos, [0, 1, 2], 2, argmax=True))  # windows: columns 1..2, the graph's 0..2
+    assert qpc.returned == [{"logits"}]
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_widths_are_the_decode_specialisations_compiled(fake_qeff):
+    """QEfficient compiles one decode specialisation per k' of a num_speculative_tokens list; the
+    session runs a call on the narrowest compiled width that holds it and says which it has."""
+    from spd_cluster.sessions.qaic import load_qaic_session
+
+    kw = dict(full_batch_size=2, ctx_len=64, prefill_seq_len=8, num_speculative_tokens=4, device_ids=[0])
+    s = load_qaic_session(str(fake_qeff), "target", widths=[3, 2], **kw)
+    assert FakeQEFFModel.calls[2]["compile"]["num_speculative_tokens"] == [1, 2, 4]  # k + 1 always there
+    assert s.widths == (2, 3, 5)
+    qpc = FakeQpcSession.instances[0]
+    for width, spec in ((1, (2, 2)), (2, (2, 2)), (3, (2, 3)), (4, (2, 5)), (5, (2, 5))):
+        ids, pos = _following([10, 20], [width, width], width, accept=[width - 1, 0])
+        _check(s, ids, pos, [0, 1], width)
+        assert qpc.runs[-1] == spec
+    with pytest.raises(ValueError, match="widths must lie in 1..num_speculative_tokens"):
+        load_qaic_session(str(fake_qeff), "target", widths=[6], **kw)

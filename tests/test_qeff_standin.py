@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cluster import build_tokenizer
+from helpers import build_tokenizer
 from tiny import tiny_model
 
 from spd_cluster.engine import SpDEngine, SpDSettings
@@ -68,12 +68,12 @@ def models(tmp_path_factory):
 _sessions: dict = {}
 
 
-def session(path: str, role: str, fbs: int, k: int, heads: str | None = None):
-    key = (path, role, fbs, k, heads)
+def session(path: str, role: str, fbs: int, k: int, heads: str | None = None, device_argmax: bool = True):
+    key = (path, role, fbs, k, heads, device_argmax)
     if key not in _sessions:
         _sessions[key] = load_qaic_session(path, role, full_batch_size=fbs, ctx_len=CTX, prefill_seq_len=PREFILL,
                                            num_speculative_tokens=k, device_ids=[0], speculator_path=heads,
-                                           runtime="onnxruntime")
+                                           runtime="onnxruntime", device_argmax=device_argmax)
     return _sessions[key]
 
 
@@ -83,6 +83,7 @@ def hf_greedy(model, prompt: list[int]) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("fbs", [1, 3])
 @pytest.mark.parametrize("k", [1, 4])
@@ -104,6 +105,10 @@ def test_every_mode_on_the_standin_is_hf_greedy(models, tmp_path, arch, fbs, k):
     pld, info = run("pld", target)
     assert pld == want
     assert info.perf_metrics.decode_iterations < sum(len(w) for w in want)  # pld verified something
+    assert target.device_argmax and target.widths == tuple(range(1, k + 2))
+    assert target.session.spec_runs[1] > 0 and sum(n > 0 for n in target.session.spec_runs[1:]) >= 2  # several widths
+    if (arch, fbs, k) == ("llama", 3, 4):  # the graph without the argmax (the host takes it): the same
+        assert run("pld", session(tdir, "target", fbs, k, device_argmax=False))[0] == want
     draft, info = run("draft", target, draft=session(ddir, "draft", fbs, k))
     assert draft == want
     heads = random_heads(tmp_path / "heads", k, seed=k)
@@ -113,6 +118,56 @@ def test_every_mode_on_the_standin_is_hf_greedy(models, tmp_path, arch, fbs, k):
     assert multi == want
 
 
+def _verify_call(s, ids, pos, fbs, **flags):
+    return {"input_ids": ids, "position_ids": pos, "batch_index": np.arange(fbs)[:, None],
+            "num_logits_to_keep": np.zeros((ids.shape[1], 1), np.int64), **{k: np.array(v) for k, v in flags.items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heads", [0, 3])
+def test_greedy_steps_bring_only_ids_off_the_standin(models, tmp_path, heads):
+    """Bytes off the device per verify step of fbs x (k + 1) tokens: int32 ids (and the heads'
+    int32 ids and float32 probabilities, fbs x heads) where the graph takes the argmax, the
+    float32 logits without it or where the call asks for logits; the ids are the host's argmax
+    of those logits, the heads' guesses the host's at each row's verified column."""
+    from spd_cluster.sessions.base import check_inputs, keep_index, verified_column
+
+    tdir, model, _ = models["llama"]
+    fbs, k, vocab = 3, heads or 4, model.config.vocab_size
+    hd = random_heads(tmp_path / "h", heads, seed=2) if heads else None
+    on_card, on_host = session(tdir, "target", fbs, k, hd), session(tdir, "target", fbs, k, hd, device_argmax=False)
+    assert on_card.device_argmax and not on_host.device_argmax
+    for s in (on_card, on_host):
+        for slot in range(fbs):
+            s.run({"input_ids": np.array([PROMPTS[0][:PREFILL]]), "position_ids": np.arange(PREFILL)[None],
+                   "batch_index": np.array([[slot]]), "num_logits_to_keep": np.ones((1, 1), np.int64)})
+    # proposals the target accepts for k, 1 and 0 columns: built column by column from its own choices
+    accept = [k, 1, 0]
+    ids = np.array([[7 + r] * (k + 1) for r in range(fbs)])
+    pos = np.tile(np.arange(PREFILL, PREFILL + k + 1), (fbs, 1))
+    for j in range(1, k + 1):
+        t = on_host.run(_verify_call(on_host, ids, pos, fbs, argmax=True, head_guesses=False))["tokens"]
+        for r in range(fbs):
+            ids[r, j] = t[r, j - 1] if j <= accept[r] else (t[r, j - 1] + 1) % vocab
+    call = _verify_call(on_card, ids, pos, fbs, argmax=True)
+    want, got = on_host.run(call), on_card.run(call)
+    c = check_inputs(call, fbs, CTX)
+    np.testing.assert_array_equal(verified_column(c, keep_index(pos, k + 1), want["tokens"]), accept)
+    assert set(got) == set(want) == ({"tokens", "head_tokens", "head_probs"} if heads else {"tokens"})
+    np.testing.assert_array_equal(got["tokens"], want["tokens"])
+    if heads:
+        np.testing.assert_array_equal(got["head_tokens"], want["head_tokens"])
+        np.testing.assert_allclose(got["head_probs"], want["head_probs"], rtol=1e-5)
+    ids_bytes = fbs * (k + 1) * 4 + fbs * heads * (4 + 4)
+    logits_bytes = fbs * (k + 1) * (heads + 1 if heads else 1) * vocab * 4
+    assert on_card.last_call_bytes == on_card.session.last_bytes_out == ids_bytes
+    assert on_host.last_call_bytes == on_host.session.last_bytes_out == logits_bytes
+    sampled = on_card.run(_verify_call(on_card, ids, pos, fbs))  # sampling needs the logits: the same QPC
+    assert on_card.last_call_bytes == logits_bytes
+    np.testing.assert_array_equal(sampled["logits"][..., 0, :].argmax(-1) if heads else sampled["logits"].argmax(-1),
+                                  want["tokens"])
+
+
 def test_a_shape_outside_the_specialisations_fails(models):
     tdir, _, _ = models["llama"]
     s = session(tdir, "target", 3, 4)
@@ -120,6 +175,7 @@ def test_a_shape_outside_the_specialisations_fails(models):
     ok = {"input_ids": np.zeros((1, PREFILL), np.int64), "position_ids": np.arange(PREFILL)[None],
           "batch_index": np.array([[0]]), "num_logits_to_keep": np.zeros((1, 1), np.int64)}
     vocab = tiny_model("llama").config.vocab_size
+    qpc.skip_buffers(["tokens"])  # logits only, here (the session sets both per call)
     qpc.set_buffers({"logits": np.zeros((1, 1, vocab), np.float32)})  # as QaicSession does per specialisation
     assert qpc.run(ok)["logits"].shape == (1, 1, vocab)
     qpc.set_buffers({"logits": np.zeros((3, 5, vocab), np.float32)})
@@ -136,7 +192,9 @@ def test_a_shape_outside_the_specialisations_fails(models):
     assert rec["command"][0].endswith("qaic-compile") and rec["executed"] is False
     specs = json.loads(Path(next(a.split("=", 1)[1] for a in rec["command"]
                                  if a.startswith("-network-specialization-config="))).read_text())
-    assert [sp["symbols"]["seq_len"] for sp in specs["specializations"]] == [str(PREFILL), "5"]
+    # the prefill, then one decode specialisation per verify width 1..k+1 (QEfficient's k list)
+    assert [sp["symbols"]["seq_len"] for sp in specs["specializations"]] == [str(PREFILL), "1", "2", "3", "4", "5"]
+    assert s.widths == (1, 2, 3, 4, 5)
 
 
 def test_the_standin_drops_writes_at_minus_one(models):
@@ -146,7 +204,8 @@ def test_the_standin_drops_writes_at_minus_one(models):
     qpc = s.session
     # the session is shared with earlier tests, whose last call set the decode buffer: set this call's
     # specialisation's, as QaicSession does before each call
-    qpc.set_buffers({"logits": np.zeros((3, 5, tiny_model("qwen2").config.vocab_size), np.float32)})
+    qpc.set_buffers({"logits": np.zeros((3, 5, tiny_model("qwen2").config.vocab_size), np.float32),
+                     "tokens": np.zeros((3, 5), np.int32)})
     before = {n: v.copy() for n, v in qpc.state.items()}
     qpc.run({"input_ids": np.full((3, 5), 7, np.int64), "position_ids": np.array([[10, 11, 12, 13, 14], [-1] * 5, [3, 4, -1, -1, -1]]),
              "batch_index": np.array([[0], [2], [1]]), "num_logits_to_keep": np.zeros((5, 1), np.int64)})
@@ -197,6 +256,7 @@ def test_multi_layer_heads_are_refused_before_compiling(models, tmp_path):
     check_qaic_model(tdir, "target", random_heads(tmp_path / "one", 2, num_layers=1))  # one layer: fine
 
 
+@pytest.mark.slow
 def test_heads_with_a_head_vocab_propose_what_our_session_proposes(models, tmp_path):
     """Same files on the stand-in and on the PyTorch session: the same guesses, although
     QEfficient's graph applies the whole lm_head to the heads."""
@@ -217,8 +277,13 @@ def test_heads_with_a_head_vocab_propose_what_our_session_proposes(models, tmp_p
     np.testing.assert_array_equal(card.argmax(-1), tokens[0])
     e = np.exp(card - card.max(-1, keepdims=True))
     np.testing.assert_allclose((e / e.sum(-1, keepdims=True)).max(-1), probs[0], atol=2e-3)
+    # the graph's own argmax keeps to head_vocab too (its -inf mask): the same guesses come off the card
+    on_card = session(tdir, "target", 1, 3, sub).run({**feed, "argmax": np.array(True)})
+    np.testing.assert_array_equal(on_card["head_tokens"], tokens)
+    np.testing.assert_allclose(on_card["head_probs"], probs, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_a_ray_job_on_the_standin_in_every_mode(tmp_path):
     """device qaic, runtime onnxruntime, on a local Ray with a qaic resource: actors take
     {"qaic": 1} and lock distinct device ids; outputs in Parquet equal the baseline's."""
@@ -274,3 +339,28 @@ def test_a_ray_job_on_the_standin_in_every_mode(tmp_path):
         first = tok("the quick brown fox")["input_ids"]
         ref = m.generate(torch.tensor([first]), max_new_tokens=12, do_sample=False)[0, len(first):].tolist()
     assert outs["baseline"][0] == ref
+
+
+@pytest.mark.slow
+def test_no_sdk_notice_where_no_card_was_asked_for(tmp_path):
+    """QEfficient logs "QAIC SDK is not installed" on import wherever qaicrt is missing; a stand-in
+    run (runtime onnxruntime: no card asked for) does not show it, a card run (runtime qaic) does."""
+    import subprocess
+    import sys
+
+    tdir = save(tiny_model("llama"), tmp_path / "m")
+    env = {**__import__("os").environ, "SPD_CLUSTER_CACHE": str(tmp_path / "cache")}
+    standin = (f"from spd_cluster.sessions.qaic import load_qaic_session as L; import numpy as np\n"
+               f"s = L({tdir!r}, 'target', full_batch_size=1, ctx_len=64, prefill_seq_len=8, num_speculative_tokens=2,"
+               f" device_ids=[0], runtime='onnxruntime')\n"
+               f"print(s.run({{'input_ids': np.zeros((1, 8), np.int64), 'position_ids': np.arange(8)[None],"
+               f" 'batch_index': np.zeros((1, 1), np.int64), 'argmax': np.array(True)}})['tokens'].shape)")
+    out = subprocess.run([sys.executable, "-c", standin], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(1, 1)" in out.stdout and "QAIC SDK" not in out.stdout + out.stderr
+    card = ("from spd_cluster.sessions.qaic import check_qaic_runtime\n"
+            "try:\n    check_qaic_runtime('qaic')\nexcept Exception as e:\n    print(type(e).__name__)\n"
+            "import QEfficient; print('sdk', QEfficient.check_qaic_sdk())")
+    out = subprocess.run([sys.executable, "-c", card], capture_output=True, text=True, env=env)
+    sdk = "sdk True" in out.stdout  # a card host: QEfficient has nothing to say
+    assert ("QAIC SDK is not installed" in out.stdout + out.stderr) == (not sdk), out.stdout + out.stderr

@@ -12,7 +12,12 @@ compiler call is recorded instead of executed (``recording_compiler``, ``qaic_re
     column (``ctx_len``) and those constants are set to ``ctx_len`` through
     ``SessionOptions.add_initializer``; nothing else of the graph changes;
   * it accepts only the shapes of the compiled specialisations (``specializations.json``) and
-    fails on any other, listing the allowed ones.
+    fails on any other, listing the allowed ones;
+  * an output whose buffer was set empty (``skip_buffers``, or ``set_buffers`` with an empty
+    array, as QAICInferenceSession takes it) stays on the device: it is not returned, and a
+    later ``set_buffers`` with a real buffer brings it back. ``bytes_out`` counts the bytes of
+    every output that did come back (``last_bytes_out``: of the last run), what crossed from the
+    card to the host.
 
 What it cannot reproduce is the card's arithmetic: weights run in float32 (no fp16 conversion,
 no MXFP6), and MXINT8 KV is kept as float16.
@@ -128,6 +133,9 @@ class OrtQpcSession:
                 self.state[name] = np.zeros(dims, dtype)
         self._skipped: set[str] = set()
         self._buffers: dict[str, tuple[int, ...]] = {}
+        self.bytes_out = 0
+        self.last_bytes_out = 0
+        self.spec_runs = [0] * len(self.specializations)  # runs per compiled specialisation
 
     @staticmethod
     def _dim(d, symbols: dict[str, int]) -> int:
@@ -142,11 +150,15 @@ class OrtQpcSession:
         return list(self._out)
 
     def skip_buffers(self, names: Iterable[str]) -> None:
-        self._skipped |= set(names)
+        self.set_buffers({n: np.array([]) for n in names})
 
     def set_buffers(self, buffers: dict[str, np.ndarray]) -> None:
         for name, buf in buffers.items():
-            if name in self._out:
+            if buf.size == 0:  # QAICInferenceSession: an empty buffer is not transferred
+                self._skipped.add(name)
+                self._buffers.pop(name, None)
+            elif name in self._out:
+                self._skipped.discard(name)
                 self._buffers[name] = tuple(buf.shape)
 
     def _allowed(self) -> str:
@@ -154,11 +166,12 @@ class OrtQpcSession:
 
     def _match(self, inputs: dict[str, np.ndarray]) -> dict[str, int]:
         """The specialisation every fed input's shape fits, or ValueError (as the card fails)."""
-        for spec in self.specializations:
+        for i, spec in enumerate(self.specializations):
             if all(name not in self._in or name.startswith("past_")
                    or list(arr.shape) == [self._dim(d, spec) if isinstance(d, int) or d in spec else -1
                                           for d in self._in[name].shape]
                    for name, arr in inputs.items()):
+                self.spec_runs[i] += 1
                 return spec
         passed = {k: list(v.shape) for k, v in inputs.items()}
         raise ValueError(f"no compiled specialisation matches the inputs: passed {passed}; allowed {self._allowed()}")
@@ -177,7 +190,9 @@ class OrtQpcSession:
         self._match(inputs)
         feed = {n: np.asarray(inputs[n], dtype=np.int64) for n in inputs}
         feed.update({n: s.astype(np.float32) for n, s in self.state.items()})
-        out = dict(zip(self._out, self._ort.run(self._out, feed)))
+        # the retained state always (it stays here), of the rest what the host asked for
+        names = [n for n in self._out if n.endswith("_RetainedState") or n not in self._skipped]
+        out = dict(zip(names, self._ort.run(names, feed)))
         for n in self.state:
             self.state[n] = out.pop(f"{n}_RetainedState").astype(self.state[n].dtype)
         for name, value in out.items():
@@ -185,4 +200,7 @@ class OrtQpcSession:
             if want is not None and want != value.shape:
                 raise ValueError(f"output buffer {name} was set to shape {want}; this specialisation gives "
                                  f"{value.shape} (allowed: {self._allowed()})")
-        return {n: v for n, v in out.items() if n not in self._skipped}
+        out = {n: v for n, v in out.items() if n not in self._skipped}
+        self.last_bytes_out = sum(v.nbytes for v in out.values())
+        self.bytes_out += self.last_bytes_out
+        return out
