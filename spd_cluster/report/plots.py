@@ -129,10 +129,11 @@ def _plot_speculation(fig: Figures, path: Path) -> Path:
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(bottom=0)
+        top = np.nanmax(np.concatenate([tps.to_numpy(float), w, sp.to_numpy(float), [1.0]]))
+        ax.set_ylim(0, top * 1.35)  # room for the legend above the bars
         ax.set_xlabel("shard")
         ax.set_ylabel("tokens per (row, step) / speedup")
-        ax.legend(fontsize=8, ncol=2)
+        ax.legend(fontsize=8, ncol=2, loc="upper left")
         ax.set_title(f"Speculation per shard (k {fig.k}): tokens / step, width, audit speedup")
     else:
         _empty(ax, "no speculation in this mode" if fig.k == 0 else "no shard finished yet")
