@@ -505,3 +505,27 @@ def test_widths_are_the_decode_specialisations_compiled(fake_qeff):
         assert qpc.runs[-1] == spec
     with pytest.raises(ValueError, match="widths must lie in 1..num_speculative_tokens"):
         load_qaic_session(str(fake_qeff), "target", widths=[6], **kw)
+
+
+def test_the_sdk_notice_is_dropped_only_where_no_card_was_asked_for(tmp_path):
+    """QEfficient's import logs "QAIC SDK is not installed" through its own logger and handler
+    wherever qaicrt is missing; import_qefficient drops that record for runtime onnxruntime (the
+    stand-in needs no SDK) and keeps it, and every other record, for runtime qaic."""
+    pkg = tmp_path / "QEfficient"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import logging, sys\n"
+        "logger = logging.getLogger('QEfficient')\n"
+        "logger.addHandler(logging.StreamHandler(sys.stderr))\n"
+        "logger.warning(\"QAIC SDK is not installed, eager mode features won't be available!\")\n"
+        "logger.warning('something else')\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for runtime, shown in (("onnxruntime", False), ("qaic", True)):
+        code = (f"from spd_cluster.sessions.qaic import import_qefficient; q = import_qefficient({runtime!r}); "
+                "import logging; logging.getLogger('QEfficient').warning('later: QAIC SDK is not installed'); "
+                "print(q.__file__)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert out.stdout.strip() == str(pkg / "__init__.py")
+        lines = out.stderr.splitlines()
+        assert ("QAIC SDK is not installed, eager mode features won't be available!" in lines) == shown
+        assert "something else" in lines and "later: QAIC SDK is not installed" in lines  # only that record, only then
