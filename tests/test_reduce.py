@@ -99,14 +99,11 @@ def test_per_shard_and_per_pair_figures():
     ra = {**metrics_record(A), "shard_id": 0, "pair_id": 1, "num_prompts": 2, "wall_s": 3.0, "audit_s": 1.0,
           "busy_s": 2.0}
     rb = {**metrics_record(B), "shard_id": 1, "pair_id": 1, "num_prompts": 3, "wall_s": 1.0}  # no busy_s: wall - audit
-    audit = [{"spd_time_per_token_s": 0.1, "baseline_time_per_token_s": 0.3},
-             {"spd_time_per_token_s": 0.3, "baseline_time_per_token_s": 0.5},
-             {"spd_time_per_token_s": None, "baseline_time_per_token_s": 9.0}]
-    s = rd.shard_figures(ra, audit)
+    s = rd.shard_figures(ra, 2.0, 3)
     assert s["tokens"] == 16 and s["busy_s"] == 2.0 and s["e2e_throughput"] == 8.0
     assert s["decode_throughput"] == pytest.approx(A.num_decode_tokens / A.decode_time)
     assert s["tokens_per_step"] == pytest.approx(14 / 7) and s["proposal_width"] == pytest.approx((7 + 7 + 5) / 7)
-    assert s["speedup"] == pytest.approx(0.4 / 0.2) and s["audited"] == 3
+    assert s["speedup"] == 2.0 and s["audited"] == 3  # the audit's, carried
     assert rd.shard_figures(rb)["speedup"] is None and rd.shard_figures(rb)["busy_s"] == 1.0
     (p,) = rd.pair_figures([ra, rb])
     assert p["pair_id"] == 1 and p["shards"] == 2 and p["prompts"] == 5 and p["busy_s"] == 3.0

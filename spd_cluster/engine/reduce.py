@@ -35,8 +35,8 @@ Speculation, per shard, per pair and per job
                      target's own included (engine/metrics.py's mean_num_accepted_tokens).
   proposal width     sum(proposed_per_position) / num_row_steps: tokens proposed per (row, step),
                      what adaptive k chose (0: speculation paused).
-  audit speedup      mean baseline seconds per token / mean SpD seconds per token, over the audited
-                     prompts timed both ways (a job's, a shard's).
+  audit speedup      cluster/audit.py's summarize (the audit's own rule), over a job's or a shard's
+                     audited prompts; here it is only carried.
 
 The other rules, field by field (``reduce_metrics``):
   counts                 summed: every integer field but max_gen_len (decode_iterations,
@@ -103,17 +103,6 @@ def tokens_per_step(accepted_tokens: float, row_steps: float) -> Optional[float]
 def proposal_width(proposed_per_position: Sequence[int], row_steps: float) -> Optional[float]:
     """Tokens proposed per (row, step): sum(proposed_per_position) / num_row_steps."""
     return float(sum(int(v) for v in proposed_per_position)) / row_steps if row_steps else None
-
-
-def audit_speedup(rows: Iterable[Mapping]) -> Optional[float]:
-    """Mean baseline seconds per token / mean SpD seconds per token over the audit rows timed both
-    ways (AUDIT_SCHEMA rows); None without such rows."""
-    timed = [(float(r["baseline_time_per_token_s"]), float(r["spd_time_per_token_s"])) for r in rows
-             if _num(r.get("spd_time_per_token_s")) and _num(r.get("baseline_time_per_token_s")) is not None]
-    if not timed:
-        return None
-    base, spd = sum(t[0] for t in timed) / len(timed), sum(t[1] for t in timed) / len(timed)
-    return base / spd if spd > 0 else None
 
 
 def step_counts(accepted_per_position: Sequence[int], row_steps: int) -> dict[int, int]:
@@ -284,9 +273,9 @@ def job_clock(job: Optional[Mapping]) -> tuple[Optional[float], float]:
     return None, startup
 
 
-def shard_figures(record: Mapping, audit_rows: Sequence[Mapping] = ()) -> dict:
+def shard_figures(record: Mapping, speedup: Optional[float] = None, audited: int = 0) -> dict:
     """One shard's figures: tokens, busy seconds, e2e and decode throughput, tokens per step,
-    proposal width, and (with its audit rows) its audit speedup and how many were timed."""
+    proposal width; ``speedup``, ``audited``: its audit's speedup and prompts, carried along."""
     m = metrics_from_record(record)
     busy = busy_seconds(record)
     return {"shard_id": int(record["shard_id"]), "pair_id": _num(record.get("pair_id")),
@@ -295,7 +284,7 @@ def shard_figures(record: Mapping, audit_rows: Sequence[Mapping] = ()) -> dict:
             "decode_throughput": throughput(m.num_decode_tokens, m.decode_time),
             "tokens_per_step": tokens_per_step(_accepted_tokens(m), m.num_row_steps),
             "proposal_width": proposal_width(m.proposed_per_position, m.num_row_steps),
-            "row_steps": m.num_row_steps, "audited": len(audit_rows), "speedup": audit_speedup(audit_rows)}
+            "row_steps": m.num_row_steps, "audited": audited, "speedup": speedup}
 
 
 def pair_figures(records: Iterable[Mapping]) -> list[dict]:

@@ -11,12 +11,14 @@ data.py read with the rules of engine/reduce.py (no figure is defined here a sec
                             instead, and labelled so.
   per pair, per shard       reduce's pair_figures and shard_figures: tokens / busy seconds (the
                             audit's re-runs left out), decode tokens / decode seconds, tokens per
-                            step, proposal width, and a shard's audit speedup where it was audited.
+                            step, proposal width, and a shard's audit speedup where it was audited
+                            (cluster/audit.py's summarize over its rows).
   tokens/s per pair chart   each shard's generated tokens spread evenly over its busy seconds
                             [start, start + busy_s] (start = finished_at - wall_s; the audit's
                             re-runs follow the shard's own run), summed per time bin.
   audit                     exec_info's match rate and speedup when the job has ended, else
-                            audit.parquet's rows with reduce's audit_speedup.
+                            audit.parquet's rows with the audit's own rule (cluster/audit.py's
+                            summarize), which also gives each audited shard its speedup.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from ..cluster import audit as audit_mod
 from ..engine import reduce as rd
 from ..engine.modes import MODES, mode as mode_of
 from .data import JobData
@@ -107,6 +110,15 @@ class Figures:
         return self.shards_total is not None and self.shards_done < self.shards_total
 
 
+def _speedup(rows: list[dict]) -> Optional[float]:
+    """The audit's speedup over these rows, by the audit's own rule (cluster/audit.py), the one
+    exec_info.parquet holds; None without timed rows."""
+    if not rows:
+        return None
+    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+    return audit_mod.summarize(clean)["speedup"]
+
+
 def _audit_by_shard(data: JobData) -> dict[int, list[dict]]:
     a = data.audit
     if a is None or not len(a) or "shard_id" not in a:
@@ -126,7 +138,8 @@ def shard_rows(data: JobData) -> pd.DataFrame:
     if not len(sh):
         return pd.DataFrame(columns=SHARD_COLUMNS)
     audits = _audit_by_shard(data)
-    figs = pd.DataFrame([rd.shard_figures(r, audits.get(int(r["shard_id"]), ())) for r in data.records])
+    figs = pd.DataFrame([rd.shard_figures(r, _speedup(audits.get(int(r["shard_id"]), [])),
+                                          len(audits.get(int(r["shard_id"]), []))) for r in data.records])
     s = pd.DataFrame({"shard_id": sh["shard_id"].astype(int)})
     figs = s.merge(figs.drop(columns=["pair_id"]), on="shard_id", how="left")
     nan = pd.Series(np.nan, index=sh.index)
@@ -257,8 +270,7 @@ def _audit(data: JobData, use_ei: bool) -> Optional[dict]:
     both = spd.notna() & base.notna() & (spd > 0)
     spd_tpt = float(spd[both].mean()) if both.any() else None
     base_tpt = float(base[both].mean()) if both.any() else None
-    speed = rd.audit_speedup(pd.DataFrame({"spd_time_per_token_s": spd, "baseline_time_per_token_s": base})
-                             .to_dict("records"))
+    speed = _speedup(a.to_dict("records"))
     source = "audit.parquet"
     if use_ei and _num(ei.get("audit_speedup")) is not None:
         speed, source = _num(ei.get("audit_speedup")), "audit.parquet; speedup from exec_info.parquet"
