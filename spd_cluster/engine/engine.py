@@ -27,6 +27,10 @@ from .settings import SpDSettings
 from .verifier import Verified, verify_greedy, verify_sampled
 
 
+def _no_finish(slot, seq) -> None:
+    """A proposer without a ``finish`` hook keeps nothing of finished rows."""
+
+
 class PromptError(ValueError):
     """A prompt that cannot run; it becomes an error result, the others go on."""
 
@@ -202,6 +206,7 @@ class SpDEngine:
             for row in done:
                 active.remove(row)
                 free.append(row.slot)
+                getattr(self.proposer, "finish", _no_finish)(row.slot, row.seq)  # a job-wide index learns it
                 finished(row.result)
         e2e = perf_counter() - start
         for r in results:
@@ -352,6 +357,7 @@ class SpDEngine:
             num_accepted_tokens_per_prompt=[r.mean_num_accepted_tokens for r in results],
             proposed_per_position=self._proposed.tolist(),
             accepted_per_position=self._accepted.tolist(),
+            **getattr(self.proposer, "take_stats", dict)(),  # counts of the proposer's own (suffix: by source)
         )
         return CloudAI100ExecInfo(
             prompts=[r.prompt for r in results],

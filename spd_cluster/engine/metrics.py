@@ -107,6 +107,13 @@ class SpDPerfMetrics:
                                                      default_factory=list)
     proposed_per_position: list[int] = _m("count", "steps that proposed a token at speculative position i + 1", default_factory=list)
     accepted_per_position: list[int] = _m("count", "steps whose proposal at position i + 1 was accepted", default_factory=list)
+    # suffix mode (engine/suffix.py): where its proposals came from, the row's own text or the job's finished outputs
+    suffix_steps_row: int = _m("count", "suffix: (row, step) pairs that proposed from the row's own prompt and text", default=0)
+    suffix_steps_job: int = _m("count", "suffix: (row, step) pairs that proposed from the job's finished outputs", default=0)
+    suffix_proposed_row: int = _m("tokens", "suffix: tokens proposed from the row's own text (before adaptive k cut them to the step's width)", default=0)
+    suffix_proposed_job: int = _m("tokens", "suffix: tokens proposed from the job's finished outputs (before adaptive k cut them)", default=0)
+    suffix_accepted_row: int = _m("tokens", "suffix: proposed tokens accepted on steps that proposed from the row's own text", default=0)
+    suffix_accepted_job: int = _m("tokens", "suffix: proposed tokens accepted on steps that proposed from the job's finished outputs", default=0)
 
     @property
     def acceptance_rate_per_position(self) -> list[float]:

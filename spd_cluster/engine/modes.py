@@ -71,10 +71,18 @@ def _multiproj(settings, target, draft):
     return MultiProjProposer(target.num_heads, settings.confidence_threshold, lookup)
 
 
+def _suffix(settings, target, draft):
+    from .suffix import SuffixProposer
+
+    return SuffixProposer(settings.suffix_max_depth, settings.suffix_max_spec_factor, settings.suffix_min_prob,
+                          settings.suffix_cache_rows)
+
+
 REGISTRY: dict[str, Mode] = {m.name: m for m in (
     Mode("draft", _draft, needs_draft=True),
     Mode("pld", _pld),
     Mode("multiproj", _multiproj, uses_heads=True),
+    Mode("suffix", _suffix),
     Mode("baseline", _baseline, speculates=False),
 )}
 MODES: tuple[str, ...] = tuple(REGISTRY)

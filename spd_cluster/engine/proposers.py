@@ -63,6 +63,11 @@ class Proposer(Protocol):
     def learn(self, slots: Sequence[int], verified: Verified) -> None:
         """What the target's verify of these rows found (their prefill included: no proposals)."""
 
+    def finish(self, slot: int, seq: np.ndarray) -> None:
+        """The row in ``slot`` finished with ``seq`` (prompt + output); the slot is free after
+        it. A no-op but where a proposer learns from finished rows (suffix: the job-wide index);
+        the engine calls it only where a proposer has it."""
+
 
 class NoProposer:
     """Baseline: the target decodes one token per step."""
@@ -76,6 +81,9 @@ class NoProposer:
         return Proposal.empty(len(slots))
 
     def learn(self, slots, verified):
+        pass
+
+    def finish(self, slot, seq):
         pass
 
 

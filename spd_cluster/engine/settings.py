@@ -34,6 +34,19 @@ class SpDSettings(BaseModel):
         0.0, ge=0.0, lt=1.0,
         description="draft/multiproj: stop proposing once the product of the proposals' probabilities (the "
                     "proposer's own estimate that all of them are accepted) falls below this; 0 = always k")
+    suffix_max_depth: int = Field(
+        24, ge=1, description="suffix: the longest suffix of a row matched against the indexes (tokens); "
+                              "vLLM's suffix_decoding_max_tree_depth")
+    suffix_max_spec_factor: float = Field(
+        1.0, gt=0.0, description="suffix: a proposal has at most this many tokens per matched token (a longer "
+                                 "match earns a longer proposal), and k at most; vLLM's suffix_decoding_max_spec_factor")
+    suffix_min_prob: float = Field(
+        0.1, ge=0.0, lt=1.0, description="suffix: stop a proposal before a token whose empirical probability (the "
+                                         "product of the frequencies of the continuation so far) falls below this; "
+                                         "vLLM's suffix_decoding_min_token_prob")
+    suffix_cache_rows: int = Field(
+        1000, ge=0, description="suffix: finished rows the job-wide index keeps (each pair's copy), the oldest "
+                                "dropped first; 0 = proposals from the row's own text only")
     prefill_seq_len: int = Field(32, ge=1, description="prefill chunk length")
     ctx_len: int = Field(1024, ge=2, description="KV positions per slot (prompt + generation)")
     max_new_tokens: int = Field(128, ge=1, description="generated tokens per prompt, the prefill one included")

@@ -1,0 +1,359 @@
+"""Suffix decoding (Oliaro et al., SuffixDecoding; vLLM's ``suffix`` method, after Arctic
+Inference): proposals from the row's own text and from the outputs the job has already finished.
+
+Two indexes of the same kind (``SuffixIndex``): one per row over its prompt and text so far, and
+one per job over the outputs of finished rows (each pair keeps a copy; the Ray layer shares them
+between pairs, cluster/suffix_cache.py). Each step, for each index, the proposal is the most
+frequent continuation of the longest suffix of the row that occurred there before:
+
+* match: the longest suffix of the row (at most ``max_depth`` tokens) found in the index;
+* continue: among the occurrences of that suffix, the most frequent next token, then among those
+  that continued so, the most frequent next one, and so on: a chain (the session verifies one
+  chain a row; a tree of alternatives would need tree attention in the verify, which the session
+  contract does not have). Each token's probability is the running product of its empirical
+  frequencies (count of the chosen next token / count of occurrences that continue at all);
+  the chain stops before a token whose probability would fall under ``min_prob``, and after
+  ``max_spec_factor * match length`` tokens (longer matches earn longer proposals), and ``limit``;
+* choose: the proposal with the higher score (the sum of its tokens' probabilities), the row's on
+  a tie, as Arctic Inference does.
+
+Index layout: every n-gram of n in KEY_LENS tokens, by the position of its last token, once the
+token after it is known (so every indexed occurrence has a continuation). A match is looked up by
+its longest key (the last 6, 3, 2 or 1 tokens), then extended backwards over the candidates token by token up to
+``max_depth``. Adding a token costs len(KEY_LENS) dict appends (prompt lookup's NgramIndex
+sets 3); a look-up reads at most RECENT occurrences of a key (the most recent ones: on a long job
+a frequent n-gram's counts are those of its latest RECENT occurrences). Sequences are stored
+one after another in one token list, each behind a SEP token, so no match or continuation
+crosses from one sequence into another; the job index drops whole sequences, oldest first.
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .proposers import EMPTY, Proposal
+
+KEY_LENS = (1, 2, 3, 6)  # n-grams of these lengths are keys; a match is extended over its key's candidates
+RECENT = 16  # occurrences of one key a look-up reads at most (the most recent)
+SEP = -1  # before every stored sequence: no token id, so no match or continuation crosses it
+_SHIFT = 21  # bits per token id in an n-gram key (ids of 2**21 and up share keys: a wasted proposal at worst)
+_TOP = KEY_LENS[-1]
+
+
+def _keys(toks: list, e: int) -> list:
+    """The keys of the n-grams (n in KEY_LENS) that end at ``toks[e]``, shortest first, as far
+    as the tokens before it are no SEP (and exist)."""
+    out = []
+    key = 0
+    for n in range(1, min(_TOP, e + 1) + 1):
+        t = toks[e - n + 1]
+        if t < 0:
+            break
+        key |= t << (_SHIFT * (n - 1))
+        if n in KEY_LENS:
+            out.append((key << 3) | len(out))
+    return out
+
+
+class Draft:
+    """One index's proposal: tokens, their probabilities, the match length that made it."""
+
+    __slots__ = ("tokens", "probs", "score", "match_len")
+
+    def __init__(self, tokens=(), probs=(), match_len: int = 0):
+        self.tokens, self.probs, self.match_len = list(tokens), list(probs), match_len
+        self.score = float(sum(self.probs))
+
+
+NO_DRAFT = Draft()
+
+
+class SuffixIndex:
+    """Token sequences, stored one after another, with every n-gram's occurrences (see the module
+    docstring). ``add`` stores a whole sequence (a finished row: continuations only from
+    ``start`` on, the tokens before it are context a match may reach into); ``open`` and
+    ``extend`` store a growing one (a row as it is generated). ``max_rows``: sequences kept at
+    most, the oldest dropped first (FIFO); None keeps all.
+
+    Occurrences are chained: ``last[key]`` is the position of the latest one, and ``prev[i]``
+    at each position the one before it of the same key length i, so a key costs one dict entry
+    and no list (no container the garbage collector walks), and a dropped sequence's positions
+    fall out of every chain at once (they are below ``base``)."""
+
+    def __init__(self, max_depth: int = 24, max_rows: Optional[int] = None):
+        if max_depth < 1:
+            raise ValueError(f"max_depth must be >= 1, got {max_depth}")
+        self.max_depth = max_depth
+        self.max_rows = max_rows
+        self.toks: list[int] = []  # toks[i] is the token at position base + i
+        self.prev = [array("q") for _ in KEY_LENS]  # prev[i][j]: the occurrence before the one at base + j
+        self.base = 0
+        self.last: dict[int, int] = {}  # n-gram key -> position of its latest occurrence's last token
+        self.rows: list[tuple[int, int, int]] = []  # (SEP position, first indexed end, end) per sequence
+        self.num_tokens = 0  # tokens stored (not counting SEPs)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _append(self, tokens: list) -> None:
+        self.toks.extend(tokens)
+        none = array("q", [-1]) * len(tokens)
+        for chain in self.prev:
+            chain.extend(none)
+
+    def _index(self, lo: int, hi: int) -> None:
+        """Index the n-grams ending at positions lo..hi-1 (each has its next token stored)."""
+        toks, base, last, prev = self.toks, self.base, self.last, self.prev
+        for e in range(lo, hi):
+            for i, key in enumerate(_keys(toks, e - base)):
+                prev[i][e - base] = last.get(key, -1)
+                last[key] = e
+
+    def add(self, tokens: Sequence[int], start: int = 0) -> None:
+        """Store a finished sequence; its tokens from ``start`` on are continuations, those
+        before it only context (the end of a prompt, before its output)."""
+        tokens = [int(t) for t in tokens]
+        if len(tokens) <= start:
+            return
+        sep = self.base + len(self.toks)
+        self._append([SEP] + tokens)
+        end = sep + 1 + len(tokens)
+        first = sep + max(start, 1)  # the first n-gram end whose next token is a continuation
+        self._index(first, end - 1)
+        self.rows.append((sep, first, end))
+        self.num_tokens += len(tokens)
+        if self.max_rows is not None:
+            while len(self.rows) > self.max_rows:
+                self._evict()
+
+    def open(self, tokens: Sequence[int]) -> None:
+        """Start the open sequence (a row) with ``tokens``; ``extend`` grows it."""
+        self.add(tokens)
+
+    def extend(self, seq: np.ndarray | Sequence[int]) -> None:
+        """Grow the last sequence to ``seq`` (which starts with what it holds; the engine's rows
+        only grow)."""
+        sep, first, end = self.rows[-1]
+        have = end - sep - 1
+        n = len(seq)
+        if n <= have:
+            return
+        new = seq[have:n]
+        self._append(new.tolist() if isinstance(new, np.ndarray) else [int(t) for t in new])
+        self._index(end - 1, sep + n)
+        self.rows[-1] = (sep, first, sep + 1 + n)
+        self.num_tokens += n - have
+
+    def _evict(self) -> None:
+        """Drop the oldest sequence: its positions fall below ``base``, out of every chain; keys
+        whose latest occurrence was in it go."""
+        sep, first, end = self.rows.pop(0)
+        toks, base, last = self.toks, self.base, self.last
+        new_base = self.rows[0][0] if self.rows else end  # the next sequence's SEP
+        for e in range(first, end - 1):
+            for key in _keys(toks, e - base):
+                if last.get(key, new_base) < new_base:
+                    del last[key]
+        self.num_tokens -= end - sep - 1
+        cut = new_base - base
+        del toks[:cut]
+        for chain in self.prev:
+            del chain[:cut]
+        self.base = new_base
+
+    def context(self, depth: int) -> list:
+        """The last ``depth`` tokens (at most) of the last sequence."""
+        sep, _, end = self.rows[-1]
+        return self.toks[max(sep + 1, end - depth) - self.base :]
+
+    def occurrences(self, key_index: int, key: int, most: Optional[int] = None) -> list[int]:
+        """The latest ``most`` (RECENT) occurrences of ``key`` (of length KEY_LENS[key_index]),
+        oldest first."""
+        most = RECENT if most is None else most
+        out = []
+        p, base, chain = self.last.get(key, -1), self.base, self.prev[key_index]
+        while p >= base and len(out) < most:
+            out.append(p)
+            p = chain[p - base]
+        out.reverse()
+        return out
+
+    # -- looking up --------------------------------------------------------------------------
+
+    def match(self, ctx: list) -> tuple[list[int], int]:
+        """The occurrences (most recent RECENT at most) of the longest suffix of ``ctx`` that
+        occurred here with a next token, and its length (0: none). ``ctx``: the row's last
+        tokens, no SEP among them."""
+        toks, base = self.toks, self.base
+        if len(ctx) > self.max_depth:
+            ctx = ctx[-self.max_depth:]
+        keys = _keys(ctx, len(ctx) - 1)
+        for i in range(len(keys) - 1, -1, -1):
+            if self.last.get(keys[i], -1) >= base:
+                break
+        else:
+            return [], 0
+        n = KEY_LENS[i]
+        cands = self.occurrences(i, keys[i])
+        # a longer key missed: the match is shorter than it
+        depth = min(self.max_depth, len(ctx), KEY_LENS[i + 1] - 1 if i + 1 < len(KEY_LENS) else len(ctx))
+        if depth <= n:
+            return cands, n
+        whole = ctx[-depth:]  # candidates that match all of it, in one comparison each
+        full = [p for p in cands if toks[p - base - depth + 1 : p - base + 1] == whole]
+        if full:
+            return full, depth
+        for d in range(n, depth):
+            want = ctx[-1 - d]
+            keep = [p for p in cands if toks[p - base - d] == want]
+            if not keep:
+                return cands, d
+            cands = keep
+        return cands, depth
+
+    def draft(self, ctx: list, limit: int, max_spec_factor: float = 1.0, min_prob: float = 0.1) -> Draft:
+        """The most frequent continuation of the longest match of ``ctx`` (module docstring)."""
+        if limit <= 0 or not ctx:
+            return NO_DRAFT
+        cands, n = self.match(ctx)
+        if not n:
+            return NO_DRAFT
+        cap = min(limit, int(max_spec_factor * n + 1e-6))
+        toks, base = self.toks, self.base
+        # the distinct continuations, with how many occurrences have each (the most recent first:
+        # it wins a tie); most occurrences of a template or a copied span continue alike
+        conts: dict[tuple, int] = {}
+        for p in reversed(cands):
+            c = tuple(toks[p - base + 1 : p - base + 1 + cap])
+            conts[c] = conts.get(c, 0) + 1
+        items = list(conts.items())
+        out, probs = [], []
+        prob = 1.0
+        j = 0
+        while j < cap:
+            if len(items) == 1:  # one continuation left: the rest of it, up to its end
+                rest = items[0][0][j:]
+                if SEP in rest:
+                    rest = rest[: rest.index(SEP)]
+                out += rest
+                probs += [prob] * len(rest)
+                break
+            counts: dict[int, int] = {}
+            total = 0
+            for c, w in items:
+                if len(c) > j and c[j] != SEP:
+                    counts[c[j]] = counts.get(c[j], 0) + w
+                    total += w
+            if not total:
+                break
+            best = max(counts, key=counts.__getitem__)
+            prob *= counts[best] / total
+            if prob < min_prob:
+                break
+            out.append(best)
+            probs.append(prob)
+            items = [(c, w) for c, w in items if len(c) > j and c[j] == best]
+            j += 1
+        return Draft(out, probs, n)
+
+
+class SuffixProposer:
+    """The ``suffix`` mode's proposer: per row a SuffixIndex over its prompt and text so far,
+    and ``job``, a SuffixIndex over the outputs of the rows finished so far (this engine's, and
+    those other pairs sent: ``add_rows``). ``finish`` stores a finished row's output in ``job``
+    (with the last ``max_depth`` prompt tokens before it, as context only) and keeps it for the
+    other pairs (``take_finished``). With ``cache_rows`` 0 there is no job index.
+
+    Counts by source (``take_stats``): row-steps that proposed from the row or from the job,
+    tokens proposed (before adaptive k cuts them to the step's width) and tokens accepted."""
+
+    forwards_per_token = 0
+    STATS = ("suffix_steps_row", "suffix_steps_job", "suffix_proposed_row", "suffix_proposed_job",
+             "suffix_accepted_row", "suffix_accepted_job")
+
+    def __init__(self, max_depth: int = 24, max_spec_factor: float = 1.0, min_prob: float = 0.1,
+                 cache_rows: int = 1000):
+        self.max_depth, self.factor, self.min_prob = max_depth, max_spec_factor, min_prob
+        self.cache_rows = cache_rows
+        self.job = SuffixIndex(max_depth, max_rows=cache_rows) if cache_rows > 0 else None
+        self.rows: dict[int, SuffixIndex] = {}
+        self.prompt_len: dict[int, int] = {}
+        self.last: dict[int, tuple[str, int]] = {}  # slot -> (source, tokens) of its last proposal
+        self.finished: list[list[int]] = []  # (prompt tail + output, prompt tail length) of rows not yet sent
+        self.stats = dict.fromkeys(self.STATS, 0)
+
+    def start(self, slot, prompt_ids, key=None):
+        index = SuffixIndex(self.max_depth)
+        index.open(np.asarray(prompt_ids).tolist())
+        self.rows[slot] = index
+        self.prompt_len[slot] = len(prompt_ids)
+        self.last.pop(slot, None)
+
+    def propose(self, slots, seqs, limits):
+        out = []
+        for slot, seq, limit in zip(slots, seqs, limits):
+            index = self.rows.get(slot)
+            if index is None:
+                self.start(slot, seq)
+                index = self.rows[slot]
+            index.extend(seq)
+            if limit <= 0:
+                out.append(EMPTY)
+                self.last.pop(slot, None)
+                continue
+            ctx = index.context(self.max_depth)
+            own = index.draft(ctx, limit, self.factor, self.min_prob)
+            other = self.job.draft(ctx, limit, self.factor, self.min_prob) if self.job else NO_DRAFT
+            source, best = ("row", own) if own.score >= other.score else ("job", other)
+            if best.tokens:
+                self.stats[f"suffix_steps_{source}"] += 1
+                self.stats[f"suffix_proposed_{source}"] += len(best.tokens)
+                self.last[slot] = (source, len(best.tokens))
+                out.append(np.array(best.tokens, dtype=np.int64))
+            else:
+                self.last.pop(slot, None)
+                out.append(EMPTY)
+        return Proposal(out)
+
+    def learn(self, slots, verified):
+        for i, slot in enumerate(slots):
+            last = self.last.pop(slot, None)
+            if last is not None:
+                self.stats[f"suffix_accepted_{last[0]}"] += int(verified.accepted[i])
+
+    def finish(self, slot, seq):
+        """Row ``slot`` finished with ``seq`` (prompt + output): its output joins the job index."""
+        self.rows.pop(slot, None)
+        self.last.pop(slot, None)
+        n = self.prompt_len.pop(slot, None)
+        if self.job is None or n is None or len(seq) <= n:
+            return
+        tail = min(n, self.max_depth)
+        row = np.asarray(seq[n - tail :]).tolist()
+        self.job.add(row, start=tail)
+        self.finished.append([tail] + row)
+        del self.finished[: max(0, len(self.finished) - self.cache_rows)]
+
+    # -- the job index across pairs (cluster/suffix_cache.py) --------------------------------
+
+    def take_finished(self) -> list[list[int]]:
+        """The rows finished here since the last call, each [prompt tail length, *tokens]."""
+        out, self.finished = self.finished, []
+        return out
+
+    def add_rows(self, rows: Sequence[Sequence[int]]) -> None:
+        """Rows other pairs finished ([prompt tail length, *tokens] each) join the job index."""
+        if self.job is None:
+            return
+        for r in rows:
+            self.job.add(r[1:], start=int(r[0]))
+
+    def take_stats(self) -> dict[str, int]:
+        """The counts by source since the last call (the engine copies them into a run's metrics)."""
+        out, self.stats = self.stats, dict.fromkeys(self.STATS, 0)
+        return out

@@ -1,0 +1,275 @@
+"""Suffix decoding (engine/suffix.py): the index finds what a search of every stored sequence
+finds; the proposer learns from the row's own text and from the job's finished rows; the mode is
+token-identical to the target alone, greedy (fbs 1 and 4, fixed and adaptive k) and sampled."""
+
+import numpy as np
+import pytest
+from test_engine import EOS, PROMPTS, REFERENCE, engine
+from test_sampling import chi2_pvalue, exact_distribution, run_engine
+from tiny import VOCAB
+
+from spd_cluster.engine import SpDEngine, SpDSettings
+from spd_cluster.engine import suffix as sfx
+from spd_cluster.engine.suffix import SuffixIndex, SuffixProposer
+from spd_cluster.sessions.base import check_inputs, keep_index
+
+# -- the index against a brute-force search ----------------------------------------------------
+
+
+def search(seqs, ctx, limit, factor, min_prob, max_depth):
+    """Every occurrence of every suffix of ``ctx`` in ``seqs`` ((tokens, start) each: an
+    occurrence ends at j with a next token at j + 1 >= start), the longest kept; then the most
+    frequent next token among them (the latest on a tie), and so on, as the module says."""
+    occs = [(i, j) for i, (s, st) in enumerate(seqs) for j in range(max(st - 1, 0), len(s) - 1)]
+
+    def matched(i, j):
+        s, n = seqs[i][0], 0
+        while n < min(max_depth, len(ctx)) and j - n >= 0 and s[j - n] == ctx[-1 - n]:
+            n += 1
+        return n
+
+    best = max((matched(i, j) for i, j in occs), default=0)
+    if best == 0 or limit <= 0:
+        return [], []
+    cands = [o for o in occs if matched(*o) >= best]
+    cap = min(limit, int(factor * best + 1e-6))
+    out, probs, prob, d = [], [], 1.0, 1
+    while len(out) < cap:
+        nxt = [(seqs[i][0][j + d], (i, j)) for i, j in cands if j + d < len(seqs[i][0])]
+        if not nxt:
+            break
+        counts = {}
+        for t, _ in nxt:
+            counts[t] = counts.get(t, 0) + 1
+        top = max(counts.values())
+        t = max((t for t in counts if counts[t] == top), key=lambda t: max(o for u, o in nxt if u == t))
+        if prob * top / len(nxt) < min_prob:
+            break
+        prob *= top / len(nxt)
+        out.append(t)
+        probs.append(prob)
+        cands = [o for u, o in nxt if u == t]
+        d += 1
+    return out, probs
+
+
+@pytest.fixture
+def every_occurrence(monkeypatch):
+    monkeypatch.setattr(sfx, "RECENT", 10**9)  # the reference reads every occurrence
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_index_proposes_what_a_search_of_every_sequence_proposes(seed, every_occurrence):
+    rng = np.random.default_rng(seed)
+    for _ in range(300):
+        vocab, depth = int(rng.integers(2, 6)), int(rng.integers(1, 12))
+        index, seqs = SuffixIndex(depth), []
+        for _ in range(int(rng.integers(1, 5))):
+            s, start = rng.integers(0, vocab, int(rng.integers(1, 40))).tolist(), int(rng.integers(0, 4))
+            index.add(s, start)
+            if len(s) > start:
+                seqs.append((s, start))
+        ctx = rng.integers(0, vocab, int(rng.integers(1, 14))).tolist()
+        limit, factor = int(rng.integers(0, 9)), float(rng.choice([0.5, 1.0, 2.0]))
+        min_prob = float(rng.choice([0.0, 0.1, 0.3]))
+        d = index.draft(ctx, limit, factor, min_prob)
+        want, probs = search(seqs, ctx, limit, factor, min_prob, depth)
+        assert d.tokens == want
+        np.testing.assert_allclose(d.probs, probs)
+
+
+def test_a_growing_row_proposes_what_a_search_of_its_text_proposes(every_occurrence):
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        seq = rng.integers(0, 4, 150)
+        index = SuffixIndex(10)
+        n = int(rng.integers(1, 8))
+        index.open(seq[:n])
+        while n <= len(seq):
+            index.extend(seq[:n])  # rows grow by 1..k + 1 tokens a step
+            ctx = seq[max(0, n - 10):n].tolist()
+            # the row's own occurrences: n-grams that end before its last token
+            want, _ = search([(seq[:n].tolist(), 0)], ctx, 6, 1.0, 0.1, 10)
+            assert index.draft(ctx, 6, 1.0, 0.1).tokens == want
+            n += int(rng.integers(1, 5))
+
+
+def test_the_oldest_rows_go_first_and_the_index_stays_bounded(every_occurrence):
+    rng = np.random.default_rng(3)
+    index = SuffixIndex(8, max_rows=5)
+    rows = [rng.integers(0, 50, 30).tolist() for _ in range(40)]
+    for i, r in enumerate(rows):
+        index.add(r)
+        kept = rows[max(0, i - 4): i + 1]
+        assert len(index) == len(kept) and index.num_tokens == sum(map(len, kept))
+        assert len(index.toks) == sum(len(r) + 1 for r in kept)  # tokens and one SEP a row
+        ctx = rows[i - 6][:5] if i >= 6 else rows[0][:5]  # a dropped row's start: proposed only while kept
+        want, _ = search([(r, 0) for r in kept], ctx, 4, 1.0, 0.0, 8)
+        assert index.draft(ctx, 4, 1.0, 0.0).tokens == want
+    assert len(index.last) <= 5 * 30 * len(sfx.KEY_LENS)  # keys of dropped rows are gone
+
+
+def test_a_look_up_reads_the_latest_occurrences_only():
+    index = SuffixIndex(4)
+    for i in range(100):
+        index.add([5, 6, 7, i % 50 + 10])  # [5, 6, 7] then a different token each time
+    cands, n = index.match([5, 6, 7])
+    assert n == 3 and len(cands) == sfx.RECENT
+    assert [index.toks[p - index.base + 1] for p in cands] == [i % 50 + 10 for i in range(100 - sfx.RECENT, 100)]
+
+
+def test_a_proposal_stops_where_its_probability_falls_and_grows_with_the_match():
+    index = SuffixIndex(16)
+    for tail in ([1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 8, 8]):
+        index.add([20, 21, 22, 23] + tail)
+    d = index.draft([20, 21, 22, 23], 8, max_spec_factor=2.0, min_prob=0.5)
+    assert d.tokens == [1, 2, 3, 4] and d.match_len == 4  # 3 follows in 3 of 4, then 4 in 2 of 3
+    np.testing.assert_allclose(d.probs, [1.0, 1.0, 0.75, 0.5])
+    assert index.draft([20, 21, 22, 23], 8, max_spec_factor=2.0, min_prob=0.6).tokens == [1, 2, 3]
+    assert index.draft([23], 8, max_spec_factor=2.0, min_prob=0.0).tokens == [1, 2]  # a 1-token match: 2 tokens
+
+
+def test_a_finished_row_is_context_for_its_output_only():
+    p = SuffixProposer(max_depth=8, cache_rows=10)
+    p.start(0, np.array([40, 41, 42, 43]))
+    p.finish(0, np.array([40, 41, 42, 43, 50, 51, 52]))  # output [50, 51, 52] after the prompt
+    p.start(1, np.array([7, 42, 43]))
+    # the prompt's end leads into the output; nothing is proposed from inside the other prompt
+    assert p.propose([1], [np.array([7, 42, 43])], [4]).tokens[0].tolist() == [50, 51]
+    assert p.propose([1], [np.array([7, 42, 43, 40, 41])], [4]).tokens[0].tolist() == []
+    assert p.take_finished() == [[4, 40, 41, 42, 43, 50, 51, 52]]
+    q = SuffixProposer(max_depth=8)
+    q.add_rows([[4, 40, 41, 42, 43, 50, 51, 52]])  # another pair's row
+    q.start(0, np.array([1, 43, 50]))
+    assert q.propose([0], [np.array([1, 43, 50])], [4]).tokens[0].tolist() == [51, 52]
+
+
+# -- a target whose outputs follow one template ------------------------------------------------
+
+MARK = 3  # the last token of every templated prompt
+TEMPLATE = [10, 11, 12, 13, 14, -1, 15, 16, 17, 18, 19, 20, -1, -1, 21, 22, 23, 24, 25, -1, 26, 27, 28, 29, 10, 12, -1,
+            14, 16, 18, 20]
+
+
+class TemplateSession:
+    """The session contract over a scripted target: after a prompt [1, key, ..., MARK], its greedy
+    output is TEMPLATE, with each -1 a value of the prompt's own (from its key), then EOS. Like
+    a batch of records turned into JSON with fixed keys."""
+
+    def __init__(self, full_batch_size, ctx_len):
+        self.full_batch_size, self.ctx_len, self.vocab_size, self.num_heads = full_batch_size, ctx_len, VOCAB, 0
+        self.eos_token_ids = [EOS]
+        self.hist = np.zeros((full_batch_size, ctx_len), np.int64)
+
+    def next_token(self, slot, pos):
+        h = self.hist[slot, : pos + 1]
+        marks = np.flatnonzero(h == MARK)
+        i = pos - int(marks[-1]) if marks.size else len(TEMPLATE)  # output tokens so far (none: adaptive k's timing)
+        if i >= len(TEMPLATE):
+            return EOS
+        return TEMPLATE[i] if TEMPLATE[i] >= 0 else 30 + (int(h[1]) * 7 + i * 13) % 60
+
+    def run(self, inputs):
+        c = check_inputs(inputs, self.full_batch_size, self.ctx_len)
+        for r, slot in enumerate(c.batch_index):
+            ok = c.position_ids[r] >= 0
+            self.hist[slot, c.position_ids[r][ok]] = c.input_ids[r][ok]
+        cols = keep_index(c.position_ids, c.num_logits)
+        tokens = np.array([[self.next_token(slot, c.position_ids[r, j]) for j in cols[r]]
+                           for r, slot in enumerate(c.batch_index)], dtype=np.int64)
+        if c.argmax:
+            return {"tokens": tokens}
+        return {"logits": np.where(np.arange(VOCAB) == tokens[..., None], 10.0, 0.0).astype(np.float32)}
+
+
+def templated(n, seed=0):
+    g = np.random.default_rng(seed)
+    return [[1, int(g.integers(4, 90))] + g.integers(4, 90, 3).tolist() + [MARK] for _ in range(n)]
+
+
+def run_templated(mode, prompts, fbs=1, **kw):
+    s = SpDSettings(num_speculative_tokens=kw.pop("k", 8), prefill_seq_len=8, ctx_len=64, max_new_tokens=40,
+                    full_batch_size=fbs, **kw)
+    return SpDEngine(mode, TemplateSession(fbs, 64), None, s, eos_token_ids=[EOS]).generate(prompts)
+
+
+def test_templated_rows_accept_the_job_s_proposals_and_more_as_the_job_goes_on():
+    prompts = templated(16)
+    base = run_templated("baseline", prompts)
+    info = run_templated("suffix", prompts, adaptive_k=False)
+    assert [x.tolist() for x in info.generated_ids] == [x.tolist() for x in base.generated_ids]
+    m = info.perf_metrics
+    per_row = [r.mean_num_accepted_tokens for r in info.results]
+    assert np.mean(per_row[8:]) > np.mean(per_row[:8]) and np.mean(per_row[8:]) > 1.8
+    assert m.suffix_accepted_job > m.suffix_accepted_row and m.suffix_steps_job > 0
+    # the counts by source add up to the per-position counts
+    assert m.suffix_accepted_row + m.suffix_accepted_job == sum(m.accepted_per_position)
+    assert m.suffix_steps_row + m.suffix_steps_job <= m.num_row_steps
+    # without the job-wide index the rows have only their own text
+    alone = run_templated("suffix", prompts, adaptive_k=False, suffix_cache_rows=0).perf_metrics
+    assert alone.suffix_steps_job == 0 and alone.mean_num_accepted_tokens < m.mean_num_accepted_tokens
+    # pld has the row's own text only as well
+    assert run_templated("pld", prompts, adaptive_k=False).perf_metrics.mean_num_accepted_tokens < m.mean_num_accepted_tokens
+
+
+@pytest.mark.parametrize("fbs", [1, 4])
+def test_another_pair_s_rows_help_from_the_first_row(fbs):
+    prompts = templated(8, seed=1)
+    first = SpDEngine("suffix", TemplateSession(fbs, 64), None,
+                      SpDSettings(num_speculative_tokens=8, prefill_seq_len=8, ctx_len=64, max_new_tokens=40,
+                                  full_batch_size=fbs, adaptive_k=False), eos_token_ids=[EOS])
+    first.generate(templated(8, seed=2))
+    rows = first.proposer.take_finished()
+    assert len(rows) == 8
+    fresh = run_templated("suffix", prompts[:1], fbs=fbs, adaptive_k=False).perf_metrics
+    second = SpDEngine("suffix", TemplateSession(fbs, 64), None, first.settings, eos_token_ids=[EOS])
+    second.proposer.add_rows(rows)
+    warm = second.generate(prompts[:1]).perf_metrics
+    assert warm.mean_num_accepted_tokens > fresh.mean_num_accepted_tokens and warm.suffix_accepted_job > 0
+
+
+# -- token-identical to the target alone -------------------------------------------------------
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("fbs", [1, 4])
+def test_lossless_against_hf_generate(fbs, k, adaptive):
+    info = engine("suffix", k, fbs, adaptive_k=adaptive, suffix_max_spec_factor=2.0).generate(PROMPTS + PROMPTS)
+    assert [ids.tolist() for ids in info.generated_ids] == REFERENCE + REFERENCE
+    m = info.perf_metrics
+    assert m.suffix_steps_row > 0 and m.suffix_steps_job > 0  # both indexes proposed
+    if not adaptive:  # (adaptive k may keep none of them, from the step costs it measured)
+        assert m.suffix_accepted_row > 0 and m.suffix_accepted_job > 0
+
+
+@pytest.mark.parametrize("fbs", [1, 4])
+def test_templated_lossless_with_adaptive_k(fbs):
+    prompts = templated(12, seed=5)
+    base = run_templated("baseline", prompts, fbs=fbs)
+    info = run_templated("suffix", prompts, fbs=fbs)
+    assert [x.tolist() for x in info.generated_ids] == [x.tolist() for x in base.generated_ids]
+    assert info.perf_metrics.mean_num_accepted_tokens > 1.3
+
+
+@pytest.mark.slow
+def test_sampled_suffix_keeps_the_target_distribution():
+    temperature, top_k, n_tokens = 0.9, 6, 3
+    probs = exact_distribution(n_tokens, temperature, top_k, 1.0)
+    info = run_engine("suffix", 2000, n_tokens, 16, temperature=temperature, top_k=top_k, seed=5)
+    counts = {}
+    for ids in info.generated_ids:
+        counts[tuple(ids.tolist())] = counts.get(tuple(ids.tolist()), 0) + 1
+    assert chi2_pvalue(counts, probs) > 0.01
+    m = info.perf_metrics
+    assert 0 < m.accepted_per_position[0] < m.proposed_per_position[0]  # proposals, some rejected
+
+
+def test_sampled_templated_text_is_the_target_s():
+    """Point-mass proposals at temperature > 0: the job index's proposals are accepted where the
+    target's own draw agrees (here a target that puts all its mass on one token)."""
+    prompts = templated(10, seed=9)
+    base = run_templated("baseline", prompts, temperature=0.8, seed=1)
+    info = run_templated("suffix", prompts, temperature=0.8, seed=1)
+    assert [x.tolist() for x in info.generated_ids] == [x.tolist() for x in base.generated_ids]
+    assert info.perf_metrics.suffix_accepted_job > 0
