@@ -1,20 +1,32 @@
-"""Few-row linears and session steps: PyTorch's CPU kernels vs ours, same weights, same run.
+"""Few-row linears and session steps: PyTorch's CPU kernels vs ours (AVX2 and AVX512-BF16 tiles),
+same weights, same run.
 
-    python bench/bench_linear.py [--model qwen2.5-coder-1.5b] [--rows 1,5,8] [--threads 2]
+    python bench/bench_linear.py [--model qwen2.5-coder-1.5b] [--rows 1,2,3,4,5,6,7,8] [--widths 1,...,8]
+                                 [--threads 2] [--repeats 9] [--clock wall|cpu] [--no-session]
 
-Part 1, the linear alone (Qwen2.5-Coder-1.5B's MLP and lm_head shapes, random weights):
-bfloat16 ``F.linear`` vs our AVX2 kernel (sessions/bf16.py), ms per call by row count. Part 2,
-whole session steps on the real model in bfloat16 at 100 tokens of context: a 1-token decode and
-a 5-token verify, on a session with PyTorch's kernels (``pack=False``) and on one with ours
-(``pack=True``: the bf16 kernel plus row-wise attention). Calls alternate between the two.
+Part 1, the linear alone (Qwen2.5-Coder-1.5B's attention, MLP and lm_head shapes, random bfloat16
+weights and activations): ms per call by row count for PyTorch's bfloat16 ``F.linear`` and our
+kernel on each set of tiles this CPU runs (sessions/bf16.py). Each timed sample calls every copy
+of a pool of weights (at least 256 MB) once, so weights come from memory as in a model's forward,
+not from the cache. Part 2, whole session steps on the real model in bfloat16 at 100 tokens of
+context: a verify of each width (1 = a decode step), on a session with PyTorch's kernels
+(``pack=False``) and on one with ours (``pack=True``: the kernel plus row-wise attention) on each
+set of tiles; the tiles are switched per call (``bf16.set_isa``), on the same session.
+
+Every sample of every side is taken in interleaved blocks (A B C | C B A | ...) after a warm-up;
+printed: the median, and the spread as min-max over the repeats. ``--clock cpu`` times with the
+process's CPU time instead of the wall clock: on a machine shared with other work, with
+``--threads 1`` (and so no thread waiting for another), it counts what the step itself costs a
+core, not the time other processes held it.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
-from time import perf_counter
+import time
 
 import numpy as np
 import torch
@@ -23,37 +35,91 @@ import torch.nn.functional as F
 from spd_cluster.sessions import bf16, load_model
 from spd_cluster.sessions.torch_session import TorchSession
 
+QWEN_15B = {"q/o_proj": (1536, 1536), "k/v_proj": (256, 1536), "gate/up_proj": (8960, 1536),
+            "down_proj": (1536, 8960), "lm_head": (151936, 1536)}
+POOL_BYTES = 256 << 20
+clock = time.perf_counter
 
-def ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = perf_counter()
-        fn()
-        times.append(perf_counter() - t)
-    return statistics.median(times) * 1e3
+
+def interleaved(sides: dict, repeats: int) -> dict:
+    """sides: name -> fn() returning seconds. A warm-up call of each, then ``repeats`` blocks of one
+    call of each side, forward and reverse order in turn. Returns name -> list of seconds."""
+    names = list(sides)
+    for n in names:
+        sides[n]()
+    times = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            times[n].append(sides[n]())
+    return times
+
+
+def fmt(ts: list, scale: float = 1e3) -> str:
+    return f"{statistics.median(ts) * scale:8.2f} ({min(ts) * scale:.2f}-{max(ts) * scale:.2f})"
+
+
+def linear_sides(isas: list, x, pool) -> dict:
+    def ours(isa):
+        def go():
+            bf16.set_isa(isa)
+            t = clock()
+            for w in pool:
+                bf16.linear(x, w)
+            return (clock() - t) / len(pool)
+        return go
+
+    def torch_linear():
+        t = clock()
+        for w in pool:
+            F.linear(x, w)
+        return (clock() - t) / len(pool)
+
+    return {"torch": torch_linear, **{isa: ours(isa) for isa in isas}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--rows", default="1,5,8")
+    ap.add_argument("--rows", default="1,2,3,4,5,6,7,8")
+    ap.add_argument("--widths", default="1,2,3,4,5,6,7,8")
+    ap.add_argument("--shapes", default=",".join(QWEN_15B), help=f"of {', '.join(QWEN_15B)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    ap.add_argument("--no-linear", action="store_true")
+    ap.add_argument("--no-session", action="store_true")
+    ap.add_argument("--no-torch-session", action="store_true", help="leave out the session on PyTorch's kernels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [int(r) for r in args.rows.split(",")]
-    print(f"{args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, median of {args.repeats}")
-    print(f"{'linear [N x K]':22} {'rows':>4} {'torch bf16 ms':>14} {'ours ms':>8} {'ratio':>6}")
-    for n, k in ((8960, 1536), (1536, 8960), (151936, 1536)):
-        w = torch.randn(n, k).to(torch.bfloat16)
-        for m in rows:
-            x = torch.randn(m, k).to(torch.bfloat16)
-            a, b = ms(lambda: F.linear(x, w), args.repeats), ms(lambda: bf16.linear(x, w), args.repeats)
-            print(f"{f'{n} x {k}':22} {m:>4} {a:14.2f} {b:8.2f} {a / b:6.2f}")
+    global clock
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    isas = bf16.isas()
+    default = bf16.isa()
+    load = os.getloadavg()[0]
+    print(f"{args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, our tiles {isas} "
+          f"(default {default}), {args.repeats} interleaved repeats after a warm-up, {args.clock} clock, load average {load:.1f}")
+    print("ms: median (min-max)")
+    if not args.no_linear:
+        print(f"\n{'linear [N x K]':26} {'rows':>4} " + " ".join(f"{s:>24}" for s in ["torch bf16", *isas]))
+        for name in args.shapes.split(","):
+            n, k = QWEN_15B[name]
+            g = torch.Generator().manual_seed(n + k)
+            pool = [torch.randn(n, k, generator=g).to(torch.bfloat16)
+                    for _ in range(max(1, POOL_BYTES // (2 * n * k)))]
+            base = None
+            for m in (int(r) for r in args.rows.split(",")):
+                x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+                times = interleaved(linear_sides(isas, x, pool), args.repeats)
+                cells = [fmt(times[s]) for s in times]
+                print(f"{f'{name} {n} x {k}':26} {m:>4} " + " ".join(f"{c:>24}" for c in cells), flush=True)
+            del pool
+    bf16.set_isa(default)
+    if args.no_session:
+        return
 
     model = load_model(args.model, "bfloat16")
-    sessions = {"torch": TorchSession(copy.deepcopy(model), 1, 512), "ours": TorchSession(model, 1, 512, pack=True)}
+    ours = TorchSession(model if args.no_torch_session else copy.deepcopy(model), 1, 512, pack=True)
+    sessions = {"ours": ours} if args.no_torch_session else {"torch": TorchSession(model, 1, 512), "ours": ours}
     rng = np.random.default_rng(0)
 
     def step(s, width, start):
@@ -62,18 +128,30 @@ def main() -> None:
 
     for s in sessions.values():
         step(s, 100, 0)
-    times = {(name, w): [] for name in sessions for w in (1, 5)}
-    for _ in range(args.repeats):
-        for name, s in sessions.items():
-            for w in (1, 5):
-                t = perf_counter()
-                step(s, w, 100)
-                times[name, w].append(perf_counter() - t)
-    print(f"\n{args.model} bfloat16 session step at 100 tokens of context (ms, median)")
-    print(f"{'kernels':8} {'decode (1)':>10} {'verify (5)':>10} {'verify/decode':>14}")
-    for name in sessions:
-        d, v = (statistics.median(times[name, w]) * 1e3 for w in (1, 5))
-        print(f"{name:8} {d:10.1f} {v:10.1f} {v / d:14.2f}   ({sessions[name].packed})")
+    sides = {}
+    widths = [int(w) for w in args.widths.split(",")]
+    for w in widths:
+        if "torch" in sessions:
+            sides["torch", w] = lambda w=w: timed(lambda: step(sessions["torch"], w, 100))
+        for isa in isas:
+            sides[isa, w] = lambda w=w, isa=isa: (bf16.set_isa(isa), timed(lambda: step(ours, w, 100)))[1]
+    times = interleaved(sides, args.repeats)
+    bf16.set_isa(default)
+    names = (["torch"] if "torch" in sessions else []) + isas
+    print(f"\n{args.model} bfloat16 session step at 100 tokens of context, ms: median (min-max), and the median "
+          f"over width 1's")
+    print(f"{'width':>5} " + " ".join(f"{n:>32}" for n in names))
+    for w in widths:
+        cells = [f"{fmt(times[n, w])} {statistics.median(times[n, w]) / statistics.median(times[n, widths[0]]):5.2f}x"
+                 for n in names]
+        print(f"{w:>5} " + " ".join(f"{c:>32}" for c in cells), flush=True)
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+def timed(fn) -> float:
+    t = clock()
+    fn()
+    return clock() - t
 
 
 if __name__ == "__main__":
