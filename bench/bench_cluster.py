@@ -1,4 +1,23 @@
-"""Ray layer overhead and scaling (issue 4 §7). Prints figures; not a test.
+"""Jobs through Ray: speculative modes against target-only jobs (``--modes``), or the Ray
+layer's overhead and scaling. Prints figures; not a test.
+
+``--modes baseline,pld,draft``: each mode runs as a whole job (run_job, what `spd-cluster run`
+does: a local Ray, its pairs loaded, shards, results written), one throwaway warm-up job first,
+then the jobs interleaved in blocks, forward then reverse (baseline, pld, draft | draft, pld,
+baseline | ...), ``--repeats`` blocks (bench/interleave.py). A job's throughput is its generated
+tokens over its pairs' busy seconds on its shards (shards.parquet busy_s: the shards' runs,
+prefill included; actor start-up and the audit left out); tokens per step from the same shards.
+Printed per prompt set (bench/prompts/<set>.jsonl): medians and spread, per-block speedups, and
+whether every job's output is token-identical to the baseline job's (greedy). A speedup above
+tokens per step is an ERROR (exit status 1), not a figure. Each actor takes the machine's cores
+divided by its mode's actors per pair (``--cpus-per-actor`` to set it).
+
+    .venv/bin/python bench/bench_cluster.py --config configs/qwen_draft.yaml --modes baseline,pld,draft \
+        --sets copy_heavy,open --repeats 1 --max-new-tokens 96          # base, pld, draft, (draft, pld, base)
+    .venv/bin/python bench/bench_cluster.py --config configs/qwen_draft.yaml --modes baseline,pld,draft \
+        --sets open --temperature 0.7
+
+Without ``--modes``: the Ray layer's overhead and scaling (issue 4 §7):
 
 Same config, same prompts, one thread per actor:
   1. the in-process engine over all prompts (one thread), tokens / e2e_time
@@ -79,7 +98,21 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--shard-size", type=int, default=16)
     ap.add_argument("--tiny", action="store_true", help="a random tiny llama instead of the config's model")
+    ap.add_argument("--modes", help="compare these modes job against job (the first that does not speculate is the "
+                                    "baseline), e.g. baseline,pld,draft")
+    ap.add_argument("--sets", default="copy_heavy,open", help="--modes: bench/prompts/<set>.jsonl")
+    ap.add_argument("--repeats", type=int, default=2, help="--modes: interleaved blocks (2: A B C C B A)")
+    ap.add_argument("--first", type=int, default=0, help="--modes: the first N prompts of each set (0: all)")
+    ap.add_argument("--k-pld", type=int, default=12)
+    ap.add_argument("--k-draft", type=int, default=5)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--cpus-per-actor", type=int, default=0, help="--modes: 0 = cores / actors per pair")
+    ap.add_argument("--audit", type=float, default=0.0, help="--modes: audit.fraction of the speculative jobs "
+                                                              "(0: off; their audit speedup is printed beside)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="--modes: a config override")
     args = ap.parse_args()
+    if args.modes:
+        return compare(args)
 
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     sample = [json.loads(line)["prompt"] for line in (REPO / "data" / "sample_prompts.jsonl").open()]
@@ -151,6 +184,97 @@ def main() -> None:
     print(f"2 pairs / 1 pair       : {r2:.3f}x  (target >= 1.8x)  {'OK' if r2 >= 1.8 else 'MISSED'}")
     print(f"cores here: {os.cpu_count()}; load average: {os.getloadavg()[0]:.2f}; two busy processes run "
           f"{cpu_ceiling():.2f}x one (the ceiling for 2 pairs / 1 pair on this machine)")
+
+
+def compare(args) -> None:
+    import subprocess
+
+    import pandas as pd
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from interleave import Sample, errors, print_table, run_interleaved, summarize
+
+    from spd_cluster.cluster import run_job
+    from spd_cluster.engine.modes import mode as mode_of
+
+    names = args.modes.split(",")
+    baseline = next((n for n in names if not mode_of(n).speculates), None)
+    if baseline is None:
+        raise SystemExit(f"--modes needs a mode that does not speculate (the baseline), got {names}")
+    work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    if os.environ.get("SPD_BENCH_COMMIT"):  # an exported tree (git archive) names its commit
+        head, dirty = os.environ["SPD_BENCH_COMMIT"] + " (exported tree)", ""
+    cores = os.cpu_count() or 1
+    k = {"pld": args.k_pld, "draft": args.k_draft}
+    print(f"commit {head}{' (+ uncommitted changes)' if dirty else ''}; config {args.config}; "
+          f"{args.max_new_tokens} new tokens, {'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}; "
+          f"{cores} cores; {args.repeats} interleaved blocks after a warm-up job", flush=True)
+    print("command: python " + " ".join(sys.argv), flush=True)
+    failed = []
+    jobs = 0
+    for set_name in args.sets.split(","):
+        ds = REPO / "bench" / "prompts" / f"{set_name}.jsonl"
+        if not ds.exists():
+            raise SystemExit(f"no prompt set {ds}")
+        if args.first:
+            lines = [line for line in ds.open() if line.strip()][: args.first]
+            ds = work / f"{set_name}.jsonl"
+            ds.write_text("".join(lines))
+
+        def run(name: str) -> Sample:
+            nonlocal jobs
+            jobs += 1
+            m = mode_of(name)
+            out = work / f"{set_name}-{jobs}-{name}"
+            cpus = args.cpus_per_actor or max(1, cores // m.actors_per_pair)
+            over = [f"mode={name}", f"dataset.path={ds}", "dataset.id_column=id", "dataset.prompt_column=prompt",
+                    f"spd.max_new_tokens={args.max_new_tokens}", f"spd.temperature={args.temperature}",
+                    f"cluster.cpus_per_actor={cpus}", "cluster.num_pairs=1", f"output.path={out}",
+                    "output.overwrite=true", f"audit.fraction={args.audit if m.speculates else 0.0}"]
+            if name in k:
+                over.append(f"spd.num_speculative_tokens={k[name]}")
+            cfg = load_config(args.config, over + args.overrides)
+            res = run_job(cfg, progress=False)
+            sh = pd.read_parquet(out / "shards.parquet")
+            busy = float(sh.busy_s.sum())
+            tokens = int(sh.num_generated_tokens.sum())
+            steps = int(sh.num_row_steps.sum())
+            tps = float(sh.num_accepted_tokens.sum()) / steps if steps else 1.0
+            rows = pd.read_parquet(out / "results").sort_values("row")
+            extra = {"ids": [list(x) for x in rows.generated_ids], "audit": res.audit.get("speedup"),
+                     "audit_note": res.audit.get("speedup_note"), "audit_tps": res.audit.get("tokens_per_step"),
+                     "decode": float(sh.num_decode_tokens.sum()) / float(sh.decode_time.sum())}
+            return Sample(tokens / busy, tps if m.speculates else 1.0, busy, extra)
+
+        print(f"\n[{set_name}] {sum(1 for line in ds.open() if line.strip())} prompts", flush=True)
+        warm = [max(names, key=lambda n: mode_of(n).actors_per_pair)]  # the job that loads every model
+        runs = run_interleaved(names, run, args.repeats, warmup=warm)
+        print("throughput: generated tokens / the pair's busy seconds on its shards (prefill in; start-up, audit out)")
+        figs = summarize(runs, baseline)
+        print_table(figs)
+        print("decode throughput: tokens emitted by decode steps / decode seconds")
+        dec = summarize(runs.with_throughput(lambda s: s.extra["decode"]), baseline)
+        print_table(dec)
+        ref = runs.samples[baseline][0].extra["ids"]
+        for name in names:
+            ss = runs.samples[name]
+            same = all(s.extra["ids"] == ref for s in ss) if args.temperature == 0 else "n/a (sampling)"
+            audits = [s.extra["audit"] for s in ss]
+            line = f"  {name:10} identical to {baseline} in every job: {same}"
+            if args.audit and mode_of(name).speculates:
+                line += "; audit speedups: " + ", ".join(
+                    f"{a:.2f}x" + (f" ({s.extra['audit_tps']:.2f} tokens/step)" if s.extra["audit_tps"] else "") if a is not None else f"n/a ({s.extra['audit_note']})"
+                    for a, s in zip(audits, ss))
+            print(line, flush=True)
+            if args.temperature == 0 and not same:
+                failed.append(f"[{set_name}] {name}: outputs differ from {baseline}")
+        failed += [f"[{set_name}] {e}" for e in errors(figs) + errors(dec)]
+    if failed:
+        print("\n" + "\n".join(f"ERROR {f}" for f in failed))
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,12 @@ def random_heads(hidden: int, num_heads: int) -> TurboHeads:
 
 
 def commit() -> str:
+    """HEAD's short hash (+ whether tracked files differ from it); an exported tree (git archive)
+    names its commit in SPD_BENCH_COMMIT."""
+    import os
+
+    if os.environ.get("SPD_BENCH_COMMIT"):
+        return os.environ["SPD_BENCH_COMMIT"] + " (exported tree)"
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
