@@ -36,26 +36,28 @@ import numpy as np
 
 from .proposers import EMPTY, Proposal
 
-KEY_LENS = (1, 2, 3, 6)  # n-grams of these lengths are keys; a match is extended over its key's candidates
+KEY_LENS = (1, 2, 3, 6)  # n-grams of these lengths are keys (_keys); a match is extended over its key's candidates
 RECENT = 16  # occurrences of one key a look-up reads at most (the most recent)
 SEP = -1  # before every stored sequence: no token id, so no match or continuation crosses it
 _SHIFT = 21  # bits per token id in an n-gram key (ids of 2**21 and up share keys: a wasted proposal at worst)
-_TOP = KEY_LENS[-1]
 
 
-def _keys(toks: list, e: int) -> list:
-    """The keys of the n-grams (n in KEY_LENS) that end at ``toks[e]``, shortest first, as far
-    as the tokens before it are no SEP (and exist)."""
-    out = []
-    key = 0
-    for n in range(1, min(_TOP, e + 1) + 1):
-        t = toks[e - n + 1]
-        if t < 0:
-            break
-        key |= t << (_SHIFT * (n - 1))
-        if n in KEY_LENS:
-            out.append((key << 3) | len(out))
-    return out
+def _keys(toks: list, e: int) -> tuple:
+    """The keys of the n-grams (n in KEY_LENS: 1, 2, 3, 6) that end at ``toks[e]``, shortest
+    first, as far as the tokens before it are no SEP (and exist); the last 3 bits say which."""
+    a = toks[e]
+    if a < 0:
+        return ()
+    if e < 1 or toks[e - 1] < 0:
+        return (a << 3,)
+    k2 = a | toks[e - 1] << _SHIFT
+    if e < 2 or toks[e - 2] < 0:
+        return (a << 3, k2 << 3 | 1)
+    k3 = k2 | toks[e - 2] << 2 * _SHIFT
+    if e < 5 or toks[e - 3] < 0 or toks[e - 4] < 0 or toks[e - 5] < 0:
+        return (a << 3, k2 << 3 | 1, k3 << 3 | 2)
+    k6 = k3 | toks[e - 3] << 3 * _SHIFT | toks[e - 4] << 4 * _SHIFT | toks[e - 5] << 5 * _SHIFT
+    return (a << 3, k2 << 3 | 1, k3 << 3 | 2, k6 << 3 | 3)
 
 
 class Draft:
@@ -308,7 +310,9 @@ class SuffixProposer:
                 continue
             ctx = index.context(self.max_depth)
             own = index.draft(ctx, limit, self.factor, self.min_prob)
-            other = self.job.draft(ctx, limit, self.factor, self.min_prob) if self.job else NO_DRAFT
+            # the job's can at most tie a full, certain proposal of the row's (and a tie is the row's)
+            sure = own.score >= limit
+            other = self.job.draft(ctx, limit, self.factor, self.min_prob) if self.job and not sure else NO_DRAFT
             source, best = ("row", own) if own.score >= other.score else ("job", other)
             if best.tokens:
                 self.stats[f"suffix_steps_{source}"] += 1
