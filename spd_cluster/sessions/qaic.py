@@ -323,7 +323,7 @@ def add_device_argmax(onnx_path: str | Path, num_heads: int, vocab_size: int,
     from onnx import TensorProto, helper, numpy_helper
 
     onnx_path = Path(onnx_path)
-    tag = "argmax"
+    tag = "argmax1"  # the pass's version: a changed pass writes a new file beside an exported graph
     if num_heads and head_vocab is not None:
         tag += "-" + hashlib.sha256(np.asarray(head_vocab, np.int64).tobytes()).hexdigest()[:12]
     out_path = onnx_path.with_name(f"{onnx_path.stem}-{tag}{onnx_path.suffix}")
