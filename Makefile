@@ -14,7 +14,7 @@ PIP_QAIC := $(PIP_CPU) -c constraints/qaic.txt
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-qaic demo test test-cpu test-qaic check-install bench
+.PHONY: setup setup-qaic demo test test-cpu test-qaic test-fast check-install bench
 
 setup: $(VENV)/.installed
 
@@ -52,6 +52,11 @@ test: test-cpu test-qaic
 
 test-cpu: setup
 	$(PY) -m pytest -q
+
+# The fast lane while you work: no Ray jobs, real models or QEfficient exports (`@pytest.mark.slow`,
+# more than ~10 s each); `make test` and CI still run everything.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 # `pip install .` alone (no extras) imports every module and runs the command line.
 check-install:

@@ -7,7 +7,8 @@
 
 Under `ray job submit` the driver joins the cluster that runs it (RAY_ADDRESS); run by hand
 without one it starts a local Ray on 127.0.0.1. `ray job stop` sends SIGTERM: the job ends as
-cancelled (exit 143), every written shard kept; submitting the same command again resumes it.
+cancelled (exit 143), every written shard kept; submitting the same command again resumes it (the
+line it prints, and `spd-cluster status` shows, is that `ray job submit` line).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir, when not pip-installed
 
-from spd_cluster.cluster.cli import add_arguments, run_main  # noqa: E402
+from spd_cluster.cluster.cli import add_arguments, batch_prog, run_main  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="job config (YAML)")
     add_arguments(p)
     args = p.parse_args(argv)
-    # a cancelled job's resume line: this script again (under `ray job submit`, after its `--`)
-    prog = ["python", "jobs/spd_batch.py", "--config"]
-    return run_main(args.config, args.overrides, progress=not args.no_progress, prog=prog)
+    # a cancelled job's resume line: how it was started (`ray job submit ... -- python jobs/spd_batch.py`
+    # under a submit, this script alone by hand)
+    return run_main(args.config, args.overrides, progress=not args.no_progress, prog=batch_prog())
 
 
 if __name__ == "__main__":

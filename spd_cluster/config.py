@@ -159,6 +159,11 @@ class JobConfig(_Strict):
 
         return mode(self.mode)
 
+    def roles(self) -> list[tuple[str, ModelSpec]]:
+        """(role, its model spec) for each actor of a pair, target first: the registry says
+        which roles the mode has, each role's spec is the config section of its name."""
+        return [(role, getattr(self, role)) for role in self.method.roles]
+
     @model_validator(mode="after")
     def _mode(self) -> "JobConfig":
         if self.method.needs_draft:

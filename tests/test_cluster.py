@@ -31,107 +31,12 @@ from spd_cluster.cluster import audit, coordinator, runtime  # noqa: E402
 from spd_cluster.cluster.actors import DraftServer, RemoteDraftProposer, lock_device  # noqa: E402
 from spd_cluster.cluster.cli import run_main  # noqa: E402
 from spd_cluster.cluster.coordinator import run_job  # noqa: E402
-from spd_cluster.config import ConfigError, config_from_dict  # noqa: E402
+from spd_cluster.config import ConfigError  # noqa: E402
 from spd_cluster.io.dataset import DatasetError, iter_shards, scan  # noqa: E402
 from spd_cluster.io.results import OutputError  # noqa: E402
+from helpers import GOOD, InProcessPair, make_cfg, reference, results, write_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# -- fixtures ----------------------------------------------------------------------------------
-
-def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    corpus = ["the quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b\n",
-              "speculative decoding on ray, one device per actor"] * 20
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0))
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)  # sharp logits: no greedy near-ties between thread counts
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
-def ray2():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=2,
-             logging_level="WARNING")
-    yield
-    ray.shutdown()  # a Ray as small as this machine: 2 CPUs
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=4, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-GOOD = ["the quick brown fox", "def add(a, b):\n    return a + b\n\ndef add(a, b):", "hello world",
-        "speculative decoding on ray with the quick brown fox jumps over the lazy dog", "one device per actor",
-        "the lazy dog", "return a + b", "on ray, on ray, on ray", "fox fox fox", "def"]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def make_cfg(tiny: str, dataset: Path, out: Path, **over):
-    data = {
-        "name": "t", "mode": "pld", "target": {"model": tiny},
-        "dataset": {"path": str(dataset), "id_column": "id"}, "output": {"path": str(out)},
-        "spd": {"num_speculative_tokens": 3, "max_new_tokens": 24, "ctx_len": 128, "prefill_seq_len": 16,
-                "full_batch_size": 2},
-        "cluster": {"num_pairs": 2, "shard_size": 4, "cpus_per_actor": 1, "max_retries": 2},
-    }
-    return config_from_dict(data, [f"{k}={v}" for k, v in over.items()])
-
-
-def reference(tiny: str, cfg) -> dict[int, list[int]]:
-    """The undisturbed answer: the in-process engine over each shard, row -> generated ids."""
-    from spd_cluster.engine.engine import SpDEngine
-    from spd_cluster.sessions import load_session, load_tokenizer
-
-    s = cfg.spd
-    session = load_session(tiny, full_batch_size=s.full_batch_size, ctx_len=s.ctx_len)
-    engine = SpDEngine(cfg.mode, session, load_tokenizer(tiny), s, eos_token_ids=session.eos_token_ids)
-    info = scan(cfg.dataset.path, "prompt", cfg.dataset.id_column)
-    out = {}
-    for shard in iter_shards(info, cfg.cluster.shard_size, "prompt", cfg.dataset.id_column):
-        todo = [r for r in shard.rows if r.error is None]
-        res = engine.generate([r.prompt for r in todo]).results
-        out.update({r.row: list(x.generated_ids) for r, x in zip(todo, res) if x.finish_reason != "error"})
-    return out
-
-
-def results(out: Path) -> pd.DataFrame:
-    return pd.read_parquet(out / "results").sort_values("row").reset_index(drop=True)
 
 
 # -- no Ray needed -----------------------------------------------------------------------------
@@ -160,6 +65,40 @@ def test_bad_files_fail_before_any_model_loads(tmp_path, tiny, monkeypatch, caps
     assert "ctx_len (8) must be >= prefill_seq_len (32)" in capsys.readouterr().err
     assert run_main(str(cfg_path), ["spd.ctx_len=64", "dataset.prompt_column=text"]) == 2
     assert "no row has the key 'text' (dataset.prompt_column)" in capsys.readouterr().err
+
+
+def test_a_shard_is_committed_only_with_each_of_its_rows_once():
+    """Exactly-once where rows cross (cluster/messages.py): the engine's results are the prompts
+    sent, in order, by id, and the record the driver takes is the shard it asked for, whole."""
+    from spd_cluster.cluster.messages import ShardDone, ShardRequest, rows_once
+    from spd_cluster.io.dataset import Row, Shard
+
+    shard = Shard(3, 6, [Row(6, "a", "x"), Row(7, "b", "y"), Row(8, "c", "z")])
+    rows_once(shard, ["x", "y", "z"], ["x", "y", "z"])
+    for back in (["x", "y"], ["x", "y", "z", "z"], ["x", "z", "y"], ["x", "y", "q"]):
+        with pytest.raises(RuntimeError, match="shard 3: 3 prompts sent"):
+            rows_once(shard, ["x", "y", "z"], back)
+    done = ShardDone({"shard_id": 3, "pair_id": 1, "num_prompts": 3, "num_generated_tokens": 7, "audit_s": 0.5})
+    assert done.check(ShardRequest(shard)) is done and (done.shard_id, done.pair_id, done.num_generated_tokens) == (3, 1, 7)
+    with pytest.raises(ValueError, match="came back as shard 3 with 2 rows"):
+        ShardDone({"shard_id": 3, "num_prompts": 2}).check(ShardRequest(shard))
+    with pytest.raises(ValueError, match="came back as shard 4"):
+        ShardDone({"shard_id": 4, "num_prompts": 3}).check(ShardRequest(shard))
+
+
+def test_the_resume_line_is_how_the_job_was_started():
+    """jobs/spd_batch.py under `ray job submit` (Ray sets RAY_JOB_CONFIG_JSON_ENV_VAR for its
+    entrypoint) resumes with the submit line, by hand with the script itself."""
+    from spd_cluster.cluster.cli import batch_prog, resume_command
+
+    assert batch_prog({}, url=lambda: "http://x:1") == ["python", "jobs/spd_batch.py", "--config"]
+    sub = batch_prog({"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, url=lambda: "http://127.0.0.1:8399")
+    assert resume_command(sub, "c.yaml", ["cluster.num_pairs=2"], False) == (
+        "ray job submit --address http://127.0.0.1:8399 --working-dir . -- python jobs/spd_batch.py --config c.yaml "
+        "--set cluster.num_pairs=2")
+    # the dashboard's address unreadable: `ray job submit` finds the local cluster's itself
+    assert batch_prog({"RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}, url=lambda: None)[:4] == ["ray", "job", "submit",
+                                                                                      "--working-dir"]
 
 
 def test_device_lock_never_shares_an_id(tmp_path):
@@ -194,6 +133,7 @@ class _Handle:
         return SimpleNamespace(remote=step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 20, "seed": 7}], ids=["greedy", "sampled"])
 def test_remote_draft_proposer_is_the_in_process_one(tiny, local_ray, sampling):
     from spd_cluster.engine.engine import SpDEngine
@@ -226,6 +166,7 @@ def test_remote_draft_proposer_is_the_in_process_one(tiny, local_ray, sampling):
     assert handle.deltas[-1] == ([4], [True]) and handle.server.seqs[0].tolist() == [5, 9, 7, 8]
 
 
+@pytest.mark.slow
 def test_a_slow_remote_draft_prefill_is_not_priced_as_its_steps(tiny, local_ray):
     """The draft's prefill runs on its own actor beside the target's and is waited for when the
     target's prefill is done, not inside the first step: adaptive k, which prices the draft by its
@@ -257,6 +198,7 @@ def test_a_slow_remote_draft_prefill_is_not_priced_as_its_steps(tiny, local_ray)
     assert min(info.perf_metrics.ttft_per_prompt) >= 1.0  # the draft's prefill is the prompt's, in its TTFT
 
 
+@pytest.mark.slow
 def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
     rows = [{"id": f"p{i}", "prompt": p} for i, p in enumerate(GOOD[:6])]
     rows[1:1] = [{"id": "empty", "prompt": ""}, {"id": "ws", "prompt": "  \n "}, {"id": "num", "prompt": 42},
@@ -338,46 +280,14 @@ def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
     assert res4.shards_run == 3 and results(out).num_generated_tokens.max() <= 12
 
 
-class InProcessPair:
-    """A stand-in for actors.Pair: the real DeviceActor (engine, audit, shard file) in the driver
-    process, one per model, kept across jobs (the output is each job's). Subclasses change
-    ``run``."""
-
-    actors: dict = {}
-
-    def __init__(self, pair_id, job, *args):
-        from spd_cluster.cluster.actors import DeviceActor
-        from spd_cluster.io import fs
-
-        model = job["target"]["model"]
-        if model not in self.actors:
-            self.actors[model] = DeviceActor("target", job, pair_id)
-        self.actor = self.actors[model]
-        self.actor.out = fs.resolve(job["output"]["path"], job["output"].get("filesystem"))
-        self.pair_id, self.node_id, self.state, self.holding = pair_id, None, "starting", {}
-        self.probe_failures, self.recovering_since, self.shards_done, self.last_error = 0, None, 0, None
-
-    def probe(self):
-        return ray.put({"node_id": "driver"})
-
-    def run(self, shard, attempt, audit_pos):
-        self.actor.pair_id = self.pair_id
-        return ray.put(self.actor.run_shard(shard, attempt, audit_pos))
-
-    def live(self):
-        return ray.put([None, 0, 0, 0, 0])
-
-    def kill(self):
-        pass
-
-
 class TamperingPair(InProcessPair):
     """Its engine alters the job's output of the first audited prompt of each shard at token 3
     (the row the user gets, and what the audit compares): an injected mismatch, through the
     real coordinator."""
 
-    def run(self, shard, attempt, audit_pos):
+    def run(self, request):
         engine = self.actor.engine
+        audit_pos = request.audit
         generate = engine.generate
 
         def tampered(*a, **kw):  # the shard's own run, not the audit's re-runs after it
@@ -389,11 +299,12 @@ class TamperingPair(InProcessPair):
 
         engine.generate = tampered
         try:
-            return super().run(shard, attempt, audit_pos)
+            return super().run(request)
         finally:
             engine.generate = generate
 
 
+@pytest.mark.slow
 def test_injected_mismatch_is_reported_and_can_fail_the_job(tiny, local_ray, tmp_path, monkeypatch, capsys):
     from spd_cluster import report
     from spd_cluster.cluster import actors
@@ -424,6 +335,100 @@ def test_injected_mismatch_is_reported_and_can_fail_the_job(tiny, local_ray, tmp
     assert len(pd.read_parquet(tmp_path / "out2" / "results")) == 8 and len(pd.read_parquet(tmp_path / "out2" / "audit.parquet")) == 4
 
 
+@pytest.mark.slow
+def test_a_cancelled_job_counts_the_shards_on_disk(tiny, local_ray, tmp_path, monkeypatch, capsys):
+    """A pair writes a shard's file and the job is cancelled before the driver has its record
+    (issue 28: the CLI and job.json said 6 shards, 7 were on disk): the CLI, job.json, status and
+    the report all count the files there, shards and prompts, and a resume skips them."""
+    from spd_cluster import report
+    from spd_cluster import status as status_mod
+    from spd_cluster.cluster import actors
+    from spd_cluster.cluster.errors import JobCancelled
+    from spd_cluster.io import results as rio
+
+    class CancelledAsItWrites(InProcessPair):
+        def run(self, request):
+            ref = super().run(request)  # the shard's file is written
+            if request.shard_id == 2:
+                raise JobCancelled(signal.SIGTERM)  # `ray job stop` lands before the driver takes the record
+            return ref
+
+    monkeypatch.setattr(actors, "Pair", CancelledAsItWrites)
+    n = 10
+    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": GOOD[i % len(GOOD)]} for i in range(n)])
+    out = tmp_path / "out"
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text(json.dumps({
+        "name": "cancelled", "mode": "pld", "target": {"model": tiny}, "dataset": {"path": str(ds), "id_column": "id"},
+        "output": {"path": str(out)}, "audit": {"fraction": 0},
+        "spd": {"max_new_tokens": 8, "ctx_len": 128, "prefill_seq_len": 16, "full_batch_size": 2},
+        "cluster": {"num_pairs": 1, "shard_size": 2}}))
+    assert run_main(str(cfg_path), progress=False) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    on_disk = rio.written_shards(out)
+    assert sorted(on_disk) == [0, 1, 2]  # the third was written as the job was stopped
+    job = json.loads((out / "job.json").read_text())
+    assert job["status"] == "cancelled" and job["shards_done"] == 3 and job["prompts_done"] == 6
+    assert job["runs"][-1]["shards_run"] == 3 and job["runs"][-1]["prompts_run"] == 6
+    assert "cancelled (SIGTERM): 3 of 5 shards (6 of 10 prompts) written to" in err
+    st = status_mod.job_status(out)
+    assert (st["state"], st["shards_done"], st["prompts_done"]) == ("cancelled", 3, 6)
+    assert "spd-cluster run" in st["resume"]
+    fig = report.compute(report.load_job(out))
+    assert (fig.status, fig.shards_done, fig.prompts_done) == ("cancelled", 3, 6)
+    assert len(pd.read_parquet(out / "shards.parquet")) == 3
+
+    monkeypatch.setattr(actors, "Pair", InProcessPair)
+    res = run_job(coordinator_cfg(cfg_path), progress=False)
+    assert (res.status, res.shards_skipped, res.shards_run, res.shards_written, res.prompts_written) == (
+        "completed", 3, 2, 5, n)
+    job = json.loads((out / "job.json").read_text())
+    assert [r["status"] for r in job["runs"]] == ["cancelled", "completed"] and job["runs"][-1]["shards_skipped"] == 3
+    assert results(out).row.tolist() == list(range(n))  # each prompt once
+
+
+@pytest.mark.slow
+def test_a_complete_job_is_not_scanned_again(tiny, local_ray, tmp_path, monkeypatch):
+    """Running a job whose every shard is written (same config, same dataset) reads job.json and
+    the checkpoint only: the dataset is neither scanned nor read (issue 27: a finished 10M job
+    took 44 s to find it had nothing to do). A changed dataset is scanned, and refused."""
+    from spd_cluster.cluster import actors
+    from spd_cluster.cluster.preflight import preflight
+    from spd_cluster.io import dataset as dsmod
+
+    monkeypatch.setattr(actors, "Pair", InProcessPair)
+    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(GOOD[:6])])
+    out = tmp_path / "out"
+    cfg = make_cfg(tiny, ds, out, **{"cluster.num_pairs": 1, "audit.fraction": 0})
+    res = run_job(cfg, progress=False)
+    assert (res.status, res.shards_run, res.shards_skipped) == ("completed", 2, 0)
+
+    def no_read(*a, **k):
+        raise AssertionError("a complete job's dataset is not read again")
+
+    with monkeypatch.context() as m:
+        m.setattr(dsmod, "scan", no_read)
+        m.setattr(dsmod, "iter_rows", no_read)
+        again = run_job(cfg, progress=False)
+        checks = {c.name: c for c in preflight(cfg, for_run=False).checks}
+    assert (again.status, again.shards_run, again.shards_skipped, again.num_prompts) == ("completed", 0, 2, 6)
+    assert again.exec_info.perf_metrics.num_generated_tokens == res.exec_info.perf_metrics.num_generated_tokens
+    assert "not scanned again" in checks["dataset"].detail and all(c.ok for c in checks.values())
+    assert json.loads((out / "job.json").read_text())["dataset"]["num_rows"] == 6
+
+    with open(ds, "a") as f:
+        f.write(json.dumps({"id": 99, "prompt": "one more"}) + "\n")
+    with pytest.raises(OutputError, match="dataset file contents changed"):
+        run_job(cfg, progress=False)
+
+
+def coordinator_cfg(path: Path):
+    from spd_cluster.config import load_config
+
+    return load_config(str(path))
+
+
+@pytest.mark.slow
 def test_draft_mode_over_two_actors(tiny, local_ray, tmp_path):
     """Draft == target: every proposal is accepted (k + 1 per step), and the output is the
     target's greedy output, as in the in-process engine."""
@@ -439,6 +444,7 @@ def test_draft_mode_over_two_actors(tiny, local_ray, tmp_path):
     assert (df.mean_num_accepted_tokens > 3.0).all() and res.exec_info.draft_model_name == tiny
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_load_fails_the_job_clearly(tiny, local_ray, tmp_path):
     ds = write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "prompt": "x"}])
     # no such model: refused in the driver, before any actor starts
@@ -457,6 +463,7 @@ def test_a_model_that_cannot_load_fails_the_job_clearly(tiny, local_ray, tmp_pat
     assert job["status"] == "failed" and "failed to load" in job["error"]
 
 
+@pytest.mark.slow
 def test_an_actor_no_node_can_host_fails_at_once(tiny, local_ray, tmp_path):
     ds = write_jsonl(tmp_path / "d.jsonl", [{"id": 1, "prompt": "x"}])
     with pytest.raises(coordinator.JobError, match=r"no node .* can host a cpu actor needing \{'CPU': 64\}"):
@@ -467,6 +474,7 @@ def test_an_actor_no_node_can_host_fails_at_once(tiny, local_ray, tmp_path):
 
 # -- a node dies -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_node_death_mid_shard_loses_nothing(tiny, tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -512,6 +520,7 @@ def test_node_death_mid_shard_loses_nothing(tiny, tmp_path):
 
 # -- the real thing: ray start + ray job submit -------------------------------------------------
 
+@pytest.mark.slow
 def test_ray_job_submit(tiny, tmp_path):
     if ray.is_initialized():
         ray.shutdown()

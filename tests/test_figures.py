@@ -24,7 +24,7 @@ from spd_cluster import report  # noqa: E402
 from spd_cluster.cluster.coordinator import run_job  # noqa: E402
 from spd_cluster.engine.metrics import SpDPerfMetrics  # noqa: E402
 from spd_cluster.io import results as rio  # noqa: E402
-from test_cluster import GOOD, make_cfg, tiny, write_jsonl  # noqa: E402,F401 - tiny: the fixture
+from helpers import GOOD, make_cfg, write_jsonl  # noqa: E402 - tiny: a fixture (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,7 @@ def _readme_sql(marker: str) -> str:
     raise AssertionError(f"no duckdb query with {marker!r} in README.md")
 
 
+@pytest.mark.slow
 def test_readme_accepted_per_step_reproduces_the_jobs_figure(job):
     out, ex = job["out"], job["exec_info"]
     want = float(ex.mean_num_accepted_tokens[0])
@@ -81,6 +82,7 @@ def test_readme_accepted_per_step_reproduces_the_jobs_figure(job):
     assert (ok.num_accepted_tokens == (ok.mean_num_accepted_tokens * ok.num_decode_iterations).round()).all()
 
 
+@pytest.mark.slow
 def test_pair_busy_time_and_tokens_per_s_exclude_the_audit(job):
     out, ex = job["out"], job["exec_info"]
     sh = pd.read_parquet(out / "shards.parquet")
@@ -102,6 +104,7 @@ def test_pair_busy_time_and_tokens_per_s_exclude_the_audit(job):
         assert q.loc[p, "tokens_per_s"] == pytest.approx(pairs.loc[p, "tokens_per_s"])
 
 
+@pytest.mark.slow
 def test_job_wall_time_counts_actor_startup_and_reports_it_apart(job):
     js, ex, res = job["job"], job["exec_info"], job["res"]
     run = js["runs"][-1]
@@ -124,6 +127,7 @@ def test_job_wall_time_counts_actor_startup_and_reports_it_apart(job):
         run["actor_startup_s"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_num_pairs_comes_from_the_records(job):
     out = job["out"]
     ran = set(pd.read_parquet(out / "results").pair_id)
@@ -134,6 +138,7 @@ def test_num_pairs_comes_from_the_records(job):
     assert ex2.num_pairs[0] == 2 and ex2.num_pairs_configured[0] == 1
 
 
+@pytest.mark.slow
 def test_per_prompt_figures_are_in_results_by_prompt_id(job):
     out, res = job["out"], job["res"]
     ex_cols = set(pq.read_schema(out / "exec_info.parquet").names)
@@ -156,6 +161,7 @@ def test_per_prompt_figures_are_in_results_by_prompt_id(job):
     assert au.spd_num_tokens.tolist() == ok.loc[au.index, "num_generated_tokens"].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["results/shard-00000.parquet", "shards.parquet", "exec_info.parquet",
                                   "audit.parquet"])
 def test_every_column_has_a_description_and_durations_a_unit(job, name):

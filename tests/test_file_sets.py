@@ -12,8 +12,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from s3server import s3  # noqa: F401 - fixture
-from test_cluster import GOOD, local_ray, make_cfg, reference, tiny  # noqa: F401 - fixtures
+from helpers import GOOD, make_cfg, reference  # tiny, local_ray, s3: fixtures (conftest.py)
 
 from spd_cluster.io import fs
 from spd_cluster.io.dataset import DatasetError, iter_shards, scan
@@ -81,7 +80,7 @@ def test_file_set_errors_name_the_file_and_row(root):
         scan(str(root.join("nothing-*.parquet")))
 
 
-def test_a_missing_bucket_or_file_is_a_clear_error(s3):  # noqa: F811
+def test_a_missing_bucket_or_file_is_a_clear_error(s3):
     with pytest.raises(DatasetError, match="dataset file not found: s3://"):
         scan(s3("empty-bucket") + "/none.jsonl")
     with pytest.raises(DatasetError, match=r"dataset file not found: s3://no-such-bucket/x.jsonl"):
@@ -89,7 +88,8 @@ def test_a_missing_bucket_or_file_is_a_clear_error(s3):  # noqa: F811
     assert isinstance(fs.resolve("s3://b/x").fs, pafs.S3FileSystem)
 
 
-def test_a_job_reads_a_directory_of_parquet_files_from_s3(s3, tiny, local_ray, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_a_job_reads_a_directory_of_parquet_files_from_s3(s3, tiny, local_ray, tmp_path):
     """Real Ray, real S3 API: every prompt of a bucket's Parquet directory runs exactly once, the
     ids of the file set are the rows' ids, and the output equals the in-process engine's."""
     import pandas as pd
@@ -112,7 +112,7 @@ def test_a_job_reads_a_directory_of_parquet_files_from_s3(s3, tiny, local_ray, t
     assert {int(r.row): list(r.generated_ids) for r in df.itertuples()} == ref
 
 
-def _bucket_set(s3, name: str, n: int) -> fs.Location:  # noqa: F811
+def _bucket_set(s3, name: str, n: int) -> fs.Location:
     """n prompts with ids, as three Parquet files under a bucket's prompts/."""
     root = fs.resolve(s3(name) + "/prompts")
     per = -(-n // 3)
@@ -130,7 +130,8 @@ def _objects(loc: fs.Location) -> list[str]:
     return sorted(i.path[len(loc.path) + 1:] for i in infos if i.type == pafs.FileType.File)
 
 
-def test_a_job_on_s3_survives_a_killed_pair_and_a_cancel_and_runs_every_prompt_once(s3, tiny, local_ray,  # noqa: F811
+@pytest.mark.slow
+def test_a_job_on_s3_survives_a_killed_pair_and_a_cancel_and_runs_every_prompt_once(s3, tiny, local_ray,
                                                                                     tmp_path):
     """Real Ray, real S3 API: the dataset is a bucket's Parquet directory and the output is in the
     bucket too, written by the pairs. A pair's actor is killed mid-job (its shards run again), the
@@ -188,7 +189,8 @@ def test_a_job_on_s3_survives_a_killed_pair_and_a_cancel_and_runs_every_prompt_o
     assert pd.read_parquet(out.join("exec_info.parquet").path, filesystem=out.fs).num_prompts[0] == n
 
 
-def test_a_pair_that_dies_after_writing_its_shard_leaves_it_once(s3, tiny, local_ray, tmp_path,  # noqa: F811
+@pytest.mark.slow
+def test_a_pair_that_dies_after_writing_its_shard_leaves_it_once(s3, tiny, local_ray, tmp_path,
                                                                   monkeypatch):
     """A pair that wrote a shard's file on S3 and died before its answer: the shard runs again
     elsewhere and its file is replaced whole: one file, each prompt once, the retry's record."""
@@ -197,7 +199,7 @@ def test_a_pair_that_dies_after_writing_its_shard_leaves_it_once(s3, tiny, local
     from spd_cluster.cluster import actors
     from spd_cluster.cluster.coordinator import run_job
     from spd_cluster.io import results as rio
-    from test_cluster import InProcessPair
+    from helpers import InProcessPair
 
     @ray.remote
     def died():
@@ -206,9 +208,9 @@ def test_a_pair_that_dies_after_writing_its_shard_leaves_it_once(s3, tiny, local
     class DiesAfterWriting(InProcessPair):
         deaths: list = []
 
-        def run(self, shard, attempt, audit_pos):
-            ref = super().run(shard, attempt, audit_pos)  # the file is written
-            if shard.shard_id == 1 and not self.deaths:
+        def run(self, request):
+            ref = super().run(request)  # the file is written
+            if request.shard_id == 1 and not self.deaths:
                 self.deaths.append(self.pair_id)
                 return died.remote()
             return ref

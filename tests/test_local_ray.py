@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from test_cluster import GOOD, tiny, write_jsonl  # noqa: F401 - tiny is a fixture
+from helpers import GOOD, write_jsonl  # tiny: a fixture (conftest.py)
 
 BIN = Path(sys.executable).parent
 
@@ -64,6 +64,7 @@ def job_config(tmp_path: Path, name: str, tiny: str) -> Path:  # noqa: F811
     return path
 
 
+@pytest.mark.slow
 def test_two_jobs_at_once_beside_a_ray_start_head(tiny, tmp_path, ray_start_head):  # noqa: F811
     procs = []
     for name in ("a", "b"):

@@ -23,7 +23,7 @@ from pathlib import Path  # noqa: E402
 import pandas as pd  # noqa: E402
 import psutil  # noqa: E402
 import pytest  # noqa: E402
-from test_cluster import GOOD, local_ray, make_cfg, tiny, write_jsonl  # noqa: E402,F401 - fixtures
+from helpers import GOOD, make_cfg, write_jsonl  # noqa: E402 - tiny, local_ray: fixtures (conftest.py)
 
 from spd_cluster import status as status_mod  # noqa: E402
 from spd_cluster.cluster import coordinator, runtime  # noqa: E402
@@ -197,6 +197,7 @@ def test_resume_command_never_overwrites():
 
 # -- local Ray in this process -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_bar_moves_prompt_by_prompt_within_a_shard(tiny, local_ray, tmp_path, monkeypatch):
     """One shard of 8 prompts on one slot: the driver asks the busy pair what it has finished and
     the bar moves before the shard's result arrives; the result then takes those counts' place."""
@@ -222,6 +223,7 @@ def test_the_bar_moves_prompt_by_prompt_within_a_shard(tiny, local_ray, tmp_path
     assert all(bar == n_before for (_, bar), n_before in zip(seen, [0] + [n for n, _ in seen][:-1]))
 
 
+@pytest.mark.slow
 def test_a_run_that_wrote_no_shard_never_blocks_the_corrected_one(tiny, local_ray, tmp_path, capsys):
     ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(GOOD[:4])])
     broken = tmp_path / "broken"  # a model directory without weights: the actor fails to load it
@@ -249,6 +251,7 @@ def test_a_run_that_wrote_no_shard_never_blocks_the_corrected_one(tiny, local_ra
     assert res.status == "completed" and len(json.loads((out2 / "job.json").read_text())["runs"]) == 2
 
 
+@pytest.mark.slow
 def test_max_error_fraction_fails_the_job_and_keeps_what_was_written(tiny, local_ray, tmp_path, capsys):
     long = "the quick brown fox " * 60  # longer than ctx_len: an error row from the engine
     rows = [{"id": i, "prompt": long if i in (3, 5, 6) else GOOD[i]} for i in range(8)]
@@ -324,6 +327,7 @@ def _sid(p) -> int | None:
         return None
 
 
+@pytest.mark.slow
 def test_kill_cancel_terminate_resume(tiny, tmp_path):
     n = 24
     ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": GOOD[i % len(GOOD)]} for i in range(n)])

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import pandas as pd
 import pytest
 from ray.util import placement_group_table
-from test_cluster import GOOD, make_cfg, ray2, reference, results, tiny, write_jsonl  # noqa: F401 - fixtures
+from helpers import GOOD, make_cfg, reference, results, write_jsonl  # tiny, ray2: fixtures (conftest.py)
 
 from spd_cluster.cluster.coordinator import JobError, run_job
 
@@ -37,7 +37,8 @@ def groups(before=()) -> dict:
     return {k: v for k, v in placement_group_table().items() if k not in before}
 
 
-def test_a_pair_the_cluster_cannot_host_fails_at_once(tiny, ray2, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_a_pair_the_cluster_cannot_host_fails_at_once(tiny, ray2, tmp_path):
     """The user's case: 2 CPUs, draft mode, cpus_per_actor 2. Each actor fits alone, the pair
     does not: the target used to start and the draft wait forever, silently."""
     ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(GOOD[:2])])
@@ -51,7 +52,8 @@ def test_a_pair_the_cluster_cannot_host_fails_at_once(tiny, ray2, tmp_path):  # 
     assert groups(before) == {}  # refused before any group or actor was made
 
 
-def test_pairs_not_placed_yet_are_reported_and_the_job_runs_on(tiny, ray2, tmp_path, caplog):  # noqa: F811
+@pytest.mark.slow
+def test_pairs_not_placed_yet_are_reported_and_the_job_runs_on(tiny, ray2, tmp_path, caplog):
     """2 CPUs, draft mode, 1 CPU per actor, 2 pairs: pair 0 is placed whole (target and draft in
     one group, on one node), pair 1 waits and is said to wait; the job runs on pair 0."""
     ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(GOOD[:6])])
@@ -84,7 +86,8 @@ def test_pairs_not_placed_yet_are_reported_and_the_job_runs_on(tiny, ray2, tmp_p
     assert {g["state"] for g in groups(before).values()} == {"REMOVED"} and len(groups(before)) == 2
 
 
-def test_a_dead_actor_restarts_in_its_placement_group(tiny, ray2, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_a_dead_actor_restarts_in_its_placement_group(tiny, ray2, tmp_path):
     ds = write_jsonl(tmp_path / "d.jsonl", [{"id": i, "prompt": GOOD[i]} for i in range(6)])
     cfg = make_cfg(tiny, ds, tmp_path / "out", mode="baseline",
                    **{"cluster.num_pairs": 1, "cluster.shard_size": 2, "spd.max_new_tokens": 96,

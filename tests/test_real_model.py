@@ -30,6 +30,7 @@ def reference(hf, prompt, chat):
     return out[0, ids.shape[1]:].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode, chat", [("baseline", False), ("pld", False), ("draft", True), ("pld", True)])
 def test_smollm2_lossless(hf, mode, chat):
     settings = SpDSettings(num_speculative_tokens=3, prefill_seq_len=16, ctx_len=256, max_new_tokens=NEW,

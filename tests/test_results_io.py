@@ -9,7 +9,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from s3server import s3  # noqa: F401 - fixture
 
 from spd_cluster.cluster.reduce import empty_metrics
 from spd_cluster.io import fs
@@ -145,7 +144,7 @@ def test_records_come_from_the_checkpoint_and_the_footers_of_later_files_only(ou
     assert rio.written_shards(out) == {} and rio.read_shards_table(out) == [] and rio.read_job_json(out) is None
 
 
-def test_an_output_in_a_missing_bucket_fails_at_once(s3):  # noqa: F811
+def test_an_output_in_a_missing_bucket_fails_at_once(s3):
     s3("some-bucket")  # the server runs; this bucket does not exist
     with pytest.raises(rio.OutputError, match=r"output path s3://no-such-bucket/out is not writable"):
         rio.check_writable("s3://no-such-bucket/out")

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from test_cluster import GOOD, make_cfg, ray2, reference, results, tiny, write_jsonl  # noqa: F401 - fixtures
+import pytest
+from helpers import GOOD, make_cfg, reference, results, write_jsonl  # tiny, ray2: fixtures (conftest.py)
 from tiny import VOCAB, tiny_model
 
 from spd_cluster.cluster.coordinator import run_job
@@ -73,7 +74,8 @@ def test_in_process_token_ids_are_checked_and_nothing_raises():
     assert r[7].num_prompt_tokens == 3 and r[8].num_prompt_tokens == 2
 
 
-def test_bad_rows_never_fail_a_shard_or_cost_another_row(tiny, ray2, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_bad_rows_never_fail_a_shard_or_cost_another_row(tiny, ray2, tmp_path):
     rows = [{"id": f"p{i}", "prompt": GOOD[i % len(GOOD)]} for i in range(40)]
     rows[1] = {"id": "strs", "prompt": ["the quick", "brown fox"]}  # beside good prompts in shard 0
     rows[5] = {"id": "oov", "prompt": [3, 4, 100_000]}  # token ids outside the vocabulary

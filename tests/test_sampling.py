@@ -105,6 +105,7 @@ def run_engine(mode, n_prompts, n_tokens, fbs, **sampling):
     return eng.generate([PROMPT] * n_prompts, prompt_ids=list(range(n_prompts)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["baseline", "draft", "pld", "multiproj"])
 def test_speculative_sampling_matches_the_target_distribution(mode):
     temperature, top_k, top_p, n_tokens = 0.9, 6, 1.0, 3
@@ -119,6 +120,7 @@ def test_speculative_sampling_matches_the_target_distribution(mode):
         assert m.proposed_per_position[0] > 0 and 0 < m.accepted_per_position[0] < m.proposed_per_position[0]
 
 
+@pytest.mark.slow
 def test_top_p_draft_mode_distribution():
     probs = exact_distribution(2, 1.4, 0, 0.85)
     info = run_engine("draft", 2000, 2, 16, temperature=1.4, top_p=0.85, seed=9)

@@ -234,6 +234,7 @@ def smollm2_dir(tmp_path_factory):
         yield Path(store.resolve_model("smollm2-135m"))
 
 
+@pytest.mark.slow
 def test_smollm2_real_conversion(smollm2_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,11 +1,14 @@
 """Device actors and pairs: a thin Ray shell over the SpD engine.
 
-A DeviceActor owns one device and one session, in the role ``target`` or ``draft``:
-  target  holds an SpDEngine; ``run_shard`` is one ``engine.generate`` over a shard's prompts,
-          then writes the shard's results file to the output and returns the shard's record.
-  draft   holds a DraftProposer over its own session; the target's engine reaches it through
-          RemoteDraftProposer, one round trip per speculative step, token ids only.
-A pair is a target actor plus, in draft mode, a draft actor.
+An actor owns one device and one session, in one of the roles the mode registry gives a pair
+(engine/modes.py: ``Mode.roles``), one actor class per role (``ACTORS``):
+  TargetActor  holds an SpDEngine; ``run_shard`` (a messages.ShardRequest) is one
+               ``engine.generate`` over a shard's prompts, then it writes the shard's results file
+               to the output and returns the shard's record (messages.ShardDone).
+  DraftActor   holds the registry's draft proposer (modes.draft_proposer) over its own session; the
+               target's engine reaches it through RemoteDraftProposer, one round trip per
+               speculative step, token ids only.
+A pair is one actor per role: the target, plus a draft actor in draft mode.
 
 Placement: each pair is one Ray placement group (see ``Pair``), so a pair starts whole or waits
 whole, never half-placed holding resources.
@@ -29,6 +32,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from ..engine.modes import DRAFT, TARGET
+from .messages import LiveCounts, ShardDone, ShardRequest, rows_once
 
 EMPTY = np.zeros(0, dtype=np.int64)
 # "module:function": function(cfg) -> an engine (generate, proposer, session.vocab_size) that a
@@ -208,30 +214,27 @@ def _result_row(r) -> dict:
     }
 
 
-class DeviceActor:
-    """One device, one session. Created with ``ray.remote(DeviceActor).options(...)``; a load
-    error is kept and raised by every call, so the coordinator sees it without Ray restarting
-    the actor to fail the same way again."""
+class _DeviceActor:
+    """One device, one session, in the role ``role`` (a pair's actors: ``ACTORS``). Created with
+    ``ray.remote(cls).options(...)``; a load error is kept and raised by every call, so the
+    coordinator sees it without Ray restarting the actor to fail the same way again."""
 
-    def __init__(self, role: str, job: dict, pair_id: int):
+    role: str = ""
+
+    def __init__(self, job: dict, pair_id: int):
         from ..config import JobConfig
 
-        self.role, self.pair_id = role, pair_id
+        role = self.role
+        self.pair_id = pair_id
         self.error: Optional[str] = None
         self.device_id: Optional[int] = None
-        self._live: list = [None, 0, 0, 0, 0]  # see live()
         self.threads = 1
         self._lock_fd: Optional[int] = None
-        self.remote_draft: Optional[RemoteDraftProposer] = None  # draft mode: the target's way to its draft
-        self.baseline = None  # the audit's target-only engine, built at the first audit
         t0 = time.perf_counter()
         try:
             cfg = JobConfig.model_validate(job)
-            if role == "target":
-                from ..io import fs
-
-                self.out = fs.resolve(cfg.output.path, cfg.output.filesystem)  # where its shards' files go
-            spec = cfg.target if role == "target" else cfg.draft
+            spec = dict(cfg.roles())[role]
+            self._setup(cfg)
             import torch
 
             torch.set_num_threads(cfg.cluster.cpus_per_actor)
@@ -247,21 +250,18 @@ class DeviceActor:
             self.traceback = traceback.format_exc()
         self.load_s = time.perf_counter() - t0
 
+    def _setup(self, cfg) -> None:
+        """What the role needs before its model loads."""
+
     def _load(self, cfg, spec) -> None:
+        raise NotImplementedError
+
+    def _session(self, cfg, spec):
+        """This role's session, as the registry says it is built (heads on the target in a
+        heads mode)."""
         from ..sessions import load_session
 
-        hook = os.environ.get(ENGINE_HOOK)
-        if hook and self.role == "target":
-            import importlib
-
-            module, _, fn = hook.partition(":")
-            self.engine = getattr(importlib.import_module(module), fn)(cfg)
-            self.session = self.engine.session
-            return
-
-        from ..engine.modes import draft_model, mode as mode_of
-
-        s, mode = cfg.spd, mode_of(cfg.mode)
+        s, mode = cfg.spd, cfg.method
         kwargs = dict(role=self.role, device=spec.device, dtype=spec.dtype, full_batch_size=s.full_batch_size,
                       ctx_len=s.ctx_len, prefill_seq_len=s.prefill_seq_len,
                       num_speculative_tokens=s.num_speculative_tokens)
@@ -270,61 +270,85 @@ class DeviceActor:
         kwargs["packed_linears"] = spec.cpu_kernels  # CPU only; other devices ignore it
         if spec.qaic is not None:
             kwargs["qaic"] = spec.qaic.model_dump()
-        if self.role == "target" and mode.uses_heads:
+        if mode.loads_heads(self.role):
             kwargs.update(with_heads=True, speculator_path=cfg.speculator_path)
-        self.session = load_session(spec.model, **kwargs)
-        if self.role == "draft":
-            from ..engine.proposers import DraftProposer
-
-            from ..engine.modes import overlapped
-
-            # with spd.overlap_draft the draft actor drafts the next window while the target verifies
-            self.server = DraftServer(overlapped(DraftProposer(self.session, s.prefill_seq_len, sampling=s,
-                                                               confidence_threshold=s.confidence_threshold), s))
-            return
-        from ..engine.engine import SpDEngine
-        from ..sessions import load_tokenizer
-
-        # In draft mode the draft actor's handle comes with every call (not with the constructor:
-        # a restarted target then needs nothing that may be gone, and a restarted draft is just
-        # the same handle).
-        self.remote_draft = RemoteDraftProposer(None) if mode.needs_draft else None
-        self.engine = SpDEngine(cfg.mode, self.session, load_tokenizer(spec.model), s, proposer=self.remote_draft,
-                                eos_token_ids=self.session.eos_token_ids, target_name=spec.model,
-                                draft_name=draft_model(cfg) or "")
+        return load_session(spec.model, **kwargs)
 
     def _check(self) -> None:
         if self.error:
             raise RuntimeError(self.error)
 
     def info(self, draft=None) -> dict:
-        """Ready probe; for a target with a draft it also probes the draft and checks vocabularies."""
+        """Ready probe: where the actor runs and what it loaded."""
         import ray
 
         self._check()
-        out = {"role": self.role, "pair_id": self.pair_id, "node_id": ray.get_runtime_context().get_node_id(),
-               "pid": os.getpid(), "device_id": self.device_id, "vocab_size": int(self.session.vocab_size),
-               "load_s": self.load_s}
-        if self.role == "target" and draft is not None:
+        return {"role": self.role, "pair_id": self.pair_id, "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(), "device_id": self.device_id, "vocab_size": int(self.session.vocab_size),
+                "load_s": self.load_s}
+
+
+class TargetActor(_DeviceActor):
+    """The pair's target: its engine runs the shards; with a draft actor it also probes it."""
+
+    role = TARGET
+    _live = LiveCounts()  # see live()
+    remote_draft: Optional[RemoteDraftProposer] = None  # draft mode: the target's way to its draft
+    baseline = None  # the audit's target-only engine, built at the first audit
+
+    def _setup(self, cfg) -> None:
+        from ..io import fs
+
+        self.out = fs.resolve(cfg.output.path, cfg.output.filesystem)  # where its shards' files go
+
+    def _load(self, cfg, spec) -> None:
+        hook = os.environ.get(ENGINE_HOOK)
+        if hook:
+            import importlib
+
+            module, _, fn = hook.partition(":")
+            self.engine = getattr(importlib.import_module(module), fn)(cfg)
+            self.session = self.engine.session
+            return
+        from ..engine.engine import SpDEngine
+        from ..engine.modes import draft_model
+        from ..sessions import load_tokenizer
+
+        s = cfg.spd
+        self.session = self._session(cfg, spec)
+        # In draft mode the draft actor's handle comes with every call (not with the constructor:
+        # a restarted target then needs nothing that may be gone, and a restarted draft is just
+        # the same handle).
+        self.remote_draft = RemoteDraftProposer(None) if DRAFT in cfg.method.roles else None
+        self.engine = SpDEngine(cfg.mode, self.session, load_tokenizer(spec.model), s, proposer=self.remote_draft,
+                                eos_token_ids=self.session.eos_token_ids, target_name=spec.model,
+                                draft_name=draft_model(cfg) or "")
+
+    def info(self, draft=None) -> dict:
+        """Ready probe; with a draft it also probes the draft and checks vocabularies."""
+        import ray
+
+        out = super().info()
+        if draft is not None:
             d = ray.get(draft.info.options(max_task_retries=-1).remote())  # a read: retried while it restarts
             if d["vocab_size"] != out["vocab_size"]:
                 raise ValueError(f"draft and target vocabularies differ: {d['vocab_size']} vs "
                                  f"{out['vocab_size']} tokens")
-            out["draft"] = d
+            out[DRAFT] = d
         return out
 
-    # target
-    def run_shard(self, shard, attempt: int = 1, audit: Sequence[int] = (), draft=None) -> dict:
+    def run_shard(self, request: ShardRequest, draft=None) -> ShardDone:
         """Run a shard (io.dataset.Shard: its rows, the driver's error rows among them), audit
-        the prompts at positions ``audit`` among those it ran (see cluster/audit.py), write the
-        shard's results file to the output and return its record (no rows: the driver never
-        holds generated text). ``audit_s``: the seconds of the audit's re-runs, kept apart from
-        the shard's own busy time (its metrics are those of its one ``generate``)."""
+        the prompts at positions ``request.audit`` among those it ran (see cluster/audit.py),
+        write the shard's results file to the output and return its record (no rows: the driver
+        never holds generated text). ``audit_s``: the seconds of the audit's re-runs, kept apart
+        from the shard's own busy time (its metrics are those of its one ``generate``)."""
         import ray
 
         from ..io import results as rio
 
         self._check()
+        shard, attempt, audit = request.shard, request.attempt, request.audit
         t0 = time.perf_counter()
         if self.remote_draft is not None:
             self.remote_draft.reset()
@@ -332,10 +356,11 @@ class DeviceActor:
         import torch
 
         torch.set_num_threads(self.threads)  # calls run on the actor's thread pool: keep its thread count
-        self._live = [shard.shard_id, 0, 0, 0, 0]
+        self._live = LiveCounts(shard.shard_id)
         todo = [r for r in shard.rows if r.error is None]
         prompts, ids = [r.prompt for r in todo], [r.prompt_id for r in todo]
         info = self.engine.generate(prompts, ids, on_result=self._count)
+        rows_once(shard, ids, [r.prompt_id for r in info.results])
         audit_rows, audit_s = [], 0.0
         if audit:
             t1 = time.perf_counter()
@@ -350,20 +375,17 @@ class DeviceActor:
                                audit=[{**a, "row": by_id.get(a["prompt_id"]), "shard_id": shard.shard_id,
                                        "pair_id": self.pair_id} for a in audit_rows])
         rio.write_shard(self.out, shard.shard_id, rows, rec)
-        return rec
+        return ShardDone(rec)
 
     def _count(self, r) -> None:
         live = self._live
-        live[1] += 1
-        live[2] += r.num_generated_tokens
-        live[3] += len(r.accepted_per_step)
-        live[4] += sum(r.accepted_per_step)
+        self._live = LiveCounts(live.shard_id, live.prompts + 1, live.tokens + r.num_generated_tokens,
+                                live.steps + len(r.accepted_per_step), live.accepted + sum(r.accepted_per_step))
 
-    def live(self) -> list:
-        """[shard id, prompts finished, their tokens, speculative steps, tokens those steps
-        emitted] of the shard running now: answered while ``run_shard`` runs (``live`` has a
-        concurrency group of its own), so the driver's progress moves per prompt."""
-        return list(self._live)
+    def live(self) -> LiveCounts:
+        """What the shard running now has finished: answered while ``run_shard`` runs (``live``
+        has a concurrency group of its own), so the driver's progress moves per prompt."""
+        return self._live
 
     def _audit(self, shard_id: int, job_results: list, prompts: list, prompt_ids: list) -> list[dict]:
         from .audit import baseline_engine, run_audit
@@ -372,7 +394,19 @@ class DeviceActor:
             self.baseline = baseline_engine(self.engine)
         return run_audit(self.engine, self.baseline, shard_id, job_results, prompts, prompt_ids)
 
-    # draft
+
+class DraftActor(_DeviceActor):
+    """The pair's draft: the registry's draft proposer over its own session, served to the target."""
+
+    role = DRAFT
+
+    def _load(self, cfg, spec) -> None:
+        from ..engine.modes import draft_proposer
+
+        self.session = self._session(cfg, spec)
+        # with spd.overlap_draft the draft actor drafts the next window while the target verifies
+        self.server = DraftServer(draft_proposer(cfg.spd, self.session))
+
     def draft_start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
         self._check()
         self.server.start(slot, prompt_ids, key)
@@ -382,32 +416,38 @@ class DeviceActor:
         return self.server.step(slots, deltas, resync, limits)
 
 
+ACTORS: dict[str, type[_DeviceActor]] = {TARGET: TargetActor, DRAFT: DraftActor}
+
+
+def DeviceActor(role: str, job: dict, pair_id: int) -> _DeviceActor:  # noqa: N802 - the class it was
+    """The actor of ``role`` (in process: tests, benchmarks)."""
+    return ACTORS[role](job, pair_id)
+
+
 class Pair:
     """Driver-side handle of one pair, placed as one unit: a placement group of one bundle per
-    actor (target at 0, draft at 1; PAIR_STRATEGY), both actors scheduled into it. Ray starts
-    the actors once the group is placed, restarts a dead actor in its own bundle, and places the
-    bundles of a dead node again; ``kill`` removes the group, freeing what it held."""
+    actor (the roles in order, target at 0; PAIR_STRATEGY), each actor scheduled into its bundle.
+    Ray starts the actors once the group is placed, restarts a dead actor in its own bundle, and
+    places the bundles of a dead node again; ``kill`` removes the group, freeing what it held."""
 
-    def __init__(self, pair_id: int, job: dict, mode, target_device: str, draft_device: Optional[str],
-                 cpus: int, max_restarts: int):
-        """``mode``: the job's engine.modes.Mode (whether the pair has a draft actor)."""
+    def __init__(self, pair_id: int, job: dict, roles: Sequence[tuple[str, str]], cpus: int, max_restarts: int):
+        """``roles``: (role, device) of each actor, as ``JobConfig.roles()`` gives them."""
         import ray
         from ray.util import placement_group
 
-        # `live` answers in a concurrency group of its own while shards run one at a time, in the
-        # order sent, in the default group (so the next shard can wait on the actor: PREFETCH)
-        cls = ray.remote(concurrency_groups={"live": 1})(DeviceActor)
         self.pair_id = pair_id
-        self.draft = None
-        devices = [target_device] + ([draft_device] if mode.needs_draft else [])
-        self.bundles = [bundle(d, cpus) for d in devices]
+        self.bundles = [bundle(device, cpus) for _, device in roles]
         self.pg = placement_group(self.bundles, strategy=PAIR_STRATEGY)
         self.placed = self.pg.ready()  # resolves once Ray has reserved every bundle
-        if mode.needs_draft:
-            self.draft = cls.options(**actor_options(draft_device, cpus, max_restarts, self.pg, 1)).remote(
-                "draft", job, pair_id)
-        self.target = cls.options(**actor_options(target_device, cpus, max_restarts, self.pg, 0)).remote(
-            "target", job, pair_id)
+        self.actors: dict[str, Any] = {}
+        # the draft first: its handle goes with the target's calls
+        for i, (role, device) in reversed(list(enumerate(roles))):
+            # `live` answers in a concurrency group of its own while shards run one at a time, in the
+            # order sent, in the default group (so the next shard can wait on the actor: PREFETCH)
+            cls = ray.remote(concurrency_groups={"live": 1})(ACTORS[role])
+            self.actors[role] = cls.options(**actor_options(device, cpus, max_restarts, self.pg, i)).remote(
+                job, pair_id)
+        self.target, self.draft = self.actors[TARGET], self.actors.get(DRAFT)
         self.node_id: Optional[str] = None
         self.state = "starting"  # starting | ready | busy | recovering | dead
         self.probe_failures = 0
@@ -421,8 +461,8 @@ class Pair:
         # restart answers when the actor is back rather than burning the probe's retries at once.
         return self.target.info.options(max_task_retries=-1).remote(self.draft)
 
-    def run(self, shard, attempt: int, audit: Sequence[int] = ()):
-        return self.target.run_shard.remote(shard, attempt, list(audit), self.draft)
+    def run(self, request: ShardRequest):
+        return self.target.run_shard.remote(request, self.draft)
 
     def live(self):
         return self.target.live.options(concurrency_group="live").remote()
@@ -430,12 +470,11 @@ class Pair:
     def kill(self) -> None:
         import ray
 
-        for a in (self.target, self.draft):
-            if a is not None:
-                try:
-                    ray.kill(a, no_restart=True)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+        for a in self.actors.values():
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
         if self.pg is not None:
             from ray.util import remove_placement_group
 

@@ -17,6 +17,42 @@ import sys
 import threading
 
 RUN_PROG = ["spd-cluster", "run"]
+# jobs/spd_batch.py as run by hand; under `ray job submit` its resume line is the submit line
+BATCH_PROG = ["python", "jobs/spd_batch.py", "--config"]
+# Ray sets it in the environment of a `ray job submit` entrypoint (its job supervisor)
+SUBMITTED_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def dashboard_url(timeout_s: float = 5.0) -> str | None:
+    """The dashboard (jobs API) address of the cluster this process was submitted to: the GCS
+    at RAY_ADDRESS keeps it. None when it cannot be read."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        return None
+    try:
+        from ray._private import ray_constants
+        from ray._raylet import GcsClient
+
+        url = GcsClient(address=address).internal_kv_get(
+            ray_constants.DASHBOARD_ADDRESS.encode(), ray_constants.KV_NAMESPACE_DASHBOARD.encode(), timeout=timeout_s)
+    except Exception:  # noqa: BLE001 - no Ray here, or another release's internals: the line goes without it
+        return None
+    if not url:
+        return None
+    url = url.decode() if isinstance(url, bytes) else str(url)
+    return url if "://" in url else f"http://{url}"
+
+
+def batch_prog(env=None, url=dashboard_url) -> list[str]:
+    """How jobs/spd_batch.py was started, for its resume line: under `ray job submit` the submit
+    line (the cluster's dashboard address where it can be read, the working dir as the README
+    uploads it), else the script itself."""
+    env = os.environ if env is None else env
+    if SUBMITTED_ENV not in env:
+        return list(BATCH_PROG)
+    address = url()
+    return ["ray", "job", "submit", *(["--address", address] if address else []), "--working-dir", ".", "--",
+            *BATCH_PROG]
 
 
 def resume_command(prog: list[str], config: str, overrides: list[str], overwrite: bool) -> str:
@@ -107,8 +143,10 @@ def _cancelled(e: KeyboardInterrupt, cfg, prog: list[str], config: str, override
         from ..status import read_job
 
         job = read_job(cfg.output.path) or {}
-        if job.get("status") == "cancelled":
-            done = f"{job.get('shards_done', 0)} of {job.get('num_shards')} shards written to {cfg.output.path}; "
+        if job.get("status") == "cancelled":  # the counts of the files there, as status and the report show them
+            rows = (job.get("dataset") or {}).get("num_rows")
+            prompts = f" ({job['prompts_done']} of {rows} prompts)" if "prompts_done" in job else ""
+            done = f"{job.get('shards_done', 0)} of {job.get('num_shards')} shards{prompts} written to {cfg.output.path}; "
     print(f"\ncancelled ({signal.Signals(signum).name}): {done}resume with: {cmd}", file=sys.stderr)
     return 128 + signum
 

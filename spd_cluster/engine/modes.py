@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+# The roles a pair's actors take; a mode's ``roles`` says which a pair of it has. Each role is
+# also the name of the job config's section that describes its model (``target:``, ``draft:``).
+TARGET, DRAFT = "target", "draft"
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -21,8 +25,17 @@ class Mode:
     speculates: bool = True  # False: the target alone, one token per step (no proposer work at all)
 
     @property
+    def roles(self) -> tuple[str, ...]:
+        """The actors of a pair in this mode, target first: the target alone, or target and draft."""
+        return (TARGET, DRAFT) if self.needs_draft else (TARGET,)
+
+    def loads_heads(self, role: str) -> bool:
+        """Whether the session of ``role`` loads projection heads (the target, in a heads mode)."""
+        return self.uses_heads and role == TARGET
+
+    @property
     def actors_per_pair(self) -> int:
-        return 2 if self.needs_draft else 1
+        return len(self.roles)
 
     def max_k(self, settings) -> int:
         """The most tokens one step may propose (adaptive k chooses from 0 up to it)."""
@@ -42,12 +55,19 @@ def _pld(settings, target, draft):
 
 
 def _draft(settings, target, draft):
-    from .proposers import DraftProposer
-
     if draft is None:
         raise ValueError("draft mode needs a draft session (or a proposer)")
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"draft and target vocabularies differ: {draft.vocab_size} vs {target.vocab_size} tokens")
+    return draft_proposer(settings, draft)
+
+
+def draft_proposer(settings, draft):
+    """The draft side of a draft pair: a DraftProposer over the draft session (overlapped with the
+    verify where the settings ask for it). In process it is the target's proposer; behind Ray it
+    runs in the draft actor, which the target reaches through a RemoteDraftProposer."""
+    from .proposers import DraftProposer
+
     return overlapped(DraftProposer(draft, settings.prefill_seq_len, sampling=settings,
                                     confidence_threshold=settings.confidence_threshold), settings)
 

@@ -15,7 +15,7 @@ from typing import Optional, Protocol, Sequence
 
 import numpy as np
 
-from ..sessions.base import DeviceSession, prefill_chunks
+from ..sessions.base import DeviceSession, SessionCall, prefill_chunks
 from .sampling import row_rng, sample, warp
 from .verifier import Verified, top_prob
 
@@ -234,10 +234,8 @@ class DraftProposer:
         last_pos = pos.max(axis=1)
         greedy = self.sampling is None and self.threshold <= 0  # tokens only: the argmax on the device
         for j in range(steps):
-            out_j = self.session.run({
-                "input_ids": ids, "position_ids": pos, "batch_index": batch_index,
-                "num_logits_to_keep": np.ones((1, 1), dtype=np.int64), "argmax": np.array(greedy),
-            })
+            out_j = self.session.run(SessionCall(ids, pos, batch_index, num_logits_to_keep=1,
+                                                 argmax=greedy).as_inputs())
             if greedy:
                 tok, prob = out_j["tokens"][:, -1].astype(np.int64), None
             elif self.sampling is None:

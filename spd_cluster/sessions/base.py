@@ -39,9 +39,11 @@ speculative tokens therefore need no rollback and rows may sit at different posi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Optional, Protocol, runtime_checkable
 
 import numpy as np
+
+from .greedy import greedy_accept, greedy_guesses
 
 
 class SessionInputError(ValueError):
@@ -57,6 +59,33 @@ class DeviceSession(Protocol):
     eos_token_ids: list[int]  # the model's end-of-sequence ids (may be empty)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class SessionCall:
+    """One ``run`` call, typed: what callers build instead of the string-keyed dict, which
+    ``as_inputs()`` gives in the contract's shape (the optional fields only where set).
+
+    ``batch_index``: the KV slot of each row, as [B] or [B, 1]; ``num_logits_to_keep``: an int
+    or the contract's array (``None``: the contract's default, 1)."""
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    batch_index: np.ndarray
+    num_logits_to_keep: object = None
+    argmax: Optional[bool] = None
+    head_guesses: Optional[bool] = None
+
+    def as_inputs(self) -> dict[str, np.ndarray]:
+        out = {"input_ids": self.input_ids, "position_ids": self.position_ids,
+               "batch_index": np.asarray(self.batch_index, dtype=np.int64).reshape(-1, 1)}
+        if self.num_logits_to_keep is not None:
+            n = self.num_logits_to_keep
+            out["num_logits_to_keep"] = n if isinstance(n, np.ndarray) else np.ones((int(n), 1), dtype=np.int64)
+        for key in ("argmax", "head_guesses"):
+            if getattr(self, key) is not None:
+                out[key] = np.array(bool(getattr(self, key)))
+        return out
 
 
 @dataclass(frozen=True)
@@ -119,8 +148,6 @@ def verified_column(x: CheckedInputs, kept: np.ndarray, tokens: np.ndarray) -> n
     """[B]: per row, the kept column where its greedily verified prefix ends: the number of
     leading kept columns j (j >= 1, valid) whose input token is ``tokens[:, j - 1]``, the base
     model's choice after the column before (the verifier's own rule)."""
-    from ..engine.verifier import greedy_accept
-
     rows = np.arange(kept.shape[0])[:, None]
     follow = kept[:, 1:]
     valid = x.position_ids[rows, follow] >= 0
@@ -131,8 +158,6 @@ def verified_column(x: CheckedInputs, kept: np.ndarray, tokens: np.ndarray) -> n
 def argmax_outputs(x: CheckedInputs, kept: np.ndarray, logits: np.ndarray, num_heads: int) -> dict[str, np.ndarray]:
     """The ``argmax`` outputs of a call from its logits, for a session whose device returns logits
     (QEfficient's graphs): what a card's own argmax would hand back."""
-    from ..engine.verifier import greedy_guesses
-
     base = logits[:, :, 0] if logits.ndim == 4 else logits
     out = {"tokens": base.argmax(-1).astype(np.int64)}
     if num_heads and x.head_guesses and logits.ndim == 4:
@@ -156,9 +181,6 @@ def prefill_chunks(ids: np.ndarray, chunk: int, slot: int):
     for c in range(0, ids.shape[0], chunk):
         part = ids[c : c + chunk]
         pad = chunk - part.shape[0]
-        yield {
-            "input_ids": np.pad(part, (0, pad))[None],
-            "position_ids": np.pad(np.arange(c, c + part.shape[0]), (0, pad), constant_values=-1)[None],
-            "batch_index": np.array([[slot]], dtype=np.int64),
-            "num_logits_to_keep": np.ones((1, 1), dtype=np.int64),
-        }
+        yield SessionCall(np.pad(part, (0, pad))[None],
+                          np.pad(np.arange(c, c + part.shape[0]), (0, pad), constant_values=-1)[None],
+                          np.array([slot]), num_logits_to_keep=1).as_inputs()
