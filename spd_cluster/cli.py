@@ -45,7 +45,28 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `spd-cluster status OUT | head -1`: the reader has all it wanted
+        return _closed_pipe()
+    return code
+
+
+def _closed_pipe() -> int:
+    """A closed stdout ends the command quietly, as `cat` ends: no traceback, no "Exception
+    ignored" at exit (stdout is pointed at /dev/null for the interpreter's last flush), exit
+    code 128 + SIGPIPE."""
+    import os
+    import signal
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file: nothing to flush into it
+        pass
+    return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

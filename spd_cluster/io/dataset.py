@@ -1,4 +1,4 @@
-"""Streaming prompt datasets: Parquet, JSONL, CSV -> shards of (prompt_id, prompt) rows.
+"""Streaming prompt datasets: Parquet, JSONL, CSV, text -> shards of (prompt_id, prompt) rows.
 
 `scan()` reads the whole file once, streaming, before any model loads: it fails on a missing
 file, an unknown format, a corrupt file or a missing column (naming the file and the column),
@@ -8,7 +8,11 @@ a few shards, not the dataset.
 
 Rows: `row` is the 0-based row number (JSONL blank lines are not rows); `prompt_id` is the id
 column's value as a string (ids are compared as strings: 7 and "7" are the same id), or the row
-number when there is no id column. A prompt is a string: any other value (null, a number, a
+number when there is no id column. A text file (`.txt`, also compressed) is one prompt per line
+(line terminators dropped, blank lines skipped); it has no columns, so the prompt and id
+columns do not apply and a prompt's id is its 1-based line number (`file:line` in a file set).
+A directory's files are its Parquet, JSONL and CSV ones; .txt files are read where they are
+named (the file, or a glob: `prompts/*.txt`), since beside data files a .txt is mostly a README. A prompt is a string: any other value (null, a number, a
 list of strings, a list of token ids) makes an error row here, named by its line (JSONL) or
 row, and so does a duplicate or null id, since only the driver sees the whole dataset; the
 engine turns empty and overlong prompts into error rows. A file that cannot be read (bad UTF-8,
@@ -33,9 +37,13 @@ import pyarrow.parquet as pq
 from . import fs as fsmod
 from .fs import Location
 
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
+           ".txt": "text"}
 COMPRESSION = (".gz", ".zst", ".bz2")  # text formats only; read through pyarrow's decompressing streams
 SUFFIXES = tuple(s + c for s in FORMATS for c in ("", *COMPRESSION) if not (c and FORMATS[s] == "parquet"))
+# what a directory contributes: not .txt, which beside data files is far more often a README or
+# notes than prompts (a glob such as data/*.txt, or the file itself, names text prompt files)
+DIR_SUFFIXES = tuple(s for s in SUFFIXES if not s.startswith(".txt"))
 BATCH_ROWS = 1024
 log = logging.getLogger("spd_cluster.dataset")
 
@@ -96,7 +104,7 @@ def detect_format(path, fmt: Optional[str] = None) -> str:
         suffix = PurePosixPath(name).suffix
         raise DatasetError(
             f"dataset {path}: unknown format {suffix or '(no suffix)'!r}; use one of {sorted(FORMATS)} "
-            "(text ones also compressed: .gz, .zst, .bz2) or set dataset.format (parquet | jsonl | csv)"
+            "(text ones also compressed: .gz, .zst, .bz2) or set dataset.format (parquet | jsonl | csv | text)"
         )
     return f
 
@@ -238,7 +246,31 @@ def _csv_batches(path: Location, prompt_col: str, id_col: Optional[str]) -> Iter
         raise DatasetError(f"dataset {path}: corrupt CSV data ({type(e).__name__}: {e})") from None
 
 
-_READERS = {"parquet": _parquet_batches, "jsonl": _jsonl_batches, "csv": _csv_batches}
+def _text_batches(path: Location, prompt_col: str, id_col: Optional[str]) -> Iterator[tuple]:
+    """One prompt per line; blank (or whitespace-only) lines are not rows. The ids are the line
+    numbers, so they stay put when lines are added below (the columns do not apply)."""
+    prompts, lines = [], []
+    with _open_text(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                col = len(raw[: e.start].decode("utf-8", "replace")) + 1
+                raise DatasetError(f"dataset {path}: line {lineno} is not valid UTF-8 "
+                                   f"(byte 0x{raw[e.start]:02x} at column {col})") from None
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            prompts.append(line)
+            lines.append(lineno)
+            if len(prompts) == BATCH_ROWS:
+                yield prompts, None, lines
+                prompts, lines = [], []
+    if prompts:
+        yield prompts, None, lines
+
+
+_READERS = {"parquet": _parquet_batches, "jsonl": _jsonl_batches, "csv": _csv_batches, "text": _text_batches}
 
 
 def _id_str(value: Any) -> Optional[str]:
@@ -277,13 +309,14 @@ def dataset_files(path: str | Path, options: Optional[dict] = None) -> tuple[lis
     try:
         if not fsmod.has_glob(loc.path) and loc.is_file():
             return [loc], None
-        files = fsmod.list_files(loc, SUFFIXES)
+        files = fsmod.list_files(loc, DIR_SUFFIXES)
     except OSError as e:
         raise DatasetError(f"dataset {path}: cannot be listed ({e})") from None
     if not files:
         if fsmod.has_glob(loc.path) or loc.is_dir():
-            raise DatasetError(f"dataset {path}: no {', '.join(sorted(set(FORMATS.values())))} files "
-                               "(text ones also .gz/.zst/.bz2) there")
+            raise DatasetError(f"dataset {path}: no {', '.join(sorted(set(FORMATS.values()) - {'text'}))} files "
+                               "(text ones also .gz/.zst/.bz2) there; .txt files (one prompt per line) are read "
+                               "where named: the file, or a glob (dir/*.txt)")
         raise DatasetError(f"dataset file not found: {path}")
     root = loc.path
     while fsmod.has_glob(root):
@@ -309,7 +342,10 @@ def _iter_files(files: list[Location], root: Optional[Location], prompt_column: 
         try:
             for prompts, ids, lines in _READERS[fmt](f, prompt_column, id_column):
                 for j, prompt in enumerate(prompts):
-                    pid = _id_str(ids[j]) if ids is not None else (str(n) if rel is None else f"{rel}:{i}")
+                    if fmt == "text":  # no columns: a prompt is known by its line
+                        pid = str(lines[j]) if rel is None else f"{rel}:{lines[j]}"
+                    else:
+                        pid = _id_str(ids[j]) if ids is not None else (str(n) if rel is None else f"{rel}:{i}")
                     yield Row(n, pid, prompt, line=lines[j] if lines is not None else None, file=rel, file_row=i)
                     n += 1
                     i += 1

@@ -94,5 +94,7 @@ class TurboHeads(nn.Module):
             if d is not None and (Path(d) / CONFIG_FILE).is_file():
                 return Path(d)
         if speculator_path is not None:
-            raise FileNotFoundError(f"speculator_path {speculator_path}: no {CONFIG_FILE} there")
+            raise FileNotFoundError(f"speculator_path {speculator_path}: no {CONFIG_FILE} there; train heads "
+                                    f"there with: spd-cluster train-heads --model MODEL --dataset PROMPTS "
+                                    f"--out {speculator_path} (docs/heads.md)")
         return None
