@@ -80,6 +80,7 @@ def run_interleaved(names: Sequence[str], run: Callable[[str], Sample], repeats:
         s = run(name)
         log(f"  warm-up {name:14} {s.throughput:8.2f} tok/s  {s.tokens_per_step:5.2f} tokens/step  "
             f"({time.perf_counter() - t0:.1f} s, discarded)")
+    log(f"  load average before the blocks: {_load()}")
     blocks = schedule(names, repeats)
     samples: dict[str, list[Sample]] = {n: [] for n in names}
     for b, order in enumerate(blocks):
@@ -90,7 +91,18 @@ def run_interleaved(names: Sequence[str], run: Callable[[str], Sample], repeats:
             samples[name].append(s)
             log(f"  block {b + 1}/{len(blocks)} {name:14} {s.throughput:8.2f} tok/s  "
                 f"{s.tokens_per_step:5.2f} tokens/step  ({s.seconds:.1f} s)")
+    log(f"  load average after the blocks: {_load()}")
     return Runs(names, blocks, samples, warm)
+
+
+def _load() -> str:
+    """The host's 1/5/15-minute load averages and core count: a shared machine's figures vary."""
+    import os
+
+    try:
+        return " / ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
+    except OSError:
+        return "n/a"
 
 
 def bounded(name: str) -> bool:

@@ -144,6 +144,8 @@ AUDIT_SCHEMA = pa.schema([
     col("baseline_num_tokens", pa.int64(), "tokens", "tokens the baseline generated for it"),
     col("spd_time_per_token_s", pa.float64(), "s", "timed SpD re-run: seconds prefill start to last token / tokens"),
     col("baseline_time_per_token_s", pa.float64(), "s", "timed baseline re-run: seconds prefill start to last token / tokens"),
+    col("spd_tokens_per_step", pa.float64(), "tokens",
+        "tokens per step of the timed SpD re-runs: the most their speedup can be (cluster/audit.py)"),
     col("error", pa.string(), "", "null, or why the prompt could not be compared"),
 ])
 

@@ -1,0 +1,69 @@
+"""bench/interleave.py, the harness every speed figure comes from: the schedule, the paired
+medians, and a speedup above tokens per step reported as an error instead of a figure."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import interleave as il  # noqa: E402
+
+
+def test_blocks_alternate_forward_and_reverse_after_a_discarded_warm_up():
+    assert il.schedule(["baseline", "pld", "draft"], 2) == [["baseline", "pld", "draft"], ["draft", "pld", "baseline"]]
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        return il.Sample(1.0)
+
+    runs = il.run_interleaved(["baseline", "pld"], run, 3, log=lambda s: None)
+    assert calls == ["baseline", "pld", "baseline", "pld", "pld", "baseline", "baseline", "pld"]
+    assert runs.blocks == [["baseline", "pld"], ["pld", "baseline"], ["baseline", "pld"]]
+    assert all(len(v) == 3 for v in runs.samples.values())  # the warm-up is not among them
+    with pytest.raises(ValueError):
+        il.schedule(["a"], 0)
+
+
+def drifting(speed: dict[str, tuple[float, float]], drift: float = 0.1):
+    """run(name) whose throughput is speed[name][0] on a machine that slows by ``drift`` a run."""
+    n = [0]
+
+    def run(name):
+        n[0] += 1
+        return il.Sample(speed[name][0] / (1 + drift * n[0]), speed[name][1])
+
+    return run
+
+
+def test_speedup_is_the_median_of_paired_ratios_with_its_spread():
+    run = drifting({"baseline": (10.0, 1.0), "pld": (15.0, 1.8)})
+    runs = il.run_interleaved(["baseline", "pld"], run, 4, warmup=[], log=lambda s: None)
+    base, pld = il.summarize(runs, "baseline")
+    assert base.speedup is None and base.error is None
+    assert pld.error is None and pld.tokens_per_step == (1.8, 1.8, 1.8)
+    # each block's pld run is beside its own baseline: 1.5 x (1 +- one run of drift), the drift cancels
+    assert 1.35 < pld.speedup[1] <= pld.speedup[0] <= pld.speedup[2] < 1.65
+    assert pld.speedup[0] == pytest.approx(1.5, abs=0.02)
+    thr = [s.throughput for s in runs.samples["pld"]]
+    assert pld.throughput == (pytest.approx(sorted(thr)[1] / 2 + sorted(thr)[2] / 2), min(thr), max(thr))
+    assert "1.50x [" in il.format_table([base, pld])
+
+
+def test_a_speedup_above_tokens_per_step_is_an_error_not_a_figure():
+    run = drifting({"baseline": (10.0, 1.0), "pld": (20.7, 1.59), "draft": (16.0, 3.2), "in-process": (30.0, 1.0)}, 0)
+    runs = il.run_interleaved(["baseline", "pld", "draft", "in-process"], run, 2, log=lambda s: None)
+    figs = {f.name: f for f in il.summarize(runs, "baseline")}
+    assert "2.07x > 1.59 tokens/step: impossible" in figs["pld"].error
+    assert figs["draft"].error is None and figs["draft"].speedup[0] == pytest.approx(1.6)
+    assert figs["in-process"].error is None  # not a mode: nothing bounds it
+    text = il.format_table(list(figs.values()))
+    assert "ERROR: speedup 2.07x" in text and "2.07x [" not in text
+    assert il.errors(figs.values()) == [f"pld: {figs['pld'].error}"]
+    # the registry says which sides are bound: every mode that speculates, variants too
+    assert il.bounded("pld") and il.bounded("draft+overlap") and not il.bounded("baseline")
+    assert not il.bounded("in-process")
