@@ -14,7 +14,7 @@ PIP_QAIC := $(PIP_CPU) -c constraints/qaic.txt
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-qaic demo test test-cpu test-qaic test-fast check-install bench
+.PHONY: setup setup-qaic demo test test-cpu test-qaic test-fast check-install bench doctor
 
 setup: $(VENV)/.installed
 
@@ -69,6 +69,10 @@ check-install:
 
 test-qaic: setup-qaic
 	SPD_CLUSTER_QEFF_LANE=1 $(QPY) -m pytest -q
+
+# Is this machine ready? Python, venv, torch, Ray, free ports, models, QEfficient, the bf16 kernel.
+doctor: setup
+	$(VENV)/bin/spd-cluster doctor
 
 bench: setup
 	$(PY) bench/bench_session.py

@@ -20,6 +20,8 @@ COMMANDS = {
     "report": ("spd_cluster.report", "figures of a job's output (finished or running): PNGs, HTML, table"),
     "models": ("spd_cluster.store", "list or prepare packaged models"),
     "train-heads": ("spd_cluster.training", "train multi-projection (multiproj) heads by self-distillation"),
+    "doctor": ("spd_cluster.doctor", "check this machine: Python, venv, torch, Ray, ports, models, QEfficient, "
+                                     "the bf16 kernel; each with what to do"),
 }
 
 
