@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936])
     ap.add_argument("--fbs", type=int, nargs="+", default=[1, 4])
     args = ap.parse_args()
-    modes = ["baseline", "pld", "draft", "multiproj"]
+    modes = ["baseline", "pld", "draft", "multiproj", "suffix"]
     print(f"host ms per step (k={args.k}, {args.steps} new tokens per prompt, sessions that cost nothing)")
     print(f"{'vocab':>7} {'fbs':>4} " + " ".join(f"{m:>10}" for m in modes))
     for vocab in args.vocab:

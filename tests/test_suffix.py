@@ -273,3 +273,76 @@ def test_sampled_templated_text_is_the_target_s():
     info = run_templated("suffix", prompts, temperature=0.8, seed=1)
     assert [x.tolist() for x in info.generated_ids] == [x.tolist() for x in base.generated_ids]
     assert info.perf_metrics.suffix_accepted_job > 0
+
+
+# -- the job-wide index across pairs (cluster/suffix_cache.py) ---------------------------------
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.remote = fn
+
+
+class FakeCache:
+    """The cache actor in process: its methods answered at once (ray.get is the identity here)."""
+
+    def __init__(self, max_rows=10):
+        from spd_cluster.cluster.suffix_cache import SuffixCache
+
+        self.actor = SuffixCache(max_rows)
+        self.pull, self.push = _Remote(self.actor.pull), _Remote(self.actor.push)
+
+
+def test_pairs_send_their_finished_rows_at_a_shard_s_end_and_take_the_others_at_its_start(monkeypatch):
+    import ray
+
+    from spd_cluster.cluster import suffix_cache
+
+    cache = FakeCache(max_rows=3)
+    monkeypatch.setattr(suffix_cache, "_cache", lambda: cache)
+    monkeypatch.setattr(ray, "get", lambda x: x)
+    a, b = (SpDEngine("suffix", TemplateSession(1, 64), None, SpDSettings(prefill_seq_len=8, ctx_len=64,
+                                                                         full_batch_size=1), eos_token_ids=[EOS])
+            for _ in range(2))
+    assert suffix_cache.pull(a, 0) == 0
+    a.generate(templated(2, seed=3))
+    assert suffix_cache.push(a, 0) == 2 and suffix_cache.push(a, 0) == 0  # each row sent once
+    assert suffix_cache.pull(a, 0) == 0  # a pair never takes its own rows back
+    assert suffix_cache.pull(b, 1) == 2 and len(b.proposer.job) == 2
+    b.generate(templated(2, seed=4))
+    suffix_cache.push(b, 1)
+    assert suffix_cache.pull(a, 0) == 2 and suffix_cache.pull(b, 1) == 0
+    assert cache.actor.size() == 3  # bounded: the oldest row went
+    # a mode without a job index, or no cache in the job, costs nothing
+    assert suffix_cache.pull(engine("pld", 3, 1), 0) == 0
+    monkeypatch.setattr(suffix_cache, "_cache", lambda: None)
+    assert suffix_cache.push(b, 1) == 0
+
+
+@pytest.mark.slow
+def test_a_suffix_job_on_ray_is_the_target_s_text_and_a_resume_starts_from_its_results(tiny, local_ray, tmp_path):
+    import pandas as pd
+    from helpers import make_cfg, reference, results, write_jsonl
+
+    from spd_cluster.cluster.coordinator import run_job
+    from spd_cluster.cluster.suffix_cache import SuffixCache
+    from spd_cluster.io import fs
+
+    rows = [{"id": f"r{i}", "prompt": f"name: {n}; city: {c}; to json"} for i, (n, c) in
+            enumerate(zip(["ann", "bob", "cy", "dee", "ed", "flo", "gus", "hal"], ["rome", "oslo", "lima"] * 3))]
+    ds = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out"
+    cfg = make_cfg(tiny, ds, out, mode="suffix", **{"cluster.shard_size": 2, "spd.adaptive_k": "false"})
+    res = run_job(cfg, progress=False)
+    assert res.status == "completed" and res.shards_run == 4
+    df = results(out)
+    assert {r: list(g) for r, g in zip(df.row, df.generated_ids)} == reference(tiny, make_cfg(tiny, ds, out, mode="baseline"))
+    shards = pd.read_parquet(out / "shards.parquet")
+    for col in SuffixProposer.STATS:
+        assert col in shards.columns
+    assert shards.suffix_steps_row.sum() + shards.suffix_steps_job.sum() > 0
+    # a resumed job's cache starts from the outputs written
+    cache = SuffixCache(100, fs.resolve(str(out)), shard_ids=[0, 1, 2, 3])
+    assert cache.size() == sum(len(g) > 0 for g in df.generated_ids)
+    assert sorted(tuple(r[1:]) for r in cache.pull(0, 0)[1]) == sorted(tuple(g) for g in df.generated_ids if len(g))
+    assert SuffixCache(3, fs.resolve(str(out)), shard_ids=[0, 1, 2, 3]).size() == 3  # bounded

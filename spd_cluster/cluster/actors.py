@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..engine.modes import DRAFT, TARGET
+from . import suffix_cache
 from .messages import LiveCounts, ShardDone, ShardRequest, rows_once
 
 EMPTY = np.zeros(0, dtype=np.int64)
@@ -359,7 +360,9 @@ class TargetActor(_DeviceActor):
         self._live = LiveCounts(shard.shard_id)
         todo = [r for r in shard.rows if r.error is None]
         prompts, ids = [r.prompt for r in todo], [r.prompt_id for r in todo]
+        suffix_cache.pull(self.engine, self.pair_id)  # suffix: the other pairs' finished rows join its index
         info = self.engine.generate(prompts, ids, on_result=self._count)
+        suffix_cache.push(self.engine, self.pair_id)  # and this shard's go to them
         rows_once(shard, ids, [r.prompt_id for r in info.results])
         audit_rows, audit_s = [], 0.0
         if audit:

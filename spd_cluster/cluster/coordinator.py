@@ -28,6 +28,7 @@ from .preflight import OutputState, check_job_models, inspect_output, local_qaic
 from .preflight import preflight
 from .reduce import first_batch_ttft
 from .schedule import PREFETCH, Scheduler, Timings, schedule  # noqa: F401
+from . import suffix_cache
 
 RECOVER_TIMEOUT_S = 600.0  # give up when every live pair has been recovering this long
 LIVE_EVERY_S = 1.0  # how often the progress bar asks a busy pair what its shard has finished
@@ -86,6 +87,7 @@ def run_job(cfg: JobConfig, *, progress: bool = True, on_event: Optional[Callabl
                                    resources=local_qaic_resources(cfg))
             job.data["ray"] = job.run["placement"]["ray"] = _ray_info(started)
             job.write()
+            cache = suffix_cache.start(cfg, plan.out, plan.records)  # noqa: F841 - suffix: the job-wide index's actor, held to the end
             schedule(run)
         if run.failed:
             raise JobError(f"{len(run.failed)} shard(s) failed past {c.max_retries} retries: "

@@ -288,6 +288,7 @@ class SuffixProposer:
         self.last: dict[int, tuple[str, int]] = {}  # slot -> (source, tokens) of its last proposal
         self.finished: list[list[int]] = []  # (prompt tail + output, prompt tail length) of rows not yet sent
         self.stats = dict.fromkeys(self.STATS, 0)
+        self.cache_seen = 0  # behind Ray: the job cache's serial this engine has pulled up to
 
     def start(self, slot, prompt_ids, key=None):
         index = SuffixIndex(self.max_depth)
