@@ -21,6 +21,7 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 
 from spd_cluster import report  # noqa: E402
+from spd_cluster import status as status_mod  # noqa: E402
 from spd_cluster.cluster.coordinator import run_job  # noqa: E402
 from spd_cluster.engine.metrics import SpDPerfMetrics  # noqa: E402
 from spd_cluster.io import results as rio  # noqa: E402
@@ -180,3 +181,41 @@ def test_every_column_has_a_description_and_durations_a_unit(job, name):
     want = {"results/shard-00000.parquet": rio.RESULTS_SCHEMA, "shards.parquet": rio.SHARDS_SCHEMA,
             "exec_info.parquet": rio.EXEC_INFO_SCHEMA, "audit.parquet": rio.AUDIT_SCHEMA}[name]
     assert [(f.name, f.metadata) for f in schema] == [(f.name, f.metadata) for f in want]
+
+
+@pytest.mark.slow
+def test_one_throughput_in_exec_info_the_summary_status_and_the_report(job):
+    """The job's e2e throughput is one figure wherever it is printed: generated tokens / (job wall
+    time less the audit's share of it), engine/reduce.py's; decode throughput is one pair's, decode
+    tokens / decode pair-seconds. (Before, one job showed four: exec_info over the wall time with
+    the audit, `status` the same, the report's pairs over busy time, the print without a unit.)"""
+    out, res = job["out"], job["res"]
+    ex = pd.read_parquet(out / "exec_info.parquet").iloc[0]  # after the no-op resume: the same job
+    js = json.loads((out / "job.json").read_text())
+    sh = pd.read_parquet(out / "shards.parquet")
+    wall, startup = js["wall_time_s"], sum(r["actor_startup_s"] for r in js["runs"])
+    audit_wall = (wall - startup) * sh.audit_s.sum() / sh.wall_s.sum()
+    assert ex.audit_time_s > 0 and ex.audit_wall_time_s == pytest.approx(audit_wall, rel=1e-4) and audit_wall > 0
+    assert ex.e2e_time == pytest.approx(wall - audit_wall, rel=1e-4)
+    assert ex.e2e_throughput == pytest.approx(ex.num_generated_tokens / (wall - audit_wall), rel=1e-4)
+    assert ex.decode_throughput == pytest.approx(sh.num_decode_tokens.sum() / sh.decode_time.sum())
+    # the summary `spd-cluster run` prints (the job's ExecInfo), with units and the audit apart
+    first = job["exec_info"].iloc[0]
+    text = str(res.exec_info)
+    assert f"E2E Throughput = {round(first.e2e_throughput, 2)} tokens/s ({first.num_generated_tokens} tokens / " \
+           f"{first.e2e_time:.2f} s)" in text
+    assert f"Decode Throughput = {round(first.decode_throughput, 2)} tokens/s per pair" in text
+    assert f"audit {first.audit_wall_time_s:.2f} s, not in the throughputs" in text
+    # `status`, and the report (from exec_info, and from the records as while the job ran)
+    st = status_mod.job_status(out)
+    assert st["tokens_per_s"] == pytest.approx(ex.e2e_throughput, rel=1e-4)
+    assert st["decode_tokens_per_s"] == pytest.approx(ex.decode_throughput)
+    fig = report.compute(report.load_job(out))
+    assert fig.e2e_throughput == ex.e2e_throughput and fig.decode_throughput == ex.decode_throughput
+    assert fig.wall_s == pytest.approx(wall) and fig.audit_wall_s == ex.audit_wall_time_s
+    live = report.load_job(out)
+    live.job, live.exec_info = {**live.job, "status": "running"}, None
+    again = report.compute(live)
+    assert again.aggregate_source.endswith("shard record(s) so far") and not again.wall_approx
+    assert again.e2e_throughput == pytest.approx(ex.e2e_throughput, rel=1e-4)
+    assert again.decode_throughput == pytest.approx(ex.decode_throughput)

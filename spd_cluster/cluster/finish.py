@@ -17,7 +17,7 @@ from ..io import results as rio
 from . import audit as audit_mod
 from .commit import all_audit_rows, now, written_behind
 from .plan import Plan
-from .reduce import aggregate_exec_info, metrics_from_record, reduce_metrics
+from ..engine.reduce import aggregate_exec_info, reduce_records
 
 if TYPE_CHECKING:
     from ..engine.metrics import CloudAI100ExecInfo
@@ -79,11 +79,11 @@ def summarize(plan: Plan, records: dict, wall: float, batch_ttft, actor_startup_
     ``actor_startup_s``: the runs' start-up seconds (in ``wall`` too, reported apart)."""
     cfg, out = plan.cfg, plan.out
     recs = [records[k] for k in sorted(records)]
-    metrics = reduce_metrics([metrics_from_record(r) for r in recs], wall,
-                             num_ran=[r["num_prompts"] - r["num_errors"] for r in recs], batch_ttft=batch_ttft)
+    job_fig = reduce_records(recs, wall, actor_startup_s=actor_startup_s, batch_ttft=batch_ttft)
+    metrics = job_fig.metrics
     draft_name = draft_model(cfg) or ""
     exec_info = aggregate_exec_info(metrics, mode=cfg.mode, settings=cfg.spd, target_name=cfg.target.model,
-                                    draft_name=draft_name)
+                                    draft_name=draft_name, job=job_fig)
     num_errors = sum(r["num_errors"] for r in recs)
     audited = all_audit_rows(records)
     audit = audit_mod.summarize(audited)
@@ -100,7 +100,8 @@ def summarize(plan: Plan, records: dict, wall: float, batch_ttft, actor_startup_
         "num_shards": plan.num_shards,
         "num_pairs": len({r["pair_id"] for r in recs if r.get("pair_id") is not None}),
         "num_pairs_configured": cfg.cluster.num_pairs, "actor_startup_s": actor_startup_s,
-        "audit_time_s": sum(float(r.get("audit_s") or 0.0) for r in recs), **rio.metrics_record(metrics),
+        "audit_time_s": job_fig.audit_time_s, "audit_wall_time_s": job_fig.audit_wall_time_s,
+        **rio.metrics_record(metrics),
         "audit_num_prompts": audit["num_prompts"], "audit_match_rate": audit["match_rate"],
         "audit_speedup": audit["speedup"],
     })
