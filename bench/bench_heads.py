@@ -33,7 +33,7 @@ from spd_cluster.engine import SpDEngine, SpDSettings
 from spd_cluster.sessions import eos_token_ids, load_model, load_tokenizer
 from spd_cluster.sessions.heads import TurboHeads
 from spd_cluster.sessions.torch_session import TorchSession
-from spd_cluster.training.heads import TrainSettings, format_accuracy, read_prompts, train_heads
+from spd_cluster.training import TrainSettings, format_accuracy, read_prompts, train_heads
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 TRAIN_FILE, EVAL_FILE = DATA / "code_prompts_train.txt", DATA / "code_prompts_eval.txt"

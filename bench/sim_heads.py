@@ -34,7 +34,7 @@ from spd_cluster.engine.proposers import NgramIndex, with_lookup
 from spd_cluster.sessions import eos_token_ids, load_model, load_tokenizer
 from spd_cluster.sessions.heads import TurboHeads
 from spd_cluster.sessions.torch_session import TorchSession
-from spd_cluster.training.heads import read_prompts
+from spd_cluster.training import read_prompts
 
 EVAL_FILE = Path(__file__).resolve().parent.parent / "data" / "code_prompts_eval.txt"
 

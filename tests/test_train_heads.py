@@ -14,8 +14,7 @@ from spd_cluster.engine import SpDEngine, SpDSettings
 from spd_cluster.sessions.packed import PackedLinear
 from spd_cluster.sessions.heads import CONFIG_FILE, WEIGHTS_FILE, TurboHeads
 from spd_cluster.sessions.torch_session import TorchSession
-from spd_cluster.training import TrainingError, TrainSettings, add_cli, read_prompts, train_heads
-from spd_cluster.training.heads import distill
+from spd_cluster.training import TrainingError, TrainSettings, add_cli, distill, read_prompts, train_heads
 
 EOS = 2
 TARGET = tiny_model("llama", seed=0)
@@ -201,6 +200,10 @@ def test_cli_end_to_end_on_a_model_directory(tmp_path, capsys):
     assert cli(argv) == 0
     printed = capsys.readouterr().out
     assert "top-1 accuracy (heldout" in printed and "head2=" in printed
+    # what more data would give, and how to use the heads: flags that exist
+    assert "too few to be useful" in printed and "--distilled" in printed and "docs/heads.md" in printed
+    assert "--mode" not in printed
+    assert f"--set mode=multiproj --set speculator_path={out}" in printed
     cfg = json.loads((out / CONFIG_FILE).read_text())
     assert cfg["base_model"] == str(model_dir) and cfg["turbo_num_heads"] == 2
     assert cli(argv) == 2  # exists now
@@ -225,3 +228,44 @@ def test_distilled_rows_saved_and_reused(tmp_path):
     with pytest.raises(TrainingError, match="needs targets for 6"):
         train_heads(TARGET, None, [], None, TrainSettings(**{**SETTINGS, "num_heads": 6}), progress=False,
                     distilled=[saved])
+
+
+def test_distil_bar_counts_tokens_to_its_total(monkeypatch):
+    """The distillation bar counts tokens (each prompt's budget), so its ETA holds from the first
+    steps; a prompt ended early at EOS hands over what it left, and the bar ends at its total."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, **kw):
+            self.total, self.n, self.updates = total, 0, []
+            bars.append(self)
+
+        def update(self, k=1):
+            self.n += k
+            self.updates.append(k)
+
+        def set_postfix_str(self, *a, **kw):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    s = TrainSettings(**{**SETTINGS, "max_new_tokens": 10})
+    eos = [EOS, *range(3, 40)]  # many ids end a sequence: some end early
+    data = distill(TARGET, None, PROMPTS[:6], s, eos_token_ids=eos, progress=True)
+    (bar,) = bars
+    assert bar.total == 6 * 10 and bar.n == bar.total
+    assert data.num_tokens < bar.total  # some ended before their budget, and the bar still ends full
+    assert len(bar.updates) > 6  # moved within prompts, not once per prompt
+
+
+def test_advice_says_what_more_data_gives():
+    from spd_cluster.training import advice
+
+    few = advice({"generated_tokens": 1243})
+    assert "1,243" in few and "too few" in few and "25k tokens: 0.72" in few and "--save-distilled" in few
+    assert "too few" not in advice({"generated_tokens": 60_000})
+
