@@ -178,6 +178,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override a config value (YAML scalar), e.g. --set cluster.num_pairs=2; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action=_Verbose, help="log at INFO (ours and Ray's), with Ray's own start-up notices")
+
+
+class _Verbose(argparse.Action):
+    """``--verbose``, applied as it is parsed (``spd-cluster run`` and jobs/spd_batch.py alike)."""
+
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .runtime import set_verbose
+
+        setattr(namespace, self.dest, True)
+        set_verbose(True)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
