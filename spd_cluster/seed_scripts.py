@@ -100,12 +100,15 @@ def main(mode: str, argv: list[str] | None = None) -> None:
         top_p=args.top_p,
         seed=args.seed,
     )
-    engine = build_engine(
-        mode, settings, target, dtype=args.dtype, device=args.device,
-        draft_model=args.draft_model_name, draft_dtype=args.draft_dtype,
-        speculator_path=args.speculator_path,
-        target_device_ids=args.target_device_group, draft_device_ids=args.draft_device_group,
-    )
+    try:
+        engine = build_engine(
+            mode, settings, target, dtype=args.dtype, device=args.device,
+            draft_model=args.draft_model_name, draft_dtype=args.draft_dtype,
+            speculator_path=args.speculator_path,
+            target_device_ids=args.target_device_group, draft_device_ids=args.draft_device_group,
+        )
+    except (ValueError, FileNotFoundError) as e:  # a model not installed, heads not trained: the message has the fix
+        raise SystemExit(f"error: {e}") from None
     exec_info = engine.generate(prompts)
     print(exec_info)
     for prompt, generation in zip(exec_info.prompts, exec_info.generated_texts):
