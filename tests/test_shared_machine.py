@@ -235,3 +235,39 @@ def test_a_killed_driver_leaves_nothing_of_its_local_ray():
             drv.wait()
         for p in _session_processes(info["all"] if "info" in dir() else []):
             p.kill()
+
+
+# -- quiet by default ----------------------------------------------------------------------------
+
+def test_rays_token_notice_is_dropped_unless_verbose(caplog, monkeypatch):
+    import logging
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    monkeypatch.setattr(log, "filters", [])
+    notice = ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. "
+              "For more information, see https://docs.ray.io/en/latest/ray-security/token-auth.html")
+    with caplog.at_level(logging.WARNING):
+        log.warning(notice)
+        assert notice in caplog.text  # Ray's own behaviour
+        caplog.clear()
+        runtime._quiet_token_notice()
+        runtime._quiet_token_notice()  # once is enough, twice adds nothing
+        assert len(log.filters) == 1
+        log.warning(notice)
+        log.warning("Token authentication is disabled for this Ray cluster. Anyone with network access ...")
+    assert notice not in caplog.text and "is disabled" in caplog.text  # only the notice that asks nothing
+
+
+def test_verbose_flag_of_run_and_the_job_entrypoint(monkeypatch):
+    from spd_cluster.cli import build_parser
+
+    monkeypatch.setattr(runtime, "VERBOSE", False)
+    args = build_parser(["run"]).parse_args(["run", "c.yaml"])
+    assert args.verbose is False and runtime.VERBOSE is False
+    import logging
+
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: None)
+    monkeypatch.setattr(logging.getLogger("spd_cluster"), "level", logging.NOTSET)
+    args = build_parser(["run"]).parse_args(["run", "c.yaml", "--verbose"])
+    assert args.verbose is True and runtime.VERBOSE is True
+    assert logging.getLogger("spd_cluster").level == logging.INFO
