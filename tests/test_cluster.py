@@ -555,6 +555,9 @@ def test_ray_job_submit(tiny, tmp_path):
         assert job["status"] == "completed"
         assert job["ray"]["started_locally"] is False  # the job's driver joined this cluster
         assert job["ray"]["gcs_address"] == f"127.0.0.1:{gcs}"
+        # how to resume it is how it was started: the submit line, this cluster's dashboard named
+        assert job["runs"][-1]["command"] == (
+            f"ray job submit --address {url} --working-dir . -- python jobs/spd_batch.py --config {cfg_path}")
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # our own process group, nothing else
         try:

@@ -33,8 +33,9 @@ def dashboard_url(timeout_s: float = 5.0) -> str | None:
         from ray._private import ray_constants
         from ray._raylet import GcsClient
 
-        url = GcsClient(address=address).internal_kv_get(
-            ray_constants.DASHBOARD_ADDRESS.encode(), ray_constants.KV_NAMESPACE_DASHBOARD.encode(), timeout=timeout_s)
+        key, namespace = (x.encode() if isinstance(x, str) else x
+                          for x in (ray_constants.DASHBOARD_ADDRESS, ray_constants.KV_NAMESPACE_DASHBOARD))
+        url = GcsClient(address=address).internal_kv_get(key, namespace, timeout=timeout_s)
     except Exception:  # noqa: BLE001 - no Ray here, or another release's internals: the line goes without it
         return None
     if not url:
