@@ -30,6 +30,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/spd-cluster run configs/demo.yaml
 	$(VENV)/bin/spd-cluster report out/demo
+	@echo "The commands are in $(VENV)/bin: \`. $(VENV)/bin/activate\` once per shell, then spd-cluster, python, ray (or call $(VENV)/bin/spd-cluster)."
 
 setup-qaic: $(QAIC_VENV)/.installed
 
