@@ -1,10 +1,12 @@
 """Plain greedy decode: our session (baseline mode of the engine) vs HF `generate`, same model,
-same dtype, same prompt, batch 1; runs alternate after a warm-up, in ABBA order; it prints the
-best of each and the median of the paired ratios (each session run over its neighbouring HF
-run), which is the steadier figure on a machine whose speed drifts.
+same dtype, same prompt, batch 1; runs alternate after a warm-up (HF, then our session on each
+set of bfloat16 tiles this CPU runs, forward then reverse order in turn); it prints the best of
+each and the median of the paired ratios (each session run over its neighbouring HF run), which
+is the steadier figure on a machine whose speed drifts, and whether every run gave HF's tokens.
 The session is built as `load_session` builds it, CPU kernels on (float32: prepacked oneDNN linears,
-sessions/packed.py; bfloat16: our AVX2 kernel, sessions/bf16.py), over its own copy of the model so
-HF's `generate` keeps nn.Linear.
+sessions/packed.py; bfloat16: our kernel, sessions/bf16.py, on its AVX2 tiles and, where the CPU
+has AVX512-BF16, on those: the same tokens, switched per run with `bf16.set_isa`), over its own
+copy of the model so HF's `generate` keeps nn.Linear.
 
     python bench/bench_session.py [--models smollm2-135m:float32,qwen2.5-coder-1.5b:bfloat16] [--new 64]
 """
@@ -19,7 +21,7 @@ from time import perf_counter
 import torch
 
 from spd_cluster.engine import SpDEngine, SpDSettings
-from spd_cluster.sessions import eos_token_ids, load_model, load_tokenizer
+from spd_cluster.sessions import bf16, eos_token_ids, load_model, load_tokenizer
 from spd_cluster.sessions.torch_session import TorchSession
 
 PROMPT = "Write a Python function that parses a CSV file and returns the rows as dictionaries."
@@ -52,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"greedy decode, batch 1, {args.new} new tokens, {args.threads} threads, best of {args.repeats}")
-    print(f"{'model':24} {'dtype':9} {'HF generate tok/s':>18} {'session tok/s':>14} {'ratio':>6} "
+    print(f"{'model':24} {'dtype':9} {'tiles':12} {'HF generate tok/s':>18} {'session tok/s':>14} {'ratio':>6} "
           f"{'median paired':>13} identical packed")
     for spec in args.models.split(","):
         name, dtype = spec.split(":")
@@ -64,22 +66,36 @@ def main() -> None:
         # as load_session builds it (CPU kernels on), over a copy so HF's generate keeps nn.Linear
         session = TorchSession(copy.deepcopy(model), 1, settings.ctx_len, pack=True)
         engine = SpDEngine("baseline", session, tok, settings, eos_token_ids=eos_token_ids(model, tok))
+        default = bf16.isa()
+        tiles = bf16.isas() if session.packed == "avx2-bf16" else ["-"]
+
+        def ours(isa):
+            if isa != "-":
+                bf16.set_isa(isa)
+            return ours_run(engine, ids)
+
+        sides = {"HF": lambda: hf_run(model, ids, args.new), **{isa: (lambda isa=isa: ours(isa)) for isa in tiles}}
         hf_run(model, ids, 4)
-        ours_run(engine, ids)
-        # alternate the two so both see the same machine load
-        hf_runs, ours_runs = [], []
-        for i in range(args.repeats):  # ABBA: neither always runs second (this machine slows under load)
-            if i % 2 == 0:
-                hf_runs.append(hf_run(model, ids, args.new))
-                ours_runs.append(ours_run(engine, ids))
-            else:
-                ours_runs.append(ours_run(engine, ids))
-                hf_runs.append(hf_run(model, ids, args.new))
-        hf_tps, ours_tps = max(map(tok_per_s, hf_runs)), max(map(tok_per_s, ours_runs))
-        same = all(h[0] == o[0] for h, o in zip(hf_runs, ours_runs))
-        paired = statistics.median(tok_per_s(o) / tok_per_s(h) for h, o in zip(hf_runs, ours_runs))
-        print(f"{name:24} {dtype:9} {hf_tps:18.2f} {ours_tps:14.2f} {ours_tps / hf_tps:6.2f} {paired:13.2f} "
-              f"{same!s:9} {session.packed}")
+        for isa in tiles:
+            ours(isa)
+        # alternate the sides so all see the same machine load; neither order always (this
+        # machine slows under load)
+        runs = {n: [] for n in sides}
+        for i in range(args.repeats):
+            for n in list(sides) if i % 2 == 0 else list(sides)[::-1]:
+                runs[n].append(sides[n]())
+        if default is not None:
+            bf16.set_isa(default)
+        hf_tps = max(map(tok_per_s, runs["HF"]))
+        for isa in tiles:
+            ours_tps = max(map(tok_per_s, runs[isa]))
+            same = all(h[0] == o[0] for h, o in zip(runs["HF"], runs[isa]))
+            paired = statistics.median(tok_per_s(o) / tok_per_s(h) for h, o in zip(runs["HF"], runs[isa]))
+            print(f"{name:24} {dtype:9} {isa:12} {hf_tps:18.2f} {ours_tps:14.2f} {ours_tps / hf_tps:6.2f} "
+                  f"{paired:13.2f} {same!s:9} {session.packed}")
+        if len(tiles) > 1:
+            print(f"{'':24} {'':9} tiles give the same tokens in every run: "
+                  f"{all(r[0] == runs[tiles[0]][0][0] for isa in tiles for r in runs[isa])}")
 
 
 if __name__ == "__main__":
