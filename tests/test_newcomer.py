@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -27,6 +29,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
         os.close(w)
 
 
+@pytest.mark.slow  # two script runs, each importing torch and transformers
 def test_seed_script_without_heads_names_the_train_heads_command(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
