@@ -150,6 +150,14 @@ def _complete(pf: Preflight) -> Optional[str]:
     size = int(prev["shard_size"])
     if cfg.cluster.shard_size is not None and cfg.cluster.shard_size != size:
         return None
+    n = int(prev["num_shards"])
+    try:  # the checkpoint first: a job not complete costs no fingerprint (a single file's is a read of it)
+        on_disk = rio.written_shards(pf.out)
+        listed = {int(r["shard_id"]) for r in rio.read_shards_table(pf.out)}
+    except (OSError, ValueError):
+        return None
+    if not all(i in listed and i in on_disk for i in range(n)):
+        return None
     try:
         sha = fingerprint(*dataset_files(cfg.dataset.path, cfg.dataset.filesystem))
     except (DatasetError, OSError):
@@ -157,14 +165,6 @@ def _complete(pf: Preflight) -> Optional[str]:
     ident = cfg.identity_hash(sha)
     d = prev.get("dataset") or {}
     if prev.get("config_hash") != ident or d.get("sha256") != sha or d.get("num_rows") is None:
-        return None
-    n = int(prev["num_shards"])
-    try:
-        on_disk = rio.written_shards(pf.out)
-        listed = {int(r["shard_id"]) for r in rio.read_shards_table(pf.out)}
-    except (OSError, ValueError):
-        return None
-    if not all(i in listed and i in on_disk for i in range(n)):
         return None
     info = DatasetInfo(str(cfg.dataset.path), str(d.get("format")), int(d["num_rows"]), sha, {},
                        cfg.dataset.filesystem)
