@@ -1,12 +1,16 @@
 """Every mode is token-identical to the target's own greedy HF `generate` (float32), with
-continuous batching over 1..4 slots and k in {1, 3, 5}; plus acceptance, finish reasons, errors."""
+continuous batching over 1..4 slots and k in {1, 3, 5}; every accept path (all accepted, partial
+accepts, none) with k fixed and adaptive; plus acceptance, finish reasons, errors."""
+
+import copy
 
 import numpy as np
 import pytest
 import torch
 from tiny import VOCAB, tiny_model
 
-from spd_cluster.engine import SpDEngine, SpDSettings
+from spd_cluster.engine import SpDEngine, SpDSettings, StepCost
+from spd_cluster.sessions.base import check_inputs, keep_index, verified_column
 from spd_cluster.sessions.heads import TurboHeads
 from spd_cluster.sessions.torch_session import TorchSession
 
@@ -44,13 +48,18 @@ def random_heads(num_heads=4, layers=1, seed=3):
     return heads
 
 
-def engine(mode, k, fbs, ctx_len=128, target=TARGET, draft=DRAFT, **kw):
+def engine(mode, k, fbs, ctx_len=128, target=TARGET, draft=DRAFT, step_cost=None, **kw):
     settings = SpDSettings(num_speculative_tokens=k, prefill_seq_len=8, ctx_len=ctx_len,
                            max_new_tokens=kw.pop("max_new_tokens", MAX_NEW), full_batch_size=fbs, **kw)
     heads = random_heads() if mode == "multiproj" else None
     t = TorchSession(target, fbs, ctx_len, heads=heads)
     d = TorchSession(draft, fbs, ctx_len) if mode == "draft" else None
-    return SpDEngine(mode, t, None, settings, draft=d, eos_token_ids=[EOS])
+    return SpDEngine(mode, t, None, settings, draft=d, eos_token_ids=[EOS], step_cost=step_cost)
+
+
+# a device's step-cost curve (a verify 5% dearer a token), for tests whose adaptive k must not
+# follow the host's timing: on a loaded host a measured curve can price every width out
+DEVICE_CURVE = StepCost([1.0 + 0.05 * w for w in range(8)])
 
 
 @pytest.mark.parametrize("mode", ["baseline", "draft", "pld", "multiproj"])
@@ -88,7 +97,7 @@ def test_prompt_lookup_accepts_more_than_one_on_repetition():
     loop = [5, 9, 14, 33, 40, 41, 7]
     prompt = loop * 6
     ref = hf_greedy(model, prompt, max_new=30)
-    info = engine("pld", 4, 1, target=model, max_new_tokens=30).generate([prompt])
+    info = engine("pld", 4, 1, target=model, max_new_tokens=30, step_cost=DEVICE_CURVE).generate([prompt])
     assert info.generated_ids[0].tolist() == ref
     # a random model continuing a loop it saw keeps copying it only if its own greedy output does;
     # what matters here: wherever the text repeats, lookup saves target steps
@@ -162,7 +171,7 @@ def test_multiproj_prompt_lookup_stays_lossless_and_emits_more_per_step(fbs):
     info = {}
     for lookup in (False, True):
         info[lookup] = engine("multiproj", 4, fbs, target=model, max_new_tokens=30, confidence_threshold=0.3,
-                              prompt_lookup=lookup).generate(prompts)
+                              prompt_lookup=lookup, step_cost=DEVICE_CURVE).generate(prompts)
         assert [ids.tolist() for ids in info[lookup].generated_ids] == ref
     assert info[True].perf_metrics.decode_iterations < info[False].perf_metrics.decode_iterations
     assert info[True].perf_metrics.mean_num_accepted_tokens > info[False].perf_metrics.mean_num_accepted_tokens
@@ -303,3 +312,203 @@ def test_multiproj_device_argmax_equals_host_argmax_of_full_head_logits():
     assert [x.tolist() for x in a.generated_ids] == [x.tolist() for x in b.generated_ids] == REFERENCE
     assert a.perf_metrics.accepted_per_position == b.perf_metrics.accepted_per_position
     assert a.perf_metrics.decode_iterations == b.perf_metrics.decode_iterations
+
+
+# -- modelled time and planted proposals: accept paths that do not depend on the host ------------
+
+
+class ModelledTime:
+    """A clock that only device calls move: ``priced(session, seconds)`` advances it by a call's
+    modelled cost (``seconds(inputs)`` or a constant), and the engine and adaptive k read it as
+    their ``perf_counter``. Adaptive k's choices, the run's times and so its speedups are then the
+    same on any host, however loaded."""
+
+    def __init__(self, monkeypatch):
+        self.t = 0.0
+        for module in ("spd_cluster.engine.engine", "spd_cluster.engine.adaptive"):
+            monkeypatch.setattr(f"{module}.perf_counter", self)
+
+    def __call__(self) -> float:
+        return self.t
+
+    def priced(self, session, seconds):
+        return Priced(session, self, seconds if callable(seconds) else (lambda inputs: seconds))
+
+
+class Priced:
+    def __init__(self, inner, clock: ModelledTime, seconds):
+        self.inner, self.clock, self.seconds = inner, clock, seconds
+        self.full_batch_size, self.ctx_len = inner.full_batch_size, inner.ctx_len
+        self.vocab_size, self.num_heads = inner.vocab_size, inner.num_heads
+        self.eos_token_ids = list(inner.eos_token_ids)
+
+    def run(self, inputs):
+        out = self.inner.run(inputs)
+        self.clock.t += self.seconds(inputs)
+        return out
+
+
+def verify_cost(base=1.0, per_token=0.05):
+    """A target call of w tokens a row costs base * (1 + per_token * (w - 1)): a device's curve."""
+    return lambda inputs: base * (1 + per_token * (np.shape(inputs["input_ids"])[1] - 1))
+
+
+class PlantedHeads:
+    """A target session whose projection heads guess the target's own greedy continuation (from
+    ``fulls``: each prompt followed by its reference), wrong at the positions where ``miss(p)``:
+    multiproj's accept path with heads that copy the target's next-token predictions, no training.
+    Greedy (``argmax``) calls only; ``inner`` runs as a plain session."""
+
+    def __init__(self, inner, fulls, num_heads=4, miss=lambda position: False):
+        self.inner, self.fulls, self.miss = inner, [list(f) for f in fulls], miss
+        self.full_batch_size, self.ctx_len = inner.full_batch_size, inner.ctx_len
+        self.vocab_size, self.num_heads = inner.vocab_size, num_heads
+        self.eos_token_ids = list(inner.eos_token_ids)
+        self.kv = np.zeros((inner.full_batch_size, inner.ctx_len), dtype=np.int64)  # the token at each position
+
+    def run(self, inputs):
+        heads = bool(np.asarray(inputs.get("head_guesses", True)).reshape(-1)[0])
+        out = self.inner.run({**inputs, "head_guesses": np.array(False)})
+        x = check_inputs(inputs, self.full_batch_size, self.ctx_len)
+        rows, cols = np.nonzero(x.position_ids >= 0)
+        self.kv[x.batch_index[rows], x.position_ids[rows, cols]] = x.input_ids[rows, cols]
+        if not heads:
+            return out
+        assert "tokens" in out, "planted heads answer greedy (argmax) calls only"
+        kept = keep_index(x.position_ids, x.num_logits)
+        col = verified_column(x, kept, out["tokens"])
+        guesses = np.zeros((len(col), self.num_heads), dtype=np.int64)
+        for b, c in enumerate(col):
+            end = int(x.position_ids[b, kept[b, c]]) + 1
+            seq = self.kv[x.batch_index[b], :end].tolist() + [int(out["tokens"][b, c])]
+            full = next((f for f in self.fulls if f[: len(seq)] == seq), [])
+            for h in range(self.num_heads):
+                p = len(seq) + h
+                right = full[p] if p < len(full) else 0
+                guesses[b, h] = (right + 1) % self.vocab_size if self.miss(p) else right
+        return {**out, "head_tokens": guesses, "head_probs": np.ones(guesses.shape, np.float32)}
+
+
+def perturbed(model, noise, seed=5):
+    """A copy of ``model`` with Gaussian noise on every weight: a draft that agrees with it on some
+    positions only."""
+    other = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    return other
+
+
+NEAR = perturbed(TARGET, 0.005)  # agrees with the target often, not always: partial accepts
+FULLS = [p + r for p, r in zip(PROMPTS, REFERENCE)]
+
+# case -> (mode, draft model, heads: "copy" or planted heads' miss rule, what the accepts must show)
+ACCEPT_CASES = {
+    "baseline": ("baseline", None, None, "none"),
+    "pld": ("pld", None, None, "some"),
+    "draft-same": ("draft", TARGET, None, "all"),
+    "draft-near": ("draft", NEAR, None, "partial"),
+    # zero ResBlocks: each head is the base readout, so it guesses the target's own next token again:
+    # right where the target's text repeats a token (runs of accepts), wrong elsewhere
+    "multiproj-copy-heads": ("multiproj", None, "copy", "some"),
+    "multiproj-planted": ("multiproj", None, lambda p: False, "all"),
+    "multiproj-partial": ("multiproj", None, lambda p: p % 3 == 0, "partial"),
+}
+
+
+def accept_run(case, adaptive, fbs, clock, k=3, prompts=PROMPTS):
+    mode, draft_model, heads, _ = ACCEPT_CASES[case]
+    s = SpDSettings(num_speculative_tokens=k, prefill_seq_len=8, ctx_len=128, max_new_tokens=MAX_NEW,
+                    full_batch_size=fbs, adaptive_k=adaptive)
+    copy_heads = TurboHeads(TARGET.config.hidden_size, 4) if heads == "copy" else None
+    target = TorchSession(TARGET, fbs, 128, heads=copy_heads)
+    if callable(heads):
+        target = PlantedHeads(target, FULLS, num_heads=4, miss=heads)
+    # a device's costs: a verify 5% dearer a token, a draft forward a tenth of a plain step
+    target = clock.priced(target, verify_cost())
+    draft = clock.priced(TorchSession(draft_model, fbs, 128), 0.1) if draft_model is not None else None
+    return SpDEngine(mode, target, None, s, draft=draft, eos_token_ids=[EOS]).generate(prompts)
+
+
+def verifies(monkeypatch) -> list[tuple[int, int]]:
+    """(proposed, accepted) of every row of every greedy verify the engine runs from now on."""
+    import spd_cluster.engine.engine as engine_module
+
+    seen, verify = [], engine_module.verify_greedy
+
+    def spy(out, proposals, counts):
+        found = verify(out, proposals, counts)
+        seen.extend(zip(np.asarray(counts).tolist(), found.accepted.tolist()))
+        return found
+
+    monkeypatch.setattr(engine_module, "verify_greedy", spy)
+    return seen
+
+
+@pytest.mark.parametrize("fbs", [1, 4])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed-k", "adaptive-k"])
+@pytest.mark.parametrize("case", list(ACCEPT_CASES))
+def test_every_accept_path_is_lossless(case, adaptive, fbs, monkeypatch):
+    """Every mode, k fixed and adaptive, one slot and four (eight prompts: continuous batching),
+    on proposals that are all accepted (draft = target, heads planted on the target's own
+    predictions), partly accepted (a draft with perturbed weights, heads wrong at every third
+    position) or found in the text (pld): the output is the target's, and the accepts happened."""
+    seen = verifies(monkeypatch)
+    info = accept_run(case, adaptive, fbs, ModelledTime(monkeypatch))
+    assert [ids.tolist() for ids in info.generated_ids] == REFERENCE
+    m, want = info.perf_metrics, ACCEPT_CASES[case][3]
+    accepted, proposed = sum(m.accepted_per_position), sum(m.proposed_per_position)
+    if want == "none":
+        assert proposed == 0 and m.mean_num_accepted_tokens == 1.0
+        return
+    assert m.accepted_per_position[1] > 0  # runs of two or more accepted
+    if want == "all":
+        assert m.accepted_per_position == m.proposed_per_position and m.mean_num_accepted_tokens > 2.5
+    if want == "partial":
+        assert accepted < proposed
+        assert sum(0 < a < n for n, a in seen) >= 3  # runs accepted in part: rejected positions rewritten
+
+
+# -- the seed-compatible scripts: k means what it means in the seed ---------------------------
+
+
+def word_tokenizer():
+    """A whitespace word-level tokenizer over the tiny model's vocabulary (no training, no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("mode", ["draft", "pld", "multiproj"])
+def test_seed_scripts_fix_k_unless_asked(mode):
+    from spd_cluster.seed_scripts import parser
+
+    assert parser(mode).parse_args([]).adaptive_k is False  # the seed's k: always k
+    assert parser(mode).parse_args(["--adaptive-k"]).adaptive_k is True
+    assert parser(mode).parse_args(["--no-adaptive-k"]).adaptive_k is False
+
+
+def test_draft_script_with_the_target_as_its_own_draft_accepts_k_a_step_like_the_seed(tmp_path, capsys):
+    """draft_spd_inference.py, the target as its own draft, --num-speculative-tokens 4: every step
+    proposes 4 and accepts them, 5 tokens a step (the seed's figure); --adaptive-k may propose
+    fewer (a draft as dear as the target does not pay) and prints the same text."""
+    from spd_cluster.seed_scripts import main
+
+    d = tmp_path / "tiny"
+    TARGET.save_pretrained(d)
+    word_tokenizer().save_pretrained(d)
+    args = ["--target-model-name", str(d), "--draft-model-name", str(d), "--num-speculative-tokens", "4",
+            "--prompts", "w5 w9 w14 w33 w40", "--prompts", "w7 w8", "--full-batch-size", "2",
+            "--ignore-eos-token", "--max-new-tokens", "21", "--ctx-len", "64", "--prefill-seq-len", "8"]
+    out = {}
+    for extra in ([], ["--adaptive-k"]):
+        main("draft", args + extra)
+        out[bool(extra)] = capsys.readouterr().out
+    assert "Avg number of accepted tokens = 5.0\n" in out[False]
+    texts = [[line for line in o.splitlines() if line.startswith("prompt=")] for o in out.values()]
+    assert texts[0] == texts[1] and len(texts[0]) == 2

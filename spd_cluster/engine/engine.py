@@ -4,8 +4,9 @@ Continuous batching over ``full_batch_size`` slots: a prompt takes a free slot, 
 ``prefill_seq_len`` chunks (that gives its first token), then decodes with the others. Each step
 the proposer offers up to m tokens per row (m chosen by adaptive k, engine/adaptive.py), the
 target scores ``[last, d1..dm]`` at positions ``p..p+m`` in one forward, and the verifier keeps
-the agreeing prefix plus the target's own token; the proposer learns what the verify found. A
-finished row frees its slot for the next prompt at once.
+the agreeing prefix plus the target's own token; the proposer and the width policy learn what
+the verify found. A finished row frees its slot for the next prompt at once. Each ``generate``
+(a shard, on an actor) starts the width policy afresh (``WidthPolicy.reset``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..sessions.base import DeviceSession, prefill_chunks
-from .adaptive import Acceptance, StepCost, choose_width
+from .adaptive import AdaptiveWidth, FixedWidth, Step, StepCost, WidthPolicy
 from .metrics import CloudAI100ExecInfo, PromptResult, SpDPerfMetrics
 from .modes import mode as mode_of
 from .proposers import Proposal, Proposer
-from .sampling import row_rng
+from .sampling import Streams
 from .settings import SpDSettings
 from .verifier import Verified, verify_greedy, verify_sampled
 
@@ -58,7 +59,7 @@ class _Row:
     buf: np.ndarray  # prompt + generated tokens, preallocated to ctx_len
     n: int  # tokens in buf
     t0: float = 0.0  # prefill start (perf_counter)
-    rng: np.random.Generator | None = None  # sampling only: this prompt's own stream
+    streams: Streams | None = None  # sampling only: this prompt's own draws, by position
 
     @property
     def seq(self) -> np.ndarray:
@@ -89,7 +90,8 @@ class SpDEngine:
         """``step_cost``: the target's step-cost curve for adaptive k, taken as given. When not
         given (settings.adaptive_k, a mode that speculates) it is measured on ``target`` at the
         first ``generate`` (not here: in a pair the draft actor may still be loading) and then
-        follows what the job's verifies cost."""
+        follows what the job's verifies cost. ``policy`` (engine/adaptive.py) is the width
+        policy: ``AdaptiveWidth`` with adaptive k, ``FixedWidth`` (always k) without."""
         self.spec = spec = mode_of(mode)
         self.mode, self.target, self.tokenizer = mode, target, tokenizer
         self.settings = settings = settings or SpDSettings()
@@ -103,10 +105,10 @@ class SpDEngine:
         self.proposer = proposer if proposer is not None else spec.build(settings, target, draft)
         if spec.uses_heads:
             self.k = min(self.k, target.num_heads)
-        self.adaptive = settings.adapts and self.k > 0
-        self.cost = step_cost  # measured at the first generate when None: not while a pair still loads
-        self._follow_verify = step_cost is None  # a curve measured here follows the steps; a given one is the model
-        self.acceptance = Acceptance()
+        self.policy: WidthPolicy = FixedWidth()
+        if settings.adapts and self.k > 0:
+            rows, width, heads = settings.full_batch_size, self.k + 1, spec.uses_heads
+            self.policy = AdaptiveWidth(step_cost, lambda: StepCost.measure(target, rows, width, heads=heads))
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_token_ids = [tokenizer.eos_token_id]
         self.eos = np.array(sorted(set(eos_token_ids or [])), dtype=np.int64)
@@ -181,8 +183,7 @@ class SpDEngine:
             r.num_prompt_tokens = int(ids.size)
             queue.append((r, ids))
 
-        if self.adaptive and self.cost is None:
-            self.cost = StepCost.measure(self.target, s.full_batch_size, self.k + 1, heads=self.spec.uses_heads)
+        self.policy.reset()  # a shard starts from the prior, not from the last shard's verdict
         clock = _Clock()
         self._proposed = np.zeros(self.k, dtype=np.int64)
         self._accepted = np.zeros(self.k, dtype=np.int64)
@@ -213,13 +214,16 @@ class SpDEngine:
             r.generated_text = self.decode(r.generated_ids) if r.finish_reason != "error" else ""
         return self._exec_info(prompts, results, clock, e2e, batch_ttft or 0.0)
 
-    def _verify(self, call: dict, proposals: np.ndarray, counts: np.ndarray, rngs, draft_probs=None) -> Verified:
+    def _verify(self, call: dict, proposals: np.ndarray, counts: np.ndarray, rows: Sequence[_Row],
+                draft_probs=None) -> Verified:
         """One target forward and the verifier over it: tokens from the device's argmax when
-        greedy, logits for speculative sampling; the heads' guesses where the mode uses them."""
+        greedy, logits for speculative sampling (each row's column 0 emits its position
+        ``row.n``); the heads' guesses where the mode uses them."""
         sampling = self.settings.sampling
         out = self.target.run({**call, "argmax": np.array(not sampling), "head_guesses": np.array(self.spec.uses_heads)})
         if sampling:
-            return verify_sampled(out["logits"], proposals, counts, draft_probs, rngs, self.settings)
+            return verify_sampled(out["logits"], proposals, counts, draft_probs, [r.streams for r in rows],
+                                  [r.n for r in rows], self.settings)
         return verify_greedy(out, proposals, counts)
 
     def _prefill(self, slot: int, result: PromptResult, ids: np.ndarray, clock: _Clock) -> _Row:
@@ -234,12 +238,12 @@ class SpDEngine:
         buf[: ids.size] = ids
         row = _Row(result, slot, buf, int(ids.size), t0)
         if s.sampling:
-            row.rng = row_rng(s.seed, result.prompt_id)
+            row.streams = Streams(s.seed, result.prompt_id)
         none = np.zeros((1, 0), dtype=np.int64)
-        verified = self._verify(chunks[-1], none, np.zeros(1, np.int64), [row.rng])
+        verified = self._verify(chunks[-1], none, np.zeros(1, np.int64), [row])
         clock.target_forwards += len(chunks)
         self.proposer.learn([slot], verified)
-        self.acceptance.start(slot)
+        self.policy.start(slot)
         result.finish_reason = None
         self._append(row, verified.tokens[0, :1])
         result.ttft_s = result.e2e_s = perf_counter() - t0
@@ -268,29 +272,19 @@ class SpDEngine:
         remaining = self.settings.max_new_tokens - len(row.result.generated_ids)
         return max(0, min(self.k, remaining - 1, self.settings.ctx_len - row.n - 1))
 
-    def _widths(self, slots, avail, forwards_per_token: int) -> list[int]:
-        """Adaptive k: each row's ``avail`` cut to the step's best proposal width."""
-        if not self.adaptive or not any(avail):
-            return list(avail)
-        m = choose_width([self.acceptance.rate(s) for s in slots], avail, self.cost, forwards_per_token)
-        return [min(a, m) for a in avail]
-
     def _step(self, rows: list[_Row], clock: _Clock) -> list[_Row]:
         slots = [r.slot for r in rows]
         costly = self.proposer.forwards_per_token
         limits = [self._limit(r) for r in rows]
         if costly:  # proposals cost forwards: decide how many before asking for them
-            limits = self._widths(slots, limits, costly)
+            limits = self.policy.widths(slots, limits, costly)
         t0 = perf_counter()
         proposal = (self.proposer.propose(slots, [r.seq for r in rows], limits) if any(limits)
                     else Proposal.empty(len(rows)))
         t1 = perf_counter()
         counts = [min(len(p), lim) for p, lim in zip(proposal.tokens, limits)]
-        if costly:
-            if self.adaptive:
-                self.cost.observe_draft(t1 - t0, max(limits))
-        else:  # free proposals: keep as many as pay for their verify
-            counts = self._widths(slots, counts, 0)
+        if not costly:  # free proposals: keep as many as pay for their verify
+            counts = self.policy.widths(slots, counts, 0)
         counts = np.array(counts, dtype=np.int64)
         width = int(counts.max()) + 1
         ids = np.zeros((len(rows), width), dtype=np.int64)
@@ -301,10 +295,9 @@ class SpDEngine:
             pos[i, : 1 + m] = np.arange(row.n - 1, row.n + m)
         call = {"input_ids": ids, "position_ids": pos, "batch_index": np.array([[s] for s in slots], dtype=np.int64),
                 "num_logits_to_keep": np.arange(width, dtype=np.int64).reshape(-1, 1)}
-        verified = self._verify(call, ids[:, 1:], counts, [r.rng for r in rows], proposal.draft_probs)
+        verified = self._verify(call, ids[:, 1:], counts, rows, proposal.draft_probs)
         t2 = perf_counter()
-        if self.adaptive and self._follow_verify:
-            self.cost.observe_verify(width, t2 - t1)
+        self.policy.update(Step(slots, counts, verified.accepted, costly * max(limits), t1 - t0, t2 - t1))
         clock.draft += t1 - t0
         clock.target += t2 - t1
         clock.iterations += 1
@@ -313,7 +306,6 @@ class SpDEngine:
         done = []
         for i, row in enumerate(rows):
             n_acc, m = int(verified.accepted[i]), int(counts[i])
-            self.acceptance.learn(row.slot, m, n_acc)
             self._proposed[:m] += 1
             self._accepted[:n_acc] += 1
             row.result.accepted_per_step.append(n_acc + 1)

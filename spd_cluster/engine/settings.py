@@ -16,12 +16,16 @@ class SpDSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_speculative_tokens: int = Field(4, ge=1, description="k: the most tokens a step proposes (always k, or as "
-                                                            "many as the row may emit, with adaptive_k off)")
+    num_speculative_tokens: int = Field(
+        4, ge=1, description="k: with adaptive_k off, every step proposes k tokens a row (fewer only where the row "
+                             "may emit fewer, or the proposer has fewer: a lookup with no match, heads under "
+                             "confidence_threshold): the seed's meaning. With adaptive_k on, the most a step proposes")
     adaptive_k: bool = Field(
-        True, description="greedy: each step proposes the number of tokens (0 to k) that maximises the expected "
-                          "tokens per second, from each row's acceptance history and the target's step-cost curve "
-                          "measured at load (engine/adaptive.py); off, and when sampling: always k")
+        True, description="each step proposes the number of tokens (0 to k) that maximises the expected tokens per "
+                          "second, from each row's acceptance in this shard (greedy or sampled) and the target's "
+                          "step-cost curve measured at load, with probes so that it never stops for good and a "
+                          "guard that keeps a shard within ~2% of target-only speed (engine/adaptive.py); "
+                          "off: always k")
     overlap_draft: bool = Field(
         False, description="draft mode, greedy: the draft drafts what follows this window while the target "
                            "verifies it; that guess is used when all of the window is accepted and the target's "
@@ -57,7 +61,8 @@ class SpDSettings(BaseModel):
     temperature: float = Field(0.0, ge=0.0)
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens; 0 = off")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass; 1 = off")
-    seed: int = Field(0, description="job seed; each prompt's random stream depends on it and the prompt id")
+    seed: int = Field(0, description="job seed; each prompt's random draws depend on it, the prompt id and the "
+                                     "position drawn (engine/sampling.py)")
 
     @property
     def sampling(self) -> bool:
@@ -65,10 +70,18 @@ class SpDSettings(BaseModel):
 
     @property
     def adapts(self) -> bool:
-        """Adaptive k runs greedy only: any k emits the same greedy tokens, while a sampled text
-        must depend on the seed and the prompt id alone, not on what its batch or the measured
-        step costs made k."""
-        return self.adaptive_k and not self.sampling
+        """Adaptive k runs greedy and sampled alike. What a text depends on:
+
+        * greedy: the prompt alone (any k, width, batch, mode);
+        * sampled, baseline / pld / multiproj: the seed, the prompt id and the prompt alone. Their
+          proposals are point masses, verified against the target's own draw at each position
+          (engine/sampling.py), so they emit the target-only sampled text token for token,
+          whatever k, the widths adaptive k chose, the batch or the pair;
+        * sampled, draft: a sample of the same distribution (speculative sampling keeps it for any
+          width), reproducible from the seed and the prompt id with adaptive_k off; with adaptive
+          k on it also depends on the widths chosen (the batch, the measured step costs), since
+          the draft's own draws decide where rejection sampling's corrections fall."""
+        return self.adaptive_k
 
     @model_validator(mode="after")
     def _check(self) -> "SpDSettings":

@@ -35,10 +35,13 @@ def verify_greedy(out: dict, proposals: np.ndarray, counts: np.ndarray) -> Verif
 
 
 def verify_sampled(logits: np.ndarray, proposals: np.ndarray, counts: np.ndarray,
-                   draft_probs: Optional[Sequence[Optional[np.ndarray]]], rngs: Sequence, settings) -> Verified:
-    """Speculative sampling per row (engine/sampling.py) from a session's logits [B, W, V] (or
-    [B, W, H + 1, V] with heads, whose greedy guesses are read at each row's accepted column)."""
-    from .sampling import speculative_sample, warp
+                   draft_probs: Optional[Sequence[Optional[np.ndarray]]], streams: Sequence, starts: Sequence[int],
+                   settings) -> Verified:
+    """Speculative sampling per row (engine/sampling.py: ``verify_row``) from a session's logits
+    [B, W, V] (or [B, W, H + 1, V] with heads, whose greedy guesses are read at each row's
+    accepted column). Row i's column j emits position ``starts[i] + j`` of its sequence, drawn
+    from its prompt's ``streams[i]``."""
+    from .sampling import verify_row, warp
 
     base = logits[:, :, 0] if logits.ndim == 4 else logits
     b = base.shape[0]
@@ -48,7 +51,7 @@ def verify_sampled(logits: np.ndarray, proposals: np.ndarray, counts: np.ndarray
         m = int(counts[i])
         p = warp(base[i, : m + 1], settings.temperature, settings.top_k, settings.top_p)
         q = draft_probs[i] if draft_probs is not None and m else None
-        n, tok = speculative_sample(p, proposals[i, :m], None if q is None else q[:m], rngs[i])
+        n, tok = verify_row(p, proposals[i, :m], None if q is None else q[:m], streams[i], int(starts[i]))
         accepted[i] = n
         tokens[i, n] = tok
     heads = greedy_guesses(logits[np.arange(b), accepted, 1:]) if logits.ndim == 4 else (None, None)
