@@ -2,6 +2,14 @@
 
 They take the QEfficient examples' flags, build the same engine the Ray actors run, print the
 ExecInfo, then one line per prompt as the seed does: ``print(f"{prompt=} {generation=}")``.
+
+``--num-speculative-tokens`` k means what it means in the seed by default: k is fixed
+(``--no-adaptive-k``), so every step proposes k tokens a row (fewer only where the row may emit
+fewer, or the method has fewer: a lookup with no match, heads or draft under
+``--confidence-threshold``). The target as its own draft at k 4 then accepts every proposal, ~5
+tokens a step, as in the seed. ``--adaptive-k`` (the job config's default, ``spd.adaptive_k``)
+makes k the most a step proposes: each step proposes the 0..k tokens that pay for their verify
+(engine/adaptive.py), at most ~2% slower than target-only where nothing is accepted.
 """
 
 from __future__ import annotations
@@ -57,7 +65,12 @@ SCRIPT_FLAGS = {"draft": _draft_flags, "pld": _pld_flags, "multiproj": _multipro
 def parser(mode: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=f"{mode} speculative decoding (spd_cluster engine)")
     p.add_argument("--prompts", action="append", default=None, help="input prompt (repeatable)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--num-speculative-tokens", type=int, default=4,
+                   help="k: every step proposes k tokens a row (the seed's meaning); with --adaptive-k, the most "
+                        "a step proposes")
+    p.add_argument("--adaptive-k", action=argparse.BooleanOptionalAction, default=False,
+                   help="each step proposes the 0..k tokens that pay for their verify (from the acceptance seen "
+                        "and the measured step costs); default off: k fixed, as in the seed")
     p.add_argument("--prefill-seq-len", type=int, default=32)
     p.add_argument("--ctx-len", type=int, default=128)
     p.add_argument("--prefill-bsz", type=int, default=1, help="accepted for compatibility; prefill runs one prompt at a time")
@@ -86,6 +99,7 @@ def main(mode: str, argv: list[str] | None = None) -> None:
     target = args.target_model_name
     settings = SpDSettings(
         num_speculative_tokens=args.num_speculative_tokens,
+        adaptive_k=args.adaptive_k,
         max_ngram_size=args.max_ngram_size,
         confidence_threshold=args.confidence_threshold,
         prompt_lookup=args.prompt_lookup,
