@@ -87,8 +87,7 @@ def cpu_flags() -> set[str]:
 
 def test_the_tiles_follow_the_cpu():
     """AVX512-BF16 tiles exactly where the CPU has AVX512-BF16 (and BW, VL), unless SPD_BF16_ISA
-    names others; AVX2 ones can always
-    be asked for, AVX512-BF16 ones only there."""
+    names others; AVX2 ones can always be asked for, AVX512-BF16 ones only there."""
     native = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_flags()
     default = os.environ.get("SPD_BF16_ISA") or ("avx512-bf16" if native else "avx2")
     assert bf16.isa() == default
