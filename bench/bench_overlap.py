@@ -15,13 +15,19 @@ whether the outputs are token-identical.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from spd_cluster.engine import SpDEngine, SpDSettings
-from spd_cluster.sessions.base import check_inputs, keep_index
-from spd_cluster.sessions.timed import TimedSession
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from interleave import Sample, run_interleaved, summarize  # noqa: E402
+
+from spd_cluster.engine import SpDEngine, SpDSettings  # noqa: E402
+from spd_cluster.sessions.base import check_inputs, keep_index  # noqa: E402
+from spd_cluster.sessions.timed import TimedSession  # noqa: E402
 
 VOCAB = 1000
 
@@ -73,17 +79,29 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--miss", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved blocks per miss rate")
     args = ap.parse_args()
     print(f"target step {args.target_ms:.0f} ms, draft step {args.draft_ratio:.2f}x, k={args.k}, {args.new} new tokens "
           f"x 4 prompts, greedy, one slot")
-    print(f"{'miss':>5} {'seq tok/s':>9} {'acc/step':>8} {'overlap tok/s':>13} {'acc/step':>8} {'speedup':>7} "
+    print("per miss rate: sequential and overlapped interleaved (bench/interleave.py: a warm-up of each, then "
+          f"{args.repeats} blocks S O | O S ...); speedup = median of the per-block ratios [min-max]")
+    print(f"{'miss':>5} {'seq tok/s':>9} {'acc/step':>8} {'overlap tok/s':>13} {'acc/step':>8} {'speedup':>18} "
           f"{'hits':>5} {'misses':>6} {'draft calls':>11} identical")
     for miss in args.miss:
-        seq, seq_acc, seq_ids, _, _, _, seq_draft = run(miss, False, args)
-        ovl, ovl_acc, ovl_ids, prop, _, _, ovl_draft = run(miss, True, args)
-        print(f"{miss:5.2f} {seq:9.1f} {seq_acc:8.2f} {ovl:13.1f} {ovl_acc:8.2f} {ovl / seq:6.2f}x {prop.hits:5d} "
-              f"{prop.misses:6d} {seq_draft:5d}/{ovl_draft:<5d} {seq_ids == ovl_ids}", flush=True)
+        last = {}
 
+        def one(name: str) -> Sample:
+            tps, acc, ids, prop, _, _, calls = run(miss, name == "overlapped", args)
+            last[name] = (ids, prop, calls)
+            return Sample(tps, acc)
+
+        runs = run_interleaved(["sequential", "overlapped"], one, args.repeats, log=lambda line: None)
+        seq, ovl = summarize(runs, "sequential", is_bounded=lambda name: False)
+        (seq_ids, _, seq_draft), (ovl_ids, prop, ovl_draft) = last["sequential"], last["overlapped"]
+        sp = ovl.speedup
+        print(f"{miss:5.2f} {seq.throughput[0]:9.1f} {seq.tokens_per_step[0]:8.2f} {ovl.throughput[0]:13.1f} "
+              f"{ovl.tokens_per_step[0]:8.2f} {sp[0]:6.2f}x [{sp[1]:.2f}-{sp[2]:.2f}] {prop.hits:5d} "
+              f"{prop.misses:6d} {seq_draft:5d}/{ovl_draft:<5d} {seq_ids == ovl_ids}", flush=True)
 
 if __name__ == "__main__":
     main()
