@@ -327,3 +327,17 @@ def test_a_new_shard_starts_from_the_prior():
     policy.reset()
     policy.start(0)
     assert policy.acceptance.rate(0) == pytest.approx(0.6) and policy.widths([0], [K], 0)[0] > 0
+
+
+@pytest.mark.parametrize("costly", [0, 1], ids=["free", "draft"])
+def test_a_row_whose_text_turns_repetitive_proposes_again(costly, monkeypatch):
+    """One row, its proposals wrong for its first 24 tokens (speculation pauses), right after
+    (its text changed): it proposes again and is accepted within a few steps."""
+    clock = ModelledTime(monkeypatch)
+    prompt = PROMPTS[1]
+    prop = Scripted(True, LONG_REFERENCE, costly, clock, 0.1, miss=lambda p: p < len(prompt) + 24)
+    info = priced_engine(clock, prop, fbs=1, cost=StepCost(CURVE.verify_s, 0.1 * costly)).generate([prompt])
+    lossless(info, rows=[1])
+    steps = info.results[0].accepted_per_step
+    assert max(steps[:20]) == 1  # paused while everything was rejected
+    assert np.mean(steps[-6:]) >= 4.5  # and back at full width once the text turned
