@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_engine import ModelledTime, PlantedHeads, perturbed, verifies, verify_cost
+from engine_world import ModelledTime, PlantedHeads, perturbed, verifies, verify_cost
 from tiny import tiny_model
 
 from spd_cluster.engine import SpDEngine, SpDSettings

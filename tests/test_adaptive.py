@@ -6,7 +6,7 @@ ModelledTime): the same on any host."""
 
 import numpy as np
 import pytest
-from test_engine import EOS, MAX_NEW, PROMPTS, REFERENCE, TARGET, ModelledTime, hf_greedy
+from engine_world import EOS, MAX_NEW, PROMPTS, REFERENCE, TARGET, ModelledTime, hf_greedy
 
 from spd_cluster.engine import SpDEngine, SpDSettings
 from spd_cluster.engine.adaptive import (LOSS_SHARE, Acceptance, AdaptiveWidth, FixedWidth, Step, StepCost,

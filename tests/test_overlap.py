@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from test_engine import DRAFT, EOS, MAX_NEW, PROMPTS, REFERENCE, TARGET
+from engine_world import DRAFT, EOS, MAX_NEW, PROMPTS, REFERENCE, TARGET
 
 from spd_cluster.engine import SpDEngine, SpDSettings
 from spd_cluster.engine.overlap import OverlappedDraft

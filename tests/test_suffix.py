@@ -4,8 +4,8 @@ token-identical to the target alone, greedy (fbs 1 and 4, fixed and adaptive k) 
 
 import numpy as np
 import pytest
-from test_engine import EOS, PROMPTS, REFERENCE, engine
-from test_sampling import chi2_pvalue, exact_distribution, run_engine
+from engine_world import EOS, PROMPTS, REFERENCE, engine
+from sampling_world import chi2_pvalue, exact_distribution, run_engine
 from tiny import VOCAB
 
 from spd_cluster.engine import SpDEngine, SpDSettings
