@@ -252,7 +252,9 @@ def test_job_bad_rows_outputs_and_resume(tiny, local_ray, tmp_path):
     assert len(ok_au) and ok_au["match"].all() and (ok_au.spd_time_per_token_s > 0).all()
     assert (ok_au.spd_num_tokens == ok_au.baseline_num_tokens).all() and au.first_diff_position.isna().all()
     assert (au.row.map(df.set_index("row").prompt_id) == au.prompt_id).all()
-    assert ex.audit_num_prompts[0] == 4 and ex.audit_match_rate[0] == 1.0 and ex.audit_speedup[0] > 0
+    assert ex.audit_num_prompts[0] == 4 and ex.audit_match_rate[0] == 1.0
+    # a timed figure: a speedup, or (the timing disturbed past tokens per step) none and the note why
+    assert ex.audit_speedup[0] > 0 or "impossible" in res.audit["speedup_note"]
     assert res.audit["match_rate"] == 1.0 and res.exec_info.audit_match_rate == 1.0
     assert f"match rate 100.00% ({len(ok_au)}/{len(ok_au)} token-identical" in audit.describe(res.audit)
 
