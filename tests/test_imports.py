@@ -158,8 +158,6 @@ def test_roles_are_asked_of_the_registry_not_compared_as_strings():
     assert found == []
 
 
-# The two call sites the adaptive-k work owns still build the dict by hand (issue 27's list).
-SESSION_CALL_BY_HAND = {"engine/engine.py", "engine/adaptive.py"}
 
 
 def test_a_session_call_is_built_by_its_type():
@@ -170,4 +168,4 @@ def test_a_session_call_is_built_by_its_type():
             if isinstance(node, ast.Dict) and any(isinstance(k, ast.Constant) and k.value == "batch_index"
                                                   for k in node.keys):
                 found.append(rel)
-    assert set(found) <= SESSION_CALL_BY_HAND, found
+    assert found == []

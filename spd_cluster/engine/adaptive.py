@@ -56,6 +56,8 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
+from ..sessions.base import SessionCall
+
 PRIOR = 0.6  # acceptance before any evidence (each shard starts here)
 PRIOR_WEIGHT = 2.0  # pseudo-trials of the prior (shard level) and of the shard's rate (row level)
 DECAY = 0.85  # per step, a row's evidence fades towards the shard's rate
@@ -142,11 +144,9 @@ class StepCost:
         best = {}
         for rep in range(reps + 1):  # the first pass warms up
             for w in widths:
-                call = {"input_ids": np.zeros((rows, w), np.int64),
-                        "position_ids": np.tile(np.arange(w, dtype=np.int64), (rows, 1)),
-                        "batch_index": np.arange(rows, dtype=np.int64)[:, None],
-                        "num_logits_to_keep": np.arange(w, dtype=np.int64)[:, None],
-                        "argmax": np.array(True), "head_guesses": np.array(heads)}
+                call = SessionCall(np.zeros((rows, w), np.int64), np.tile(np.arange(w, dtype=np.int64), (rows, 1)),
+                                   np.arange(rows, dtype=np.int64), num_logits_to_keep=np.arange(w, dtype=np.int64)[:, None],
+                                   argmax=True, head_guesses=heads).as_inputs()
                 t0 = perf_counter()
                 session.run(call)
                 if rep:

@@ -12,13 +12,13 @@ the verify found. A finished row frees its slot for the next prompt at once. Eac
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from time import perf_counter
 from typing import Callable, Sequence
 
 import numpy as np
 
-from ..sessions.base import DeviceSession, prefill_chunks
+from ..sessions.base import DeviceSession, SessionCall, prefill_chunks
 from .adaptive import AdaptiveWidth, FixedWidth, Step, StepCost, WidthPolicy
 from .metrics import CloudAI100ExecInfo, PromptResult, SpDPerfMetrics
 from .modes import mode as mode_of
@@ -214,13 +214,13 @@ class SpDEngine:
             r.generated_text = self.decode(r.generated_ids) if r.finish_reason != "error" else ""
         return self._exec_info(prompts, results, clock, e2e, batch_ttft or 0.0)
 
-    def _verify(self, call: dict, proposals: np.ndarray, counts: np.ndarray, rows: Sequence[_Row],
+    def _verify(self, call: SessionCall, proposals: np.ndarray, counts: np.ndarray, rows: Sequence[_Row],
                 draft_probs=None) -> Verified:
         """One target forward and the verifier over it: tokens from the device's argmax when
         greedy, logits for speculative sampling (each row's column 0 emits its position
         ``row.n``); the heads' guesses where the mode uses them."""
         sampling = self.settings.sampling
-        out = self.target.run({**call, "argmax": np.array(not sampling), "head_guesses": np.array(self.spec.uses_heads)})
+        out = self.target.run(replace(call, argmax=not sampling, head_guesses=self.spec.uses_heads).as_inputs())
         if sampling:
             return verify_sampled(out["logits"], proposals, counts, draft_probs, [r.streams for r in rows],
                                   [r.n for r in rows], self.settings)
@@ -232,8 +232,8 @@ class SpDEngine:
         # the proposer first: a draft on its own device prefills beside the target (learn settles it)
         self.proposer.start(slot, ids, key=result.prompt_id)
         chunks = list(prefill_chunks(ids, s.prefill_seq_len, slot))
-        for inputs in chunks[:-1]:  # no output needed: tokens only, no heads
-            self.target.run({**inputs, "argmax": np.array(True), "head_guesses": np.array(False)})
+        for call in chunks[:-1]:  # no output needed: tokens only, no heads
+            self.target.run(replace(call, argmax=True, head_guesses=False).as_inputs())
         buf = np.zeros(s.ctx_len, dtype=np.int64)
         buf[: ids.size] = ids
         row = _Row(result, slot, buf, int(ids.size), t0)
@@ -293,8 +293,8 @@ class SpDEngine:
             ids[i, 0] = row.buf[row.n - 1]
             ids[i, 1 : 1 + m] = p[:m]
             pos[i, : 1 + m] = np.arange(row.n - 1, row.n + m)
-        call = {"input_ids": ids, "position_ids": pos, "batch_index": np.array([[s] for s in slots], dtype=np.int64),
-                "num_logits_to_keep": np.arange(width, dtype=np.int64).reshape(-1, 1)}
+        call = SessionCall(ids, pos, np.array(slots, dtype=np.int64),
+                           num_logits_to_keep=np.arange(width, dtype=np.int64).reshape(-1, 1))
         verified = self._verify(call, ids[:, 1:], counts, rows, proposal.draft_probs)
         t2 = perf_counter()
         self.policy.update(Step(slots, counts, verified.accepted, costly * max(limits), t1 - t0, t2 - t1))

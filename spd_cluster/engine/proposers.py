@@ -10,7 +10,7 @@ object works in-process and behind a Ray actor (one round trip per step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Protocol, Sequence
 
 import numpy as np
@@ -196,8 +196,8 @@ class DraftProposer:
         prompt_ids = np.asarray(prompt_ids, dtype=np.int64)
         # Feed all but the last prompt token; propose() feeds the rest with the first token.
         head = prompt_ids[:-1]
-        for inputs in prefill_chunks(head, self.prefill_seq_len, slot):
-            self.session.run({**inputs, "argmax": np.array(True)})
+        for call in prefill_chunks(head, self.prefill_seq_len, slot):
+            self.session.run(replace(call, argmax=True).as_inputs())
         self.fed[slot] = head.copy()
 
     def _valid_prefix(self, slot: int, seq: np.ndarray) -> int:

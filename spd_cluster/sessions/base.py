@@ -175,12 +175,12 @@ def keep_index(position_ids: np.ndarray, n: int) -> np.ndarray:
 
 
 def prefill_chunks(ids: np.ndarray, chunk: int, slot: int):
-    """The ``run`` inputs of a chunked prefill of ``ids`` into ``slot``: chunks of ``chunk``
-    columns, the last right-padded with position -1 (the fixed shape compiled sessions expect),
-    each keeping the logits of its last valid token."""
+    """The calls of a chunked prefill of ``ids`` into ``slot`` (``SessionCall``s): chunks of
+    ``chunk`` columns, the last right-padded with position -1 (the fixed shape compiled sessions
+    expect), each keeping the logits of its last valid token."""
     for c in range(0, ids.shape[0], chunk):
         part = ids[c : c + chunk]
         pad = chunk - part.shape[0]
         yield SessionCall(np.pad(part, (0, pad))[None],
                           np.pad(np.arange(c, c + part.shape[0]), (0, pad), constant_values=-1)[None],
-                          np.array([slot]), num_logits_to_keep=1).as_inputs()
+                          np.array([slot]), num_logits_to_keep=1)
