@@ -89,7 +89,7 @@ class DatasetSpec(_Strict):
     prompt_column: str = "prompt"
     # null: ids are row numbers (0, 1, ...). A named column that the file lacks is an error.
     id_column: Optional[str] = None
-    format: Optional[Literal["parquet", "jsonl", "csv"]] = None  # default: from each file's suffix
+    format: Optional[Literal["parquet", "jsonl", "csv", "text"]] = None  # default: from each file's suffix (text: one prompt a line)
     # path: a file, a directory or a glob (data/**/*.parquet), local or a URI pyarrow.fs reaches
     # (s3://, gs://, hdfs://, file://). filesystem: that filesystem's options (pyarrow.fs
     # S3FileSystem(**filesystem), ...); null: from the URI and the environment (AWS_* variables).

@@ -207,6 +207,18 @@ def test_text_file_is_one_prompt_per_line_ids_are_line_numbers(tmp_path):
         assert [r.prompt for s in iter_shards(info, 2) for r in s.rows] == [r.prompt for r in rows]
 
 
+def test_dataset_format_text_reads_a_file_of_any_name_as_one_prompt_per_line(tmp_path):
+    from spd_cluster.config import config_from_dict
+
+    path = tmp_path / "prompts.lst"
+    path.write_text("alpha\n\nbeta\n")
+    cfg = config_from_dict({"name": "t", "mode": "pld", "target": {"model": "m"},
+                            "dataset": {"path": str(path), "format": "text"}, "output": {"path": str(tmp_path / "o")}})
+    assert cfg.dataset.format == "text"
+    rows = list(iter_rows(path, format=cfg.dataset.format))
+    assert [(r.prompt_id, r.prompt) for r in rows] == [("1", "alpha"), ("3", "beta")]
+
+
 def test_text_files_in_a_set_and_their_errors(tmp_path):
     d = tmp_path / "set"
     d.mkdir()
