@@ -110,11 +110,40 @@ class SuffixIndex:
 
     def _index(self, lo: int, hi: int) -> None:
         """Index the n-grams ending at positions lo..hi-1 (each has its next token stored)."""
-        toks, base, last, prev = self.toks, self.base, self.last, self.prev
+        # _keys inlined (a token's four keys without a tuple or a call: the host's cost per step)
+        toks, base, last, get = self.toks, self.base, self.last, self.last.get
+        p1, p2, p3, p6 = self.prev
+        S = _SHIFT
         for e in range(lo, hi):
-            for i, key in enumerate(_keys(toks, e - base)):
-                prev[i][e - base] = last.get(key, -1)
-                last[key] = e
+            j = e - base
+            a = toks[j]
+            if a < 0:
+                continue
+            k = a << 3
+            p1[j] = get(k, -1)
+            last[k] = e
+            b = toks[j - 1] if j >= 1 else SEP
+            if b < 0:
+                continue
+            k2 = a | b << S
+            k = k2 << 3 | 1
+            p2[j] = get(k, -1)
+            last[k] = e
+            c = toks[j - 2] if j >= 2 else SEP
+            if c < 0:
+                continue
+            k3 = k2 | c << 2 * S
+            k = k3 << 3 | 2
+            p3[j] = get(k, -1)
+            last[k] = e
+            if j < 5:
+                continue
+            d, f, g = toks[j - 3], toks[j - 4], toks[j - 5]
+            if d < 0 or f < 0 or g < 0:
+                continue
+            k = (k3 | d << 3 * S | f << 4 * S | g << 5 * S) << 3 | 3
+            p6[j] = get(k, -1)
+            last[k] = e
 
     def add(self, tokens: Sequence[int], start: int = 0) -> None:
         """Store a finished sequence; its tokens from ``start`` on are continuations, those
