@@ -5,6 +5,7 @@ small functions) and on open chat prompts.
     nice -n 5 python bench/bench_suffix.py                          # SmolLM2-135M, float32
     nice -n 5 python bench/bench_suffix.py --target qwen2.5-coder-1.5b --dtype bfloat16 --records 32
     nice -n 5 python bench/bench_suffix.py --host --repeats 5          # host cost per step: pld, suffix
+    nice -n 5 python bench/bench_suffix.py --also-factor 1             # and suffix at max_spec_factor 1, interleaved
 
 Each run is one ``generate`` over a whole dataset (a job's shard: continuous batching over
 ``--fbs`` slots, a fresh engine, so suffix's job-wide index starts empty and fills as rows finish),
@@ -122,6 +123,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--fixed-k", action="store_true", help="always propose k (adaptive_k off)")
     ap.add_argument("--factor", type=float, default=None, help="spd.suffix_max_spec_factor (default: the setting's)")
+    ap.add_argument("--also-factor", default="", help="comma-separated suffix_max_spec_factor values run as extra "
+                                                      "modes suffix@F in the same interleaving (e.g. 1)")
     ap.add_argument("--host", action="store_true", help="only the host cost of pld and suffix (no model)")
     args = ap.parse_args()
     if args.host:
@@ -129,8 +132,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.target, args.dtype), load_tokenizer(args.target)
     eos = eos_token_ids(model, tok)
-    modes = ["baseline", "pld", "suffix"]
+    modes = ["baseline", "pld", "suffix"] + [f"suffix@{f}" for f in args.also_factor.split(",") if f]
     extra = {} if args.factor is None else {"suffix_max_spec_factor": args.factor}
+    print("load average", open("/proc/loadavg").read().split()[:3])
     ctx = 1024
     session = TorchSession(model, args.fbs, ctx, pack=True)
     cost = StepCost.measure(session, args.fbs, args.k + 1)  # one curve for every run: the same device
@@ -139,9 +143,12 @@ def main() -> None:
           f"interleaved; medians [min-max]")
 
     def run(mode, prompts):
+        kw = extra if mode == "suffix" else {}
+        if mode.startswith("suffix@"):
+            mode, kw = "suffix", {"suffix_max_spec_factor": float(mode[7:])}
         s = SpDSettings(num_speculative_tokens=args.k if mode != "baseline" else 1, prefill_seq_len=64, ctx_len=ctx,
                         max_new_tokens=args.new, full_batch_size=args.fbs, chat_template=True,
-                        adaptive_k=not args.fixed_k, **(extra if mode == "suffix" else {}))
+                        adaptive_k=not args.fixed_k, **kw)
         engine = SpDEngine(mode, session, tok, s, eos_token_ids=eos, step_cost=cost)
         return engine.generate(prompts, prompt_ids=list(range(len(prompts))))
 
@@ -167,7 +174,7 @@ def main() -> None:
             same = all([x.tolist() for x in i.generated_ids] == base_ids for i in infos)
             med[mode] = (float(np.median(tps)), float(np.median(tok_step)))
             m = infos[-1].perf_metrics
-            src = f"{m.suffix_accepted_row}/{m.suffix_accepted_job}" if mode == "suffix" else ""
+            src = f"{m.suffix_accepted_row}/{m.suffix_accepted_job}" if mode.startswith("suffix") else ""
             speed = med[mode][0] / med["baseline"][0] if "baseline" in med else 1.0
             print(f"{mode:9} {med[mode][0]:8.1f} [{min(tps):.1f}-{max(tps):.1f}] {med[mode][1]:6.2f} "
                   f"[{min(tok_step):.2f}-{max(tok_step):.2f}] {np.median(q1):12.2f} {np.median(q4):12.2f} "
@@ -177,7 +184,8 @@ def main() -> None:
                       "a speedup above tokens per step is a measurement artefact")
         s, p = med["suffix"], med["pld"]
         print(f"suffix / pld: tokens per step {s[1] / p[1]:.2f}x, decode tok/s {s[0] / p[0]:.2f}x; "
-              f"suffix / target: {s[0] / med['baseline'][0]:.2f}x")
+              f"suffix / target: {s[0] / med['baseline'][0]:.2f}x; load average "
+              f"{open('/proc/loadavg').read().split()[:3]}")
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ class SpDSettings(BaseModel):
         24, ge=1, description="suffix: the longest suffix of a row matched against the indexes (tokens); "
                               "vLLM's suffix_decoding_max_tree_depth")
     suffix_max_spec_factor: float = Field(
-        1.0, gt=0.0, description="suffix: a proposal has at most this many tokens per matched token (a longer "
-                                 "match earns a longer proposal), and k at most; vLLM's suffix_decoding_max_spec_factor")
+        2.0, gt=0.0, description="suffix: a proposal has at most this many tokens per matched token (a longer "
+                                 "match earns a longer proposal), and k at most; vLLM's suffix_decoding_max_spec_factor "
+                                 "(its default 1.0; 2.0 here: a template's next field follows a value just written, "
+                                 "a short match, docs/suffix.md)")
     suffix_min_prob: float = Field(
         0.1, ge=0.0, lt=1.0, description="suffix: stop a proposal before a token whose empirical probability (the "
                                          "product of the frequencies of the continuation so far) falls below this; "
