@@ -66,11 +66,11 @@ class Draft:
     __slots__ = ("tokens", "probs", "score", "match_len")
 
     def __init__(self, tokens=(), probs=(), match_len: int = 0):
-        self.tokens, self.probs, self.match_len = list(tokens), list(probs), match_len
-        self.score = float(sum(self.probs))
+        self.tokens, self.probs, self.match_len = tokens, probs, match_len  # lists (draft builds them)
+        self.score = float(sum(probs))
 
 
-NO_DRAFT = Draft()
+NO_DRAFT = Draft([], [])
 
 
 class SuffixIndex:
@@ -256,6 +256,12 @@ class SuffixIndex:
             return NO_DRAFT
         cap = min(limit, int(max_spec_factor * n + 1e-6))
         toks, base = self.toks, self.base
+        if len(cands) == 1:  # one occurrence (a span the row copies, a rare match): its continuation, certain
+            p = cands[0] - base + 1
+            rest = toks[p : p + cap]
+            if SEP in rest:
+                rest = rest[: rest.index(SEP)]
+            return Draft(rest, [1.0] * len(rest), n) if rest else NO_DRAFT
         # the distinct continuations, with how many occurrences have each (the most recent first:
         # it wins a tie); most occurrences of a template or a copied span continue alike
         conts: dict[tuple, int] = {}
