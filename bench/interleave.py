@@ -4,7 +4,9 @@ A speed figure taken from one run of each side, baseline first, measures the mac
 as the method: the first run after a model loads can be 50% slower than the next, and a machine
 shared with other work drifts. So every figure here comes from
 
-  * a warm-up: one run of each side (or what the caller names), thrown away;
+  * a warm-up of each side (or of the sides the caller names), thrown away: runs until two in a
+    row agree within WARM_AGREE (at most MAX_WARMUP), since the first runs of a process (kernels
+    compiled, weights first touched) and of a new session can be several times slower;
   * blocks of one run of each side, in forward then reverse order (A B | B A | A B ...), so a
     drift that is linear in time hits every side alike;
   * per block, each side's throughput over the baseline's of the same block (a paired ratio),
@@ -29,6 +31,9 @@ import statistics
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Optional, Sequence
+
+MAX_WARMUP = 3  # warm-up runs of one side at most
+WARM_AGREE = 0.2  # two warm-up runs within this share of each other: the side is warm
 
 TOLERANCE = 0.05  # a speedup may exceed tokens per step by this share (timing noise) before it is an error
 
@@ -70,16 +75,22 @@ def schedule(names: Sequence[str], repeats: int) -> list[list[str]]:
 def run_interleaved(names: Sequence[str], run: Callable[[str], Sample], repeats: int,
                     warmup: Optional[Iterable[str]] = None, log: Callable[[str], None] = print) -> Runs:
     """Run every name ``repeats`` times in ABBA blocks after a discarded warm-up (each of
-    ``warmup``, default: every name once). ``run(name)`` does one run and returns its Sample."""
+    ``warmup``, default: every name, until two runs in a row agree). ``run(name)`` does one run
+    and returns its Sample."""
     names = list(names)
     if len(set(names)) != len(names):
         raise ValueError(f"names must be distinct, got {names}")
     warm = list(names if warmup is None else warmup)
     for name in warm:
-        t0 = time.perf_counter()
-        s = run(name)
-        log(f"  warm-up {name:14} {s.throughput:8.2f} tok/s  {s.tokens_per_step:5.2f} tokens/step  "
-            f"({time.perf_counter() - t0:.1f} s, discarded)")
+        last = None
+        for _ in range(MAX_WARMUP):
+            t0 = time.perf_counter()
+            s = run(name)
+            log(f"  warm-up {name:14} {s.throughput:8.2f} tok/s  {s.tokens_per_step:5.2f} tokens/step  "
+                f"({time.perf_counter() - t0:.1f} s, discarded)")
+            if last is not None and abs(s.throughput - last) <= WARM_AGREE * max(s.throughput, last):
+                break
+            last = s.throughput
     log(f"  load average before the blocks: {_load()}")
     blocks = schedule(names, repeats)
     samples: dict[str, list[Sample]] = {n: [] for n in names}
