@@ -116,7 +116,7 @@ def check_models() -> Check:
     rows = store.models_list_rows()
     prepared = [r["alias"] for r in rows if r["prepared"]]
     installed = [r["alias"] for r in rows if r["installed"] and not r["prepared"]]
-    missing = [r for r in rows if not r["installed"]]
+    missing = [r for r in rows if not r["installed"] and not r["prepared"]]  # prepared: the cache has it
     parts = [f"prepared: {', '.join(prepared) or 'none'}"]
     if installed:
         parts.append(f"installed, converted on first use: {', '.join(installed)}")

@@ -74,6 +74,16 @@ def test_doctor_says_what_to_do(monkeypatch, tmp_path, capsys):
     assert "PROBLEM" in out and "-> " in out and out.strip().endswith("2 problems to fix")
 
 
+def test_models_prepared_in_the_cache_but_not_installed_here_are_fine(monkeypatch):
+    """Prepared in the shared cache, their packages not in this environment (.venv-qaic beside
+    .venv): usable, nothing to install (the QEfficient lane's doctor failed on them)."""
+    rows = [dict(r, installed=r["alias"] == "smollm2-135m", prepared=True, next=None)
+            for r in store.models_list_rows()]
+    monkeypatch.setattr(store, "models_list_rows", lambda: rows)
+    c = doctor.check_models()
+    assert c.state == doctor.OK and not c.fix and "qwen2.5-coder-1.5b" in c.detail
+
+
 def test_make_doctor_runs_it():
     text = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     assert "\ndoctor:" in text and "spd-cluster doctor" in text
