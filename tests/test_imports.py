@@ -160,6 +160,22 @@ def test_roles_are_asked_of_the_registry_not_compared_as_strings():
 
 
 
+def test_modes_are_asked_of_the_registry_not_compared_as_strings():
+    """What a mode does (a draft, heads, a job-wide cache, speculation at all) is its Mode's in
+    engine/modes.py: no other module compares a mode's name ("draft" is a role too: the test
+    above)."""
+    from spd_cluster.engine.modes import MODES
+
+    names = set(MODES) - {"draft"}
+    found = []
+    for rel, tree in _calls_outside(("engine/modes.py",)):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare):
+                found += [f"{rel}:{node.lineno}" for side in [node.left, *node.comparators]
+                          if isinstance(side, ast.Constant) and side.value in names]
+    assert found == []
+
+
 def test_a_session_call_is_built_by_its_type():
     """The session contract's inputs are assembled in one place (sessions/base.SessionCall)."""
     found = []

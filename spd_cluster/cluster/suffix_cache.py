@@ -79,7 +79,9 @@ def start(cfg, out, written=()):
     """The job's cache actor, where the job's mode keeps a job-wide index (suffix, with
     suffix_cache_rows > 0); None otherwise. ``written``: ids of the shards already written
     (a resume), whose outputs it starts from. The driver holds the handle while the job runs."""
-    if cfg.mode != "suffix" or cfg.spd.suffix_cache_rows <= 0:
+    from ..engine.modes import mode
+
+    if not mode(cfg.mode).job_cache or cfg.spd.suffix_cache_rows <= 0:
         return None
     import ray
 

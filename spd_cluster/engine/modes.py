@@ -23,6 +23,7 @@ class Mode:
     needs_draft: bool = False  # a draft session: its own actor on its own device
     uses_heads: bool = False  # the target session loads projection heads and computes them each verify
     speculates: bool = True  # False: the target alone, one token per step (no proposer work at all)
+    job_cache: bool = False  # proposes from the job's finished outputs too: the job keeps a cache every pair shares
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -102,7 +103,7 @@ REGISTRY: dict[str, Mode] = {m.name: m for m in (
     Mode("draft", _draft, needs_draft=True),
     Mode("pld", _pld),
     Mode("multiproj", _multiproj, uses_heads=True),
-    Mode("suffix", _suffix),
+    Mode("suffix", _suffix, job_cache=True),
     Mode("baseline", _baseline, speculates=False),
 )}
 MODES: tuple[str, ...] = tuple(REGISTRY)
