@@ -179,18 +179,24 @@ def _decodes(scalar) -> bool:
         return False
 
 
+def _decoded_lines(path: Location, f) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of the byte stream ``f`` (a BOM dropped from the first):
+    read as bytes, so a bad UTF-8 byte is named by its line and column, not a buffer offset."""
+    for lineno, raw in enumerate(f, 1):
+        try:
+            yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            col = len(raw[: e.start].decode("utf-8", "replace")) + 1
+            raise DatasetError(f"dataset {path}: line {lineno} is not valid UTF-8 "
+                               f"(byte 0x{raw[e.start]:02x} at column {col})") from None
+
+
 def _jsonl_batches(path: Location, prompt_col: str, id_col: Optional[str]) -> Iterator[tuple]:
     seen_prompt = seen_id = False
     keys: set = set()
     prompts, ids, lines, total = [], [], [], 0
-    with _open_text(path) as f:  # bytes: a bad UTF-8 byte is found on its line, not at a buffer offset
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                col = len(raw[: e.start].decode("utf-8", "replace")) + 1
-                raise DatasetError(f"dataset {path}: line {lineno} is not valid UTF-8 "
-                                   f"(byte 0x{raw[e.start]:02x} at column {col})") from None
+    with _open_text(path) as f:
+        for lineno, line in _decoded_lines(path, f):
             if not line.strip():
                 continue
             try:
@@ -251,13 +257,7 @@ def _text_batches(path: Location, prompt_col: str, id_col: Optional[str]) -> Ite
     numbers, so they stay put when lines are added below (the columns do not apply)."""
     prompts, lines = [], []
     with _open_text(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                col = len(raw[: e.start].decode("utf-8", "replace")) + 1
-                raise DatasetError(f"dataset {path}: line {lineno} is not valid UTF-8 "
-                                   f"(byte 0x{raw[e.start]:02x} at column {col})") from None
+        for lineno, line in _decoded_lines(path, f):
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
