@@ -29,7 +29,7 @@ from spd_cluster import status as status_mod  # noqa: E402
 from spd_cluster.cluster import coordinator, runtime  # noqa: E402
 from spd_cluster.cluster.cli import resume_command, run_main, validate_main  # noqa: E402
 from spd_cluster.cluster.progress import Progress  # noqa: E402
-from spd_cluster.cluster.validate import locate_model  # noqa: E402
+from spd_cluster.cluster.preflight import locate_model  # noqa: E402
 from spd_cluster.config import ConfigError  # noqa: E402
 from spd_cluster.io import results as rio  # noqa: E402
 from spd_cluster.io.dataset import scan  # noqa: E402
@@ -126,7 +126,7 @@ def test_an_hf_id_neither_cached_nor_reachable_fails_fast(tmp_path):
     """No retries for minutes: the local HF cache, then one short request. Offline (HF_HUB_OFFLINE)
     nothing is asked at all. The "hub" here is a closed port on 127.0.0.1: nothing leaves the machine."""
     repo = "spd-cluster-tests/no-such-model"
-    code = ("from spd_cluster.cluster.validate import locate_model\n"
+    code = ("from spd_cluster.cluster.preflight import locate_model\n"
             f"try:\n    locate_model({repo!r}, True)\nexcept Exception as e:\n    print(e)")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,7 +139,7 @@ def test_an_hf_id_neither_cached_nor_reachable_fails_fast(tmp_path):
     assert "is not in the local HF cache" in out and "the hub cannot be reached" in out, out
     assert time.perf_counter() - t0 < 15  # transformers alone: 5 retries, ~25 s here
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    code = ("from spd_cluster.cluster.validate import locate_model\n"
+    code = ("from spd_cluster.cluster.preflight import locate_model\n"
             f"try:\n    locate_model({repo!r}, True)\nexcept Exception as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert "is not in the local HF cache" in out and "HF_HUB_OFFLINE is set" in out and "hf download" in out
@@ -149,7 +149,7 @@ def test_an_hf_id_neither_cached_nor_reachable_fails_fast(tmp_path):
     (snap / "config.json").write_text("{}")
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text("0" * 40)
-    code = ("from spd_cluster.cluster.validate import locate_model\n"
+    code = ("from spd_cluster.cluster.preflight import locate_model\n"
             "print(locate_model('spd-cluster-tests/cached', True)[0])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == str(snap), out.stderr[-2000:]

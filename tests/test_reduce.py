@@ -199,11 +199,3 @@ def test_mean_accepted_is_the_ratio_of_the_summed_counts():
     old = [metrics_from_record({k: v for k, v in metrics_record(m).items() if k != "num_accepted_tokens"})
            for m in (A, B)]
     assert reduce_metrics(old, 2.5).mean_num_accepted_tokens == r.mean_num_accepted_tokens
-
-
-def test_cluster_reduce_is_the_engine_rules():
-    from spd_cluster.cluster import reduce as shim
-
-    for name in ("reduce_metrics", "reduce_records", "metrics_from_record", "aggregate_exec_info", "first_batch_ttft",
-                 "empty_metrics", "throughput"):
-        assert getattr(shim, name) is getattr(rd, name)

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 
-from spd_cluster.cluster.reduce import empty_metrics
+from spd_cluster.engine.reduce import empty_metrics
 from spd_cluster.io import fs
 from spd_cluster.io import results as rio
 

@@ -162,7 +162,7 @@ def validate_main(config: str, overrides: list[str] | None = None) -> int:
         print(f"  PROBLEM  config     {e}")
         print("1 problem")
         return 2
-    from .validate import preflight
+    from .preflight import preflight
 
     c = cfg.cluster
     print(f"  ok       config     {config}: {cfg.name}, mode {cfg.mode}, {c.num_pairs} pair(s), "

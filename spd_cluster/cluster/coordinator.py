@@ -26,7 +26,7 @@ from .plan import plan as plan_job
 from .plan import prepare_output  # noqa: F401 - re-exported
 from .preflight import OutputState, check_job_models, inspect_output, local_qaic_resources  # noqa: F401
 from .preflight import preflight
-from .reduce import first_batch_ttft
+from ..engine.reduce import first_batch_ttft
 from .schedule import PREFETCH, Scheduler, Timings, schedule  # noqa: F401
 from . import suffix_cache
 
