@@ -134,12 +134,13 @@ def _dataset(pf: Preflight) -> str:
 
 
 def _complete(pf: Preflight) -> Optional[str]:
-    """The output holds this job complete (the same identity, the dataset's fingerprint the
-    same, the checkpoint naming every shard and each shard's file there): then the dataset's
-    facts come from job.json (rows, format, shards) and nothing is scanned or re-read; returns
-    the check's line. None otherwise (the full scan follows)."""
+    """The output holds this job (the same identity, the dataset's fingerprint the same) complete
+    (the checkpoint naming every shard and each shard's file there) or planned (its scan.parquet,
+    io.dataset.write_scan): then the dataset's facts come from there (rows, row errors, each
+    file's rows; for a complete job of an older release job.json's rows, format and shards) and
+    nothing is scanned or re-read; returns the check's line. None otherwise (the full scan follows)."""
     from ..io import results as rio
-    from ..io.dataset import DatasetError, DatasetInfo, dataset_files, fingerprint
+    from ..io.dataset import SCAN_FILE, DatasetError, DatasetInfo, dataset_files, fingerprint, read_scan
 
     cfg = pf.cfg
     if cfg.output.overwrite:
@@ -151,12 +152,14 @@ def _complete(pf: Preflight) -> Optional[str]:
     if cfg.cluster.shard_size is not None and cfg.cluster.shard_size != size:
         return None
     n = int(prev["num_shards"])
-    try:  # the checkpoint first: a job not complete costs no fingerprint (a single file's is a read of it)
+    try:  # the checkpoint first: a job neither complete nor planned costs no fingerprint (a single file's is a read of it)
         on_disk = rio.written_shards(pf.out)
         listed = {int(r["shard_id"]) for r in rio.read_shards_table(pf.out)}
     except (OSError, ValueError):
         return None
-    if not all(i in listed and i in on_disk for i in range(n)):
+    complete = all(i in listed and i in on_disk for i in range(n))
+    saved = read_scan(pf.out / SCAN_FILE, cfg.dataset.filesystem)
+    if not complete and saved is None:
         return None
     try:
         sha = fingerprint(*dataset_files(cfg.dataset.path, cfg.dataset.filesystem))
@@ -166,13 +169,21 @@ def _complete(pf: Preflight) -> Optional[str]:
     d = prev.get("dataset") or {}
     if prev.get("config_hash") != ident or d.get("sha256") != sha or d.get("num_rows") is None:
         return None
-    info = DatasetInfo(str(cfg.dataset.path), str(d.get("format")), int(d["num_rows"]), sha, {},
-                       cfg.dataset.filesystem)
+    if saved is not None and (saved[1].get("ident") != ident or saved[1].get("shard_size") != size
+                              or saved[0].sha256 != sha or saved[0].num_shards(size) != n):
+        saved = None
+    if saved is None and not complete:
+        return None
+    info = saved[0] if saved is not None else DatasetInfo(
+        str(cfg.dataset.path), str(d.get("format")), int(d["num_rows"]), sha, {}, cfg.dataset.filesystem, source="job.json")
     if info.num_shards(size) != n:
         return None
-    pf.info, pf.ident, pf.shard_size, pf.num_shards, pf.sample, pf.complete = info, ident, size, n, None, True
-    return (f"{info.path}: {info.num_rows} rows ({info.format}), unchanged since the job there wrote all {n} "
-            f"shard(s) of {size}: not scanned again")
+    pf.info, pf.ident, pf.shard_size, pf.num_shards, pf.sample, pf.complete = info, ident, size, n, None, complete
+    if complete:
+        return (f"{info.path}: {info.num_rows} rows ({info.format}), unchanged since the job there wrote all {n} "
+                f"shard(s) of {size}: not scanned again")
+    return (f"{info.path}: {info.num_rows} rows ({info.format}), unchanged since the job there planned {n} shard(s) "
+            f"of {size}: read from its {SCAN_FILE}, not scanned again")
 
 
 def _previous_job(pf: Preflight) -> Optional[dict]:

@@ -2,9 +2,13 @@
 
 `scan()` reads the whole file once, streaming, before any model loads: it fails on a missing
 file, an unknown format, a corrupt file or a missing column (naming the file and the column),
-counts the rows, finds duplicate ids and hashes the bytes (for resume). `iter_shards()` then
-streams the file again and yields one shard of `shard_size` rows at a time, so the driver holds
-a few shards, not the dataset.
+counts the rows, finds duplicate ids and hashes the bytes (for resume); its memory is bounded
+whatever the rows (SeenIds spills the ids to a temporary file past SPILL_IDS). `iter_shards()`
+then streams the file again and yields one shard of `shard_size` rows at a time, so the driver
+holds a few shards, not the dataset; given the shards written already, it does not read the files
+(nor the Parquet row groups) that hold only theirs. `write_scan` / `read_scan` keep a scan's
+outcome (rows, fingerprint, each file's rows, row errors) with a job's output, so that a resume
+reads it there instead of scanning again (cluster/plan.py, cluster/preflight.py).
 
 Rows: `row` is the 0-based row number (JSONL blank lines are not rows); `prompt_id` is the id
 column's value as a string (ids are compared as strings: 7 and "7" are the same id), or the row
@@ -21,6 +25,7 @@ bad JSON, damaged Parquet) is a DatasetError naming the file and, where it can b
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import hashlib
 import io
@@ -28,7 +33,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Collection, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -88,6 +93,13 @@ class DatasetInfo:
     # row number -> error message for rows the driver rejects (duplicate or null id, not a string)
     row_errors: dict[int, str] = field(default_factory=dict)
     options: Optional[dict] = None  # filesystem options the dataset is read with
+    # rows of each file, in the listing's order (None: not known, e.g. from job.json): with them a
+    # resume reads only the files (and Parquet row groups) of the shards it runs
+    file_rows: Optional[list[int]] = None
+    # duplicates found only after ``observe`` saw their rows (a scan past SeenIds' bound spills the
+    # ids and finds duplicates across what it spilled at its end): the audit's sample drops them
+    late_rows: frozenset = frozenset()
+    source: str = "scan"  # scan | checkpoint (read from the output's SCAN_FILE) | job.json
 
     def num_shards(self, shard_size: int) -> int:
         return -(-self.num_rows // shard_size)
@@ -142,7 +154,10 @@ def _utf8_message(path: Location) -> str:
     return f"line {at[0]} is not valid UTF-8 (byte 0x{at[2]:02x} at column {at[1]})"
 
 
-def _parquet_batches(path: Location, prompt_col: str, id_col: Optional[str]) -> Iterator[tuple]:
+def _parquet_batches(path: Location, prompt_col: str, id_col: Optional[str],
+                     want: Optional[Callable[[int, int], bool]] = None) -> Iterator[tuple]:
+    """``want(lo, hi)``: whether any of the file's rows lo..hi-1 is needed; a row group none of
+    whose rows is comes as ``(None, its rows, None)`` (skipped, not read)."""
     try:
         pf = pq.ParquetFile(path.fs.open_input_file(path.path))
         names = pf.schema_arrow.names
@@ -152,19 +167,32 @@ def _parquet_batches(path: Location, prompt_col: str, id_col: Optional[str]) -> 
         if col is not None and col not in names:
             raise _missing(path, col, role, names)
     cols = [prompt_col] + ([id_col] if id_col else [])
+    plan: list[tuple[Optional[int], int]] = [(None, 0)]  # (row group, None: all, -1: skipped; its rows)
+    if want is not None:
+        plan, lo = [], 0
+        for g in range(pf.num_row_groups):
+            k = pf.metadata.row_group(g).num_rows
+            plan.append((g, k) if want(lo, lo + k) else (-1, k))
+            lo += k
     n = 0
     try:
-        for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
-            out = []
-            for name, col in zip(cols, batch.columns):
-                try:
-                    out.append(col.to_pylist())
-                except UnicodeDecodeError:  # a damaged page: name the first bad row
-                    bad = next(i for i in range(len(col)) if not _decodes(col[i]))
-                    raise DatasetError(f"dataset {path}: corrupt Parquet data: column {name!r} row {n + bad} "
-                                       "is not valid UTF-8 (the file is damaged)") from None
-            yield out[0], out[1] if id_col else None, None
-            n += batch.num_rows
+        for g, k in plan:
+            if g == -1:
+                yield None, k, None
+                n += k
+                continue
+            batches = pf.iter_batches(batch_size=BATCH_ROWS, columns=cols, **({} if g is None else {"row_groups": [g]}))
+            for batch in batches:
+                out = []
+                for name, col in zip(cols, batch.columns):
+                    try:
+                        out.append(col.to_pylist())
+                    except UnicodeDecodeError:  # a damaged page: name the first bad row
+                        bad = next(i for i in range(len(col)) if not _decodes(col[i]))
+                        raise DatasetError(f"dataset {path}: corrupt Parquet data: column {name!r} row {n + bad} "
+                                           "is not valid UTF-8 (the file is damaged)") from None
+                yield out[0], out[1] if id_col else None, None
+                n += batch.num_rows
     except DatasetError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever a damaged file raises, say which file
@@ -333,14 +361,26 @@ def iter_rows(path: str | Path, prompt_column: str = "prompt", id_column: Option
 
 
 def _iter_files(files: list[Location], root: Optional[Location], prompt_column: str, id_column: Optional[str],
-                format: Optional[str]) -> Iterator[Row]:
+                format: Optional[str], want: Optional[Callable[[int, int], bool]] = None,
+                file_rows: Optional[list[int]] = None, counted: Optional[list[int]] = None) -> Iterator[Row]:
+    """The rows of ``files``, numbered across them. ``want(lo, hi)``: whether any of the rows
+    lo..hi-1 is needed: a Parquet row group none of whose rows is is not read, nor (with
+    ``file_rows``, each file's rows) a file; the rows of what is read all come. ``counted``:
+    each file's rows are appended to it as the file ends."""
     n = 0
-    for f in files:
+    for k, f in enumerate(files):
         fmt = detect_format(f.path, format)
         rel = None if root is None else f.path[len(root.path):].lstrip("/")
+        if want is not None and file_rows is not None and not want(n, n + file_rows[k]):
+            n += file_rows[k]
+            continue
         i = 0
+        kw = {"want": lambda lo, hi, at=n: want(at + lo, at + hi)} if want is not None and fmt == "parquet" else {}
         try:
-            for prompts, ids, lines in _READERS[fmt](f, prompt_column, id_column):
+            for prompts, ids, lines in _READERS[fmt](f, prompt_column, id_column, **kw):
+                if prompts is None:  # a row group skipped: ``ids`` rows
+                    n, i = n + ids, i + ids
+                    continue
                 for j, prompt in enumerate(prompts):
                     if fmt == "text":  # no columns: a prompt is known by its line
                         pid = str(lines[j]) if rel is None else f"{rel}:{lines[j]}"
@@ -349,6 +389,8 @@ def _iter_files(files: list[Location], root: Optional[Location], prompt_column: 
                     yield Row(n, pid, prompt, line=lines[j] if lines is not None else None, file=rel, file_row=i)
                     n += 1
                     i += 1
+            if counted is not None:
+                counted.append(i)
         except DatasetError:
             raise
         except Exception as e:  # noqa: BLE001 - an unreadable file is a clear error, never a traceback
@@ -372,27 +414,50 @@ def fingerprint(files: list[Location], root: Optional[Location]) -> str:
     return h.hexdigest()
 
 
+SPILL_IDS = 1 << 20  # ids SeenIds holds in memory (24 bytes each: 24 MiB) before it spills them to disk
+_CELLS = 1 << 12  # a spilled run's index: where each 1/4096 of the hash range starts in it
+_ENTRY = None  # numpy dtype of a spilled entry (hi, lo, row), made on first use
+
+
 class SeenIds:
     """The ids a scan has seen, 24 bytes an id however long it is: a 128-bit hash (two of
     Python's keyed string hashes, of the id and of the id with a NUL after it) and the row it
     was first seen at, in runs sorted by the first 64 bits that merge as they grow (a
     log-structured set): a batch of ids costs a few binary searches. Two distinct ids share both
-    hashes with odds of about n^2 / 2^129 (1e-26 for ten million ids)."""
+    hashes with odds of about n^2 / 2^129 (1e-26 for ten million ids).
 
-    def __init__(self):
+    Memory stays bounded however many ids come: past ``bound`` ids the runs are written to a
+    temporary file (sorted by hash, with an index of where each 1/4096 of the hash range starts)
+    and ``add`` stops answering (every id after that comes back -1: not known yet); ``late()``
+    then finds the duplicates among everything written, one slice of the hash range at a time
+    (at most ``bound`` entries in memory), as an external sort would. A dataset under ``bound``
+    ids never touches the disk and gets every answer from ``add``, as before."""
+
+    def __init__(self, bound: Optional[int] = None):
         import numpy as np
 
         self._np = np
+        self.bound = max(1, int(SPILL_IDS if bound is None else bound))
         self.runs: list[tuple] = []  # (hi sorted, lo, first rows), largest run first
+        self.file = None  # the spill file, once the ids pass ``bound``
+        self.spilled: list[tuple[int, "np.ndarray"]] = []  # (first entry in the file, cell starts) per run
+        self.held = 0  # entries in ``runs``
 
     def add(self, ids: list[str], rows: list[int]) -> list[int]:
         """For each id, the row of an earlier equal id (this batch included), else -1; the ids
-        not seen before are kept."""
+        not seen before are kept. Once spilled: -1 for all, and ``late()`` finds them."""
         np = self._np
         if not ids:
             return []
         hi = np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
         lo = np.fromiter((hash(i + "\0") for i in ids), dtype=np.int64, count=len(ids))
+        rows_a = np.asarray(rows, dtype=np.int64)
+        if self.file is not None:  # spilled: kept unchecked (late() checks), sorted when written
+            self.runs.append((hi, lo, rows_a))
+            self.held += hi.size
+            if self.held >= self.bound:
+                self._spill()
+            return [-1] * len(ids)
         first = np.full(len(ids), -1, dtype=np.int64)
         in_batch: dict[tuple, int] = {}
         for i, key in enumerate(zip(hi.tolist(), lo.tolist())):
@@ -414,10 +479,13 @@ class SeenIds:
                     j += 1
         new = first < 0
         order = np.argsort(hi[new], kind="stable")
-        run = (hi[new][order], lo[new][order], np.asarray(rows, dtype=np.int64)[new][order])
+        run = (hi[new][order], lo[new][order], rows_a[new][order])
+        self.held += run[0].size
         while self.runs and self.runs[-1][0].size <= run[0].size:
             run = self._merge(self.runs.pop(), run)
         self.runs.append(run)
+        if self.held >= self.bound:
+            self._spill()
         return first.tolist()
 
     def _merge(self, a: tuple, b: tuple) -> tuple:
@@ -432,65 +500,205 @@ class SeenIds:
             out.append(z)
         return tuple(out)
 
+    def _spill(self) -> None:
+        """The runs in memory, sorted by hash as one run, to the end of the spill file."""
+        global _ENTRY
+        import tempfile
+
+        np = self._np
+        if not self.runs:
+            return
+        if _ENTRY is None:
+            _ENTRY = np.dtype([("hi", "<i8"), ("lo", "<i8"), ("row", "<i8")])
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="spd_cluster-ids-")
+        hi = np.concatenate([r[0] for r in self.runs])
+        order = np.argsort(hi, kind="stable")
+        entries = np.empty(hi.size, dtype=_ENTRY)
+        entries["hi"] = hi[order]
+        del hi
+        for name, k in (("lo", 1), ("row", 2)):
+            entries[name] = np.concatenate([r[k] for r in self.runs])[order]
+        del order
+        self.runs, self.held = [], 0
+        cells = (entries["hi"].view(np.uint64) ^ np.uint64(1 << 63)) >> np.uint64(64 - 12)
+        starts = np.searchsorted(cells, np.arange(_CELLS + 1, dtype=np.uint64))
+        self.file.seek(0, 2)
+        self.spilled.append((self.file.tell() // _ENTRY.itemsize, starts))
+        entries.tofile(self.file)
+
+    def late(self) -> dict[int, int]:
+        """row -> the row of its first equal id, for the duplicates ``add`` could not answer (none
+        unless it spilled). Reads the spill file one slice of the hash range at a time: the
+        cells of all runs that together hold at most ``bound`` entries (one cell at least)."""
+        np = self._np
+        if self.file is None:
+            return {}
+        self._spill()
+        found: dict[int, int] = {}
+        counts = sum(np.diff(starts) for _, starts in self.spilled)
+        c0 = 0
+        while c0 < _CELLS:
+            c1, total = c0 + 1, int(counts[c0])
+            while c1 < _CELLS and total + int(counts[c1]) <= self.bound:
+                total += int(counts[c1])
+                c1 += 1
+            parts = []
+            for at, starts in self.spilled:
+                k = int(starts[c1] - starts[c0])
+                if k:
+                    self.file.seek((at + int(starts[c0])) * _ENTRY.itemsize)
+                    parts.append(np.fromfile(self.file, dtype=_ENTRY, count=k))
+            c0 = c1
+            if sum(p.size for p in parts) < 2:
+                continue
+            e = np.concatenate(parts)
+            del parts
+            e = e[np.lexsort((e["row"], e["lo"], e["hi"]))]
+            same = (e["hi"][1:] == e["hi"][:-1]) & (e["lo"][1:] == e["lo"][:-1])
+            if not same.any():
+                continue
+            dup = np.flatnonzero(same) + 1
+            head = np.maximum.accumulate(np.where(np.r_[True, ~same], np.arange(e.size), 0))
+            found.update(zip(e["row"][dup].tolist(), e["row"][head[dup]].tolist()))
+        return found
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            self.spilled = []
+
 
 def scan(path: str | Path, prompt_column: str = "prompt", id_column: Optional[str] = None,
          format: Optional[str] = None, options: Optional[dict] = None,
-         observe: Optional[Callable[[Row], None]] = None) -> DatasetInfo:
+         observe: Optional[Callable[[Row], None]] = None, spill_ids: Optional[int] = None) -> DatasetInfo:
     """One streaming pass that validates the whole dataset; see the module docstring.
     ``observe(row)``: called on every row once its error (if any) is known, so what else needs
-    the whole dataset (the audit's sample) is drawn in the same pass. The driver's memory for
-    it is SeenIds' 24 bytes a row (and the row errors), whatever the prompts."""
-    seen = SeenIds()
+    the whole dataset (the audit's sample) is drawn in the same pass; past ``spill_ids`` ids a
+    duplicate is only found at the end (SeenIds), and is named in the info's ``late_rows``
+    (default: SPILL_IDS). The driver's memory for it is bounded (SeenIds holds at most that many ids, 24 bytes each,
+    and spills the rest to a temporary file), whatever the rows and the prompts; the row errors
+    are kept. Without an id column the ids are row numbers, unique by construction: not checked."""
+    seen = SeenIds(SPILL_IDS if spill_ids is None else spill_ids) if id_column else None
     errors: dict[int, str] = {}
     n = 0
     files, root = dataset_files(path, options)  # listed once for the rows, the formats and the fingerprint
+    name = PurePosixPath(str(path)).name
+
+    def error(r: Row, why: str) -> str:
+        return f"{name if r.file is None else ''} {r.where()}: {why}".lstrip()
 
     def check(batch: list[Row]) -> None:
-        keyed = [r for r in batch if r.prompt_id is not None]
-        firsts = dict(zip((r.row for r in keyed), seen.add([r.prompt_id for r in keyed], [r.row for r in keyed])))
+        if seen is not None:
+            keyed = [r for r in batch if r.prompt_id is not None]
+            firsts = dict(zip((r.row for r in keyed), seen.add([r.prompt_id for r in keyed], [r.row for r in keyed])))
         for r in batch:
             if r.prompt_id is None:
                 why = f"id column {id_column!r} is null"
-            elif firsts[r.row] >= 0:
+            elif seen is not None and firsts[r.row] >= 0:
                 why = f"duplicate prompt_id {r.prompt_id!r} (first at row {firsts[r.row]})"
             else:
                 why = prompt_problem(r.prompt, prompt_column)
             if why:
-                name = PurePosixPath(str(path)).name if r.file is None else ""
-                errors[r.row] = r.error = f"{name} {r.where()}: {why}".lstrip()
+                errors[r.row] = r.error = error(r, why)
             if observe is not None:
                 observe(r)
 
     batch: list[Row] = []
-    for r in _iter_files(files, root, prompt_column, id_column, format):
-        n += 1
-        batch.append(r)
-        if len(batch) == BATCH_ROWS:
-            check(batch)
-            batch = []
-    check(batch)
+    file_rows: list[int] = []
+    try:
+        for r in _iter_files(files, root, prompt_column, id_column, format, counted=file_rows):
+            n += 1
+            batch.append(r)
+            if len(batch) == BATCH_ROWS:
+                check(batch)
+                batch = []
+        check(batch)
+        late = seen.late() if seen is not None else {}
+    finally:
+        if seen is not None:
+            seen.close()
     if n == 0:
         raise DatasetError(f"dataset {path}: no rows")
+    if late:  # their rows again, for the messages: only the files (and Parquet row groups) that hold them
+        marks = sorted(late)
+
+        def want(lo: int, hi: int) -> bool:
+            i = bisect.bisect_left(marks, lo)
+            return i < len(marks) and marks[i] < hi
+
+        for r in _iter_files(files, root, prompt_column, id_column, format, want, file_rows):
+            if r.row in late:
+                errors[r.row] = error(r, f"duplicate prompt_id {r.prompt_id!r} (first at row {late[r.row]})")
     if errors:
         first = [errors[k] for k in sorted(errors)[:3]]
         log.warning("dataset %s: %d row(s) cannot run and become error rows: %s%s", path, len(errors),
                     "; ".join(first), "; ..." if len(errors) > 3 else "")
     formats = sorted({detect_format(f.path, format) for f in files})
-    return DatasetInfo(str(path), "+".join(formats), n, fingerprint(files, root), errors, options)
+    return DatasetInfo(str(path), "+".join(formats), n, fingerprint(files, root), errors, options,
+                       file_rows=file_rows, late_rows=frozenset(late))
 
 
 def iter_shards(info: DatasetInfo, shard_size: int, prompt_column: str = "prompt",
-                id_column: Optional[str] = None) -> Iterator[Shard]:
-    """Shards of `shard_size` consecutive rows (the last may be shorter), row errors attached."""
+                id_column: Optional[str] = None, skip: Collection[int] = ()) -> Iterator[Shard]:
+    """Shards of `shard_size` consecutive rows (the last may be shorter), row errors attached,
+    but those in ``skip`` (written already). With the files' row counts (``info.file_rows``) a
+    file none of whose rows a shard to run holds is not read, nor such a Parquet row group."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    skip = set(skip)
+    want = None
+    if skip:
+        def want(lo: int, hi: int) -> bool:
+            return any(s not in skip for s in range(lo // shard_size, (hi - 1) // shard_size + 1)) if hi > lo else False
+
+    files, root = dataset_files(info.path, info.options)
+    fmt = None if "+" in info.format else info.format
+    file_rows = info.file_rows if info.file_rows is not None and len(info.file_rows) == len(files) else None
     rows: list[Row] = []
-    sid = 0
-    for r in iter_rows(info.path, prompt_column, id_column, None if "+" in info.format else info.format, info.options):
+    sid = -1
+    for r in _iter_files(files, root, prompt_column, id_column, fmt, want, file_rows):
+        k = r.row // shard_size
+        if k != sid:
+            if rows:
+                yield Shard(sid, rows[0].row, rows)
+            rows, sid = [], k
+        if k in skip:
+            continue
         r.error = info.row_errors.get(r.row)
         rows.append(r)
-        if len(rows) == shard_size:
-            yield Shard(sid, rows[0].row, rows)
-            rows, sid = [], sid + 1
     if rows:
         yield Shard(sid, rows[0].row, rows)
+
+
+# -- a scan's outcome, kept with a job's output (cluster/plan.py writes it, a resume reads it) --
+
+SCAN_FILE = "scan.parquet"  # in a job's output: the dataset as its plan saw it
+_SCAN_KEY = b"spd_cluster.scan"
+
+
+def write_scan(where: Location, info: DatasetInfo, extra: Optional[dict] = None) -> None:
+    """``info`` (but its filesystem options, which the config gives) as a Parquet file: one row
+    per row error (row, error), the rest as JSON in its metadata with ``extra`` beside it."""
+    meta = {"path": info.path, "format": info.format, "num_rows": info.num_rows, "sha256": info.sha256,
+            "file_rows": info.file_rows, **(extra or {})}
+    errs = sorted(info.row_errors.items())
+    table = pa.table({"row": pa.array([k for k, _ in errs], pa.int64()), "error": pa.array([v for _, v in errs], pa.string())})
+    table = table.replace_schema_metadata({_SCAN_KEY: json.dumps(meta).encode()})
+    fsmod.publish(where, lambda f, tmp: pq.write_table(table, tmp, filesystem=f))
+
+
+def read_scan(where: Location, options: Optional[dict] = None) -> Optional[tuple[DatasetInfo, dict]]:
+    """What ``write_scan`` wrote (the info, with ``options``, and the whole metadata), or None
+    when the file is not there or not one of ours."""
+    try:
+        with where.fs.open_input_file(where.path) as f:
+            table = pq.ParquetFile(f).read()
+        meta = json.loads((table.schema.metadata or {})[_SCAN_KEY])
+        errors = dict(zip(table.column("row").to_pylist(), table.column("error").to_pylist()))
+        info = DatasetInfo(str(meta["path"]), str(meta["format"]), int(meta["num_rows"]), str(meta["sha256"]),
+                           errors, options, file_rows=meta.get("file_rows"), source="checkpoint")
+    except (pa.ArrowException, OSError, KeyError, ValueError, TypeError):
+        return None
+    return info, meta
