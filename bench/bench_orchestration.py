@@ -10,10 +10,11 @@ job again (a resume of a finished job: what it reads to find there is nothing to
 Columns: run_s = the whole `run_job` call (scan, Ray start, the job, the summary files); wall_s =
 the job wall time it reports (run start to last shard); start_s = the part of it before the first
 dispatch (Ray, placement, actors); prompts/s = prompts / wall_s; steady/s = prompts / (wall_s -
-start_s); rss_mb = the driver's peak RSS; resume_s = the second `run_job` call, which finds every
-shard written.
-Targets: >= 5,000 prompts/s at the default shard size, RSS <= 700 MB and flat from 100k to 1M,
-resume <= 30 s.
+start_s); rss_mb = the driver's peak RSS over the job; resume_s = the second `run_job` call, which
+finds every shard written; half_s = the job made half-finished (bench_resume.halve: the shards
+from the middle on gone), its resume up to the first shard in hand (preflight, plan, that shard read).
+Targets: >= 5,000 prompts/s at the default shard size; RSS at 10M within 1.1x of 1M (issue 27);
+resume of a finished 10M job < 15 s.
 """
 
 from __future__ import annotations
@@ -72,15 +73,29 @@ def child(spec: dict) -> dict:
     res = run_job(cfg, progress=False)
     run_s = time.perf_counter() - t0
     assert res.num_prompts == spec["prompts"] and res.num_errors == 0, res
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     again = run_job(cfg, progress=False)
     resume_s = time.perf_counter() - t0
     assert again.shards_run == 0 and again.shards_skipped == res.shards_run
     job = read_job_json(spec["output"])
     startup = float(job["runs"][0]["actor_startup_s"])
+    # half-finished: the shards from the middle on gone; the resume up to its first shard in hand
+    from bench_resume import halve
+
+    from spd_cluster.cluster.plan import plan
+    from spd_cluster.cluster.preflight import preflight
+
+    kept = halve(spec["output"])
+    t0 = time.perf_counter()
+    p = plan(preflight(cfg, for_run=True))
+    first = next(p.shards())
+    half_s = time.perf_counter() - t0
+    assert p.skipped == kept and first.shard_id == kept
     return {"run_s": run_s, "wall_s": res.wall_time_s, "prompts_per_s": res.num_prompts / res.wall_time_s,
             "startup_s": startup, "steady_per_s": res.num_prompts / (res.wall_time_s - startup),
-            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "resume_s": resume_s,
+            "rss_mb": rss_mb, "resume_s": resume_s, "half_s": half_s,
+            "rss_end_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "shards": res.shards_run, "shard_size": job["shard_size"]}
 
 
@@ -100,10 +115,17 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=None, help="default: the job's own default (null)")
+    ap.add_argument("--tree", help="run the jobs with this tree's spd_cluster/ (e.g. the commit before, "
+                                   "unpacked with `git archive`); default: this one")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        if spec.get("tree"):
+            sys.path.insert(0, spec["tree"])
+            for name in [m for m in sys.modules if m == "spd_cluster" or m.startswith("spd_cluster.")]:
+                del sys.modules[name]
+        print(json.dumps(child(spec)))
         return
 
     from bench_cluster import tiny_model
@@ -111,7 +133,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_orch_"))
     model = tiny_model(work / "model")
     env = dict(os.environ, SPD_CLUSTER_ENGINE="stub_engine:build",
-               PYTHONPATH=os.pathsep.join([str(REPO / "bench"), str(REPO), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(REPO / "bench"), str(Path(args.tree).resolve() if args.tree else REPO),
+                                           os.environ.get("PYTHONPATH", "")]))
     server = None
     if "s3" in args.fs:
         import pyarrow.fs as pafs
@@ -126,7 +149,7 @@ def main() -> None:
                                                "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")})
         pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], allow_bucket_creation=True).create_dir("bench")
     print(f"{'fs':<6} {'prompts':>9} {'pairs':>5} {'shard':>6} {'shards':>6} {'run_s':>7} {'wall_s':>7} "
-          f"{'start_s':>7} {'prompts/s':>10} {'steady/s':>9} {'rss_mb':>7} {'resume_s':>8}", flush=True)
+          f"{'start_s':>7} {'prompts/s':>10} {'steady/s':>9} {'rss_mb':>7} {'resume_s':>8} {'half_s':>7}", flush=True)
     for where in args.fs:
         for n in args.prompts:
             base = str(work / where) if where == "local" else f"s3://bench/{n}"
@@ -134,7 +157,8 @@ def main() -> None:
             write_dataset(dataset, n, args.files)
             for pairs in args.pairs:
                 spec = {"model": model, "dataset": dataset + "/", "output": f"{base}/out-{n}-{pairs}", "prompts": n,
-                        "pairs": pairs, "shard_size": args.shard_size, "max_new_tokens": args.max_new_tokens}
+                        "pairs": pairs, "shard_size": args.shard_size, "max_new_tokens": args.max_new_tokens,
+                        "tree": str(Path(args.tree).resolve()) if args.tree else None}
                 p = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
                                    capture_output=True, text=True)
                 if p.returncode:
@@ -143,7 +167,7 @@ def main() -> None:
                 r = json.loads(p.stdout.strip().splitlines()[-1])
                 print(f"{where:<6} {n:>9,} {pairs:>5} {r['shard_size']:>6} {r['shards']:>6} {r['run_s']:>7.1f} "
                       f"{r['wall_s']:>7.1f} {r['startup_s']:>7.1f} {r['prompts_per_s']:>10,.0f} "
-                      f"{r['steady_per_s']:>9,.0f} {r['rss_mb']:>7.0f} {r['resume_s']:>8.1f}",
+                      f"{r['steady_per_s']:>9,.0f} {r['rss_mb']:>7.0f} {r['resume_s']:>8.1f} {r['half_s']:>7.1f}",
                       flush=True)
     if server is not None:
         server.stop()
