@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -56,7 +55,9 @@ def child(spec: dict) -> dict:
     else:
         res = coordinator.run_job(cfg, progress=False)
         out = {"run": res.shards_run, "skipped": res.shards_skipped}
-    return {**out, "s": time.perf_counter() - t0, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    from bench_orchestration import peak_rss_mb
+
+    return {**out, "s": time.perf_counter() - t0, "rss_mb": peak_rss_mb()}
 
 
 def halve(output: str) -> int:
