@@ -177,7 +177,7 @@ def test_a_job_on_s3_survives_a_killed_pair_and_a_cancel_and_runs_every_prompt_o
     names = _objects(out)
     assert [x for x in names if x.startswith("results/")] == [f"results/shard-{i:05d}.parquet" for i in range(12)]
     assert set(names) - {f"results/shard-{i:05d}.parquet" for i in range(12)} == \
-        {"job.json", "shards.parquet", "exec_info.parquet", "audit.parquet"}  # no temporary object left
+        {"job.json", "shards.parquet", "exec_info.parquet", "audit.parquet", "scan.parquet"}  # no temporary object left
     shards = pq.read_table(out.join("shards.parquet").path, filesystem=out.fs).to_pandas()
     assert shards.shard_id.tolist() == list(range(12)) and shards.attempts.max() == 2
     audit = pq.read_table(out.join("audit.parquet").path, filesystem=out.fs).to_pandas()

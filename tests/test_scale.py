@@ -98,7 +98,7 @@ def test_the_audit_sample_leaves_out_duplicates_found_late(tiny, tmp_path, monke
     assert not any(row % 4 in want.get(row // 4, []) for row in (7, 19, 25, 33, 38))  # no error row
 
 
-def _written(out: Path, shard_ids, shard_size: int) -> None:
+def _written(out, shard_ids, shard_size: int) -> None:
     """Shard files and the checkpoint, as pairs and the driver leave them (rows aside)."""
     from spd_cluster.cluster.commit import Checkpoint
     from spd_cluster.io import results as rio
@@ -178,3 +178,32 @@ def test_iter_shards_skips_written_shards_whatever_the_format(tmp_path):
         whole = _rows(iter_shards(info, 4, "prompt", "id"))
         skip = {0, 2, 3, 4}
         assert _rows(iter_shards(info, 4, "prompt", "id", skip=skip)) == {k: v for k, v in whole.items() if k not in skip}
+
+
+def test_a_resume_on_s3_reads_its_plan_from_the_bucket(s3, tiny, tmp_path, monkeypatch):
+    """The same on object storage: scan.parquet published in the output's bucket, the dataset's
+    fingerprint one listing, and a half-finished job resumed without a scan."""
+    from spd_cluster.cluster.commit import open_job
+    from spd_cluster.cluster.plan import plan
+    from spd_cluster.cluster.preflight import preflight
+    from spd_cluster.io import fs
+
+    local = _dataset(tmp_path / "ds")
+    bucket = s3("scale")
+    for f in sorted(local.iterdir()):
+        fs.write_bytes(fs.resolve(f"{bucket}/ds/{f.name}"), f.read_bytes())
+    out = f"{bucket}/out"
+    cfg = make_cfg(tiny, f"{bucket}/ds/", out, **{"audit.fraction": 0.5, "max_error_fraction": 1})
+    first = plan(preflight(cfg, for_run=True))
+    open_job(first, None, 1.0).write()
+    assert fs.resolve(out).join(dsmod.SCAN_FILE).exists()
+    all_rows = _rows(first.shards())
+    _written(out, [0, 1, 2, 3], 4)
+
+    def no_scan(*a, **k):
+        raise AssertionError("a resume does not scan the dataset")
+
+    monkeypatch.setattr(dsmod, "scan", no_scan)
+    again = plan(preflight(cfg, for_run=True))
+    assert _rows(again.shards()) == {k: v for k, v in all_rows.items() if k > 3}
+    assert again.audit_picks == first.audit_picks and again.info.row_errors == first.info.row_errors
