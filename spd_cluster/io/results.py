@@ -11,6 +11,8 @@ or the new one, never half of one, on object storage too.
                                       (+ audit_num_prompts, audit_match_rate, audit_speedup); the
                                       per-prompt lists are not in it (results/ has them by prompt_id)
     OUT/audit.parquet                 one row per audited prompt (AUDIT_SCHEMA; cluster/audit.py)
+    OUT/scan.parquet                  the dataset as the plan's scan saw it (io/dataset.py SCAN_FILE):
+                                      what a resume reads instead of scanning again
     OUT/job.json                      resolved config, versions, status, times
 
 Every column has its unit and a one-line description in the Parquet field metadata (``col``).
