@@ -110,7 +110,10 @@ class ClusterSpec(_Strict):
     # prompts per shard; null: shard_size_for's choice. A shard is what a pair runs as one call,
     # what a death costs again, and one results file.
     shard_size: Optional[int] = Field(None, ge=1)
-    cpus_per_actor: int = Field(1, ge=1)  # Ray num_cpus per actor and torch threads
+    cpus_per_actor: int = Field(1, ge=1)  # Ray num_cpus per actor (and its torch threads: threads_per_actor)
+    # torch threads per actor; null: cpus_per_actor, except where a pair's CPU actors take turns (a
+    # draft pair not overlapping its draft): each then runs on the CPUs its pair holds on its node
+    threads_per_actor: Optional[int] = Field(None, ge=1)
     max_retries: int = Field(3, ge=0)  # re-runs of a shard (and restarts of an actor) after a death
 
 

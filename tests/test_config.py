@@ -185,3 +185,20 @@ def test_a_draft_with_another_tokenizer_of_the_same_size_is_refused(tmp_path):
     assert f"draft {other!r} and target {target!r} have different tokenizers" in msg, msg
     assert "2 map to other ids" in msg and "'brown' is 2 in the draft, 3 in the target" in msg, msg
     assert "a draft must share the target's tokenizer" in msg
+
+
+def test_actor_threads_share_a_pairs_cpus_only_where_its_actors_take_turns(tmp_path):
+    from spd_cluster.cluster.actors import actor_threads
+
+    def cfg(mode="draft", **cluster):
+        data = {"name": "t", "mode": mode, "target": {"model": "m"}, "draft": {"model": "d"},
+                "dataset": {"path": "x.jsonl"}, "output": {"path": str(tmp_path)},
+                "cluster": {"cpus_per_actor": 2, **cluster}}
+        return config_from_dict(data, [])
+
+    assert actor_threads(cfg(), on_node=2) == 4  # target and draft take turns on the pair's 4 CPUs
+    assert actor_threads(cfg(), on_node=1) == 2  # a pair split across nodes: each its own
+    assert actor_threads(cfg("pld"), on_node=1) == 2  # one actor a pair
+    assert actor_threads(cfg(threads_per_actor=3), on_node=2) == 3
+    over = config_from_dict({**cfg().model_dump(mode="json"), "spd": {"overlap_draft": True}}, [])
+    assert actor_threads(over, on_node=2) == 2  # the draft drafts while the target verifies

@@ -116,3 +116,28 @@ def test_a_dead_actor_restarts_in_its_placement_group(tiny, ray2, tmp_path):
     assert df.row.tolist() == list(range(6))
     assert {r: list(g) for r, g in zip(df.row, df.generated_ids)} == reference(tiny, cfg)
     assert [g["state"] for g in groups(before).values()] == ["REMOVED"]
+
+
+@pytest.mark.slow
+def test_a_draft_pairs_cpu_actors_take_turns_on_the_cores_their_pair_holds(tiny, ray2, tmp_path):
+    """Target and draft compute in turns (one waits while the other runs), so each runs on both
+    CPUs the pair's group holds on the node; where the draft overlaps the verify they compute at
+    once and keep one each."""
+    import ray
+
+    from spd_cluster.cluster.actors import Pair
+
+    ds = write_jsonl(tmp_path / "d.jsonl", [{"id": 0, "prompt": GOOD[0]}])
+
+    def threads(**over) -> tuple[int, int]:
+        cfg = make_cfg(tiny, ds, tmp_path / "out", mode="draft", **{"draft.model": tiny}, **over)
+        pair = Pair(0, cfg.model_dump(mode="json"), [(r, s.device) for r, s in cfg.roles()], 1, 0)
+        try:
+            with deadline(120):
+                info = ray.get(pair.probe())
+        finally:
+            pair.kill()
+        return info["threads"], info["draft"]["threads"]
+
+    assert threads() == (2, 2)
+    assert threads(**{"spd.overlap_draft": "true"}) == (1, 1)

@@ -13,7 +13,9 @@ A pair is one actor per role: the target, plus a draft actor in draft mode.
 Placement: each pair is one Ray placement group (see ``Pair``), so a pair starts whole or waits
 whole, never half-placed holding resources.
 
-Devices: ``num_cpus=cpus_per_actor`` always (torch gets that many threads); ``num_gpus=1`` for
+Devices: ``num_cpus=cpus_per_actor`` always, and torch gets that many threads (``actor_threads``:
+the CPU actors of a pair that take turns each get the CPUs their pair holds on their node);
+``num_gpus=1`` for
 cuda (Ray picks the GPU and sets CUDA_VISIBLE_DEVICES); ``{"qaic": 1}`` for Cloud AI 100, where
 the actor locks one id of its role's ``device_ids`` with a per-node lock file held for the
 actor's life (released by the OS when the process dies), so two actors on one node never share
@@ -66,6 +68,36 @@ def lock_device(kind: str, ids: Sequence[int], lock_dir: str | Path | None = Non
 # across nodes where no single node can (a cluster of one-GPU nodes runs cuda draft mode);
 # STRICT_PACK would refuse those pairs outright.
 PAIR_STRATEGY = "PACK"
+
+
+def actor_threads(cfg, on_node: int) -> int:
+    """Torch threads for an actor of a pair that has ``on_node`` actors on this actor's node:
+    ``cluster.threads_per_actor`` where given, else ``cpus_per_actor``; but a pair's CPU actors that
+    take turns (a draft pair whose draft does not overlap the verify: one computes while the other
+    waits for it) each run on every CPU their pair holds on the node, as one process would: the
+    draft's forwards and the target's verify each get the cores the other is not using. A pair
+    split across nodes keeps cpus_per_actor on each."""
+    from ..engine.modes import draft_overlaps
+
+    c = cfg.cluster
+    if c.threads_per_actor is not None:
+        return c.threads_per_actor
+    roles = cfg.roles()
+    turns = len(roles) > 1 and all(spec.device == "cpu" for _, spec in roles) and not draft_overlaps(cfg.spd)
+    return c.cpus_per_actor * max(1, on_node) if turns else c.cpus_per_actor
+
+
+def pair_actors_on_node() -> int:
+    """How many bundles of this actor's placement group (its pair) Ray placed on this actor's
+    node; 1 outside a placement group (an actor built in process: tests, benchmarks)."""
+    import ray
+    from ray.util import get_current_placement_group, placement_group_table
+
+    pg = get_current_placement_group() if ray.is_initialized() else None
+    if pg is None:
+        return 1
+    node = ray.get_runtime_context().get_node_id()
+    return sum(n == node for n in placement_group_table(pg).get("bundles_to_node_id", {}).values())
 
 
 def bundle(device: str, cpus: int) -> dict[str, int]:
@@ -238,8 +270,8 @@ class _DeviceActor:
             self._setup(cfg)
             import torch
 
-            torch.set_num_threads(cfg.cluster.cpus_per_actor)
-            self.threads = cfg.cluster.cpus_per_actor
+            self.threads = actor_threads(cfg, pair_actors_on_node())
+            torch.set_num_threads(self.threads)
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # no "Loading weights" bars in the driver log
@@ -279,6 +311,15 @@ class _DeviceActor:
         if self.error:
             raise RuntimeError(self.error)
 
+    def _threads(self) -> int:
+        """Calls run on the actor's thread pool, whose threads start with Ray's OMP_NUM_THREADS
+        (num_cpus): each computing call sets the actor's thread count in its own thread."""
+        import torch
+
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return torch.get_num_threads()
+
     def info(self, draft=None) -> dict:
         """Ready probe: where the actor runs and what it loaded."""
         import ray
@@ -286,7 +327,7 @@ class _DeviceActor:
         self._check()
         return {"role": self.role, "pair_id": self.pair_id, "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "device_id": self.device_id, "vocab_size": int(self.session.vocab_size),
-                "load_s": self.load_s}
+                "load_s": self.load_s, "threads": self._threads()}
 
 
 class TargetActor(_DeviceActor):
@@ -354,9 +395,7 @@ class TargetActor(_DeviceActor):
         if self.remote_draft is not None:
             self.remote_draft.reset()
             self.remote_draft.actor = draft
-        import torch
-
-        torch.set_num_threads(self.threads)  # calls run on the actor's thread pool: keep its thread count
+        self._threads()
         self._live = LiveCounts(shard.shard_id)
         todo = [r for r in shard.rows if r.error is None]
         prompts, ids = [r.prompt for r in todo], [r.prompt_id for r in todo]
@@ -412,10 +451,12 @@ class DraftActor(_DeviceActor):
 
     def draft_start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
         self._check()
+        self._threads()
         self.server.start(slot, prompt_ids, key)
 
     def draft_step(self, slots, deltas, resync, limits):
         self._check()
+        self._threads()
         return self.server.step(slots, deltas, resync, limits)
 
 

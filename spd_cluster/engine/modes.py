@@ -73,9 +73,15 @@ def draft_proposer(settings, draft):
                                     confidence_threshold=settings.confidence_threshold), settings)
 
 
+def draft_overlaps(settings) -> bool:
+    """Whether the draft drafts while the target verifies (spd.overlap_draft, greedy only); else
+    the two take turns: one computes while the other waits."""
+    return bool(settings.overlap_draft and not settings.sampling)
+
+
 def overlapped(proposer, settings):
     """The draft proposer, overlapped with the verify where the settings ask for it (greedy)."""
-    if settings.overlap_draft and not settings.sampling:
+    if draft_overlaps(settings):
         from .overlap import OverlappedDraft
 
         return OverlappedDraft(proposer)
