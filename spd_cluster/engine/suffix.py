@@ -30,6 +30,7 @@ crosses from one sequence into another; the job index drops whole sequences, old
 from __future__ import annotations
 
 from array import array
+from collections import Counter
 from typing import Optional, Sequence
 
 import numpy as np
@@ -39,25 +40,30 @@ from .proposers import EMPTY, Proposal
 KEY_LENS = (1, 2, 3, 6)  # n-grams of these lengths are keys (_keys); a match is extended over its key's candidates
 RECENT = 16  # occurrences of one key a look-up reads at most (the most recent)
 SEP = -1  # before every stored sequence: no token id, so no match or continuation crosses it
-_SHIFT = 21  # bits per token id in an n-gram key (ids of 2**21 and up share keys: a wasted proposal at worst)
+_SHIFT = 21  # bits per token id in an n-gram key (ids of 2**21 - 1 and up may share keys: a wasted proposal at worst)
+_NEG = [array("q", [-1]) * m for m in range(65)]  # chain entries of new positions (no occurrence before)
+
+# An n-gram's key, one int, the lengths apart by range (for ids below 2**21 - 1): with a the last
+# token and b, c, ... those before it, the 1-gram's ~a (negative), the 2-gram's a | b << 21 (below
+# 2**42), the 3-gram's k3 = a | b << 21 | (c + 1) << 42 (2**42 and up, below 2**63), the 6-gram's
+# k3 | (d | e << 21 | (f + 1) << 42) << 64 (2**106 and up). No tag bits: fewer operations a key.
 
 
 def _keys(toks: list, e: int) -> tuple:
     """The keys of the n-grams (n in KEY_LENS: 1, 2, 3, 6) that end at ``toks[e]``, shortest
-    first, as far as the tokens before it are no SEP (and exist); the last 3 bits say which."""
+    first, as far as the tokens before it are no SEP (and exist)."""
     a = toks[e]
     if a < 0:
         return ()
     if e < 1 or toks[e - 1] < 0:
-        return (a << 3,)
+        return (~a,)
     k2 = a | toks[e - 1] << _SHIFT
     if e < 2 or toks[e - 2] < 0:
-        return (a << 3, k2 << 3 | 1)
-    k3 = k2 | toks[e - 2] << 2 * _SHIFT
+        return (~a, k2)
+    k3 = k2 | (toks[e - 2] + 1) << 2 * _SHIFT
     if e < 5 or toks[e - 3] < 0 or toks[e - 4] < 0 or toks[e - 5] < 0:
-        return (a << 3, k2 << 3 | 1, k3 << 3 | 2)
-    k6 = k3 | toks[e - 3] << 3 * _SHIFT | toks[e - 4] << 4 * _SHIFT | toks[e - 5] << 5 * _SHIFT
-    return (a << 3, k2 << 3 | 1, k3 << 3 | 2, k6 << 3 | 3)
+        return (~a, k2, k3)
+    return (~a, k2, k3, k3 | (toks[e - 3] | toks[e - 4] << _SHIFT | (toks[e - 5] + 1) << 2 * _SHIFT) << 64)
 
 
 class Draft:
@@ -65,9 +71,9 @@ class Draft:
 
     __slots__ = ("tokens", "probs", "score", "match_len")
 
-    def __init__(self, tokens=(), probs=(), match_len: int = 0):
+    def __init__(self, tokens=(), probs=(), match_len: int = 0, score: Optional[float] = None):
         self.tokens, self.probs, self.match_len = tokens, probs, match_len  # lists (draft builds them)
-        self.score = float(sum(probs))
+        self.score = float(sum(probs)) if score is None else score
 
 
 NO_DRAFT = Draft([], [])
@@ -104,51 +110,59 @@ class SuffixIndex:
 
     def _append(self, tokens: list) -> None:
         self.toks.extend(tokens)
-        none = array("q", [-1]) * len(tokens)
+        m = len(tokens)
+        none = _NEG[m] if m < len(_NEG) else array("q", [-1]) * m
         for chain in self.prev:
             chain.extend(none)
 
     def _index(self, lo: int, hi: int) -> None:
         """Index the n-grams ending at positions lo..hi-1 (each has its next token stored)."""
-        # _keys inlined (a token's four keys without a tuple or a call: the host's cost per step)
+        # _keys inlined (a token's four keys without a tuple or a call: the host's cost per step);
+        # toks[0] is a SEP (the first sequence's, or the oldest kept one's), so a token before a
+        # real token exists and no index wraps around
         toks, base, last, get = self.toks, self.base, self.last, self.last.get
         p1, p2, p3, p6 = self.prev
-        S = _SHIFT
-        for e in range(lo, hi):
-            j = e - base
+        S, S2 = _SHIFT, 2 * _SHIFT
+        for j in range(lo - base, hi - base):
             a = toks[j]
             if a < 0:
                 continue
-            k = a << 3
+            e = j + base
+            k = ~a
             p1[j] = get(k, -1)
             last[k] = e
-            b = toks[j - 1] if j >= 1 else SEP
+            b = toks[j - 1]
             if b < 0:
                 continue
             k2 = a | b << S
-            k = k2 << 3 | 1
-            p2[j] = get(k, -1)
-            last[k] = e
-            c = toks[j - 2] if j >= 2 else SEP
+            p2[j] = get(k2, -1)
+            last[k2] = e
+            c = toks[j - 2]
             if c < 0:
                 continue
-            k3 = k2 | c << 2 * S
-            k = k3 << 3 | 2
-            p3[j] = get(k, -1)
-            last[k] = e
-            if j < 5:
+            k3 = k2 | (c + 1) << S2
+            p3[j] = get(k3, -1)
+            last[k3] = e
+            d = toks[j - 3]
+            if d < 0:
                 continue
-            d, f, g = toks[j - 3], toks[j - 4], toks[j - 5]
-            if d < 0 or f < 0 or g < 0:
+            f = toks[j - 4]
+            if f < 0:
                 continue
-            k = (k3 | d << 3 * S | f << 4 * S | g << 5 * S) << 3 | 3
+            g = toks[j - 5]
+            if g < 0:
+                continue
+            k = k3 | (d | f << S | (g + 1) << S2) << 64
             p6[j] = get(k, -1)
             last[k] = e
 
     def add(self, tokens: Sequence[int], start: int = 0) -> None:
         """Store a finished sequence; its tokens from ``start`` on are continuations, those
         before it only context (the end of a prompt, before its output)."""
-        tokens = [int(t) for t in tokens]
+        self._add(tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens], start)
+
+    def _add(self, tokens: list, start: int = 0) -> None:
+        """``add`` of a list of ints."""
         if len(tokens) <= start:
             return
         sep = self.base + len(self.toks)
@@ -217,26 +231,60 @@ class SuffixIndex:
     # -- looking up --------------------------------------------------------------------------
 
     def match(self, ctx: list) -> tuple[list[int], int]:
-        """The occurrences (most recent RECENT at most) of the longest suffix of ``ctx`` that
-        occurred here with a next token, and its length (0: none). ``ctx``: the row's last
-        tokens, no SEP among them."""
-        toks, base = self.toks, self.base
-        if len(ctx) > self.max_depth:
-            ctx = ctx[-self.max_depth:]
-        keys = _keys(ctx, len(ctx) - 1)
-        for i in range(len(keys) - 1, -1, -1):
-            if self.last.get(keys[i], -1) >= base:
+        """The occurrences (most recent RECENT at most, oldest first) of the longest suffix of
+        ``ctx`` that occurred here with a next token, and its length (0: none). ``ctx``: the
+        row's last tokens, no SEP among them."""
+        cands, n = self._match(ctx)
+        return cands[::-1], n
+
+    def _match(self, ctx: list) -> tuple[list[int], int]:
+        """``match``, the most recent occurrence first."""
+        md = self.max_depth
+        if len(ctx) > md:
+            ctx = ctx[-md:]
+        L = len(ctx)
+        last, base = self.last, self.base
+        S = _SHIFT
+        a = ctx[-1]
+        i, p = -1, -1
+        # the longest key first (_keys inlined)
+        if L >= 2:
+            k2 = a | ctx[-2] << S
+            if L >= 3:
+                k3 = k2 | (ctx[-3] + 1) << 2 * S
+                if L >= 6:
+                    p = last.get(k3 | (ctx[-4] | ctx[-5] << S | (ctx[-6] + 1) << 2 * S) << 64, -1)
+                    if p >= base:
+                        i = 3
+                if i < 0:
+                    p = last.get(k3, -1)
+                    if p >= base:
+                        i = 2
+            if i < 0:
+                p = last.get(k2, -1)
+                if p >= base:
+                    i = 1
+        if i < 0:
+            p = last.get(~a, -1)
+            if p < base:
+                return [], 0
+            i = 0
+        chain = self.prev[i]
+        cands = [p]
+        for _ in range(RECENT - 1):
+            p = chain[p - base]
+            if p < base:
                 break
-        else:
-            return [], 0
+            cands.append(p)
         n = KEY_LENS[i]
-        cands = self.occurrences(i, keys[i])
         # a longer key missed: the match is shorter than it
-        depth = min(self.max_depth, len(ctx), KEY_LENS[i + 1] - 1 if i + 1 < len(KEY_LENS) else len(ctx))
+        depth = L if i == 3 else min(L, KEY_LENS[i + 1] - 1)
         if depth <= n:
             return cands, n
-        whole = ctx[-depth:]  # candidates that match all of it, in one comparison each
-        full = [p for p in cands if toks[p - base - depth + 1 : p - base + 1] == whole]
+        toks = self.toks
+        whole = ctx[L - depth : L - n]  # candidates that match all of it, in one comparison each
+        lo, hi = base + depth - 1, base + n - 1
+        full = [p for p in cands if toks[p - lo : p - hi] == whole]
         if full:
             return full, depth
         for d in range(n, depth):
@@ -251,7 +299,7 @@ class SuffixIndex:
         """The most frequent continuation of the longest match of ``ctx`` (module docstring)."""
         if limit <= 0 or not ctx:
             return NO_DRAFT
-        cands, n = self.match(ctx)
+        cands, n = self._match(ctx)
         if not n:
             return NO_DRAFT
         cap = min(limit, int(max_spec_factor * n + 1e-6))
@@ -261,14 +309,17 @@ class SuffixIndex:
             rest = toks[p : p + cap]
             if SEP in rest:
                 rest = rest[: rest.index(SEP)]
-            return Draft(rest, [1.0] * len(rest), n) if rest else NO_DRAFT
+            return Draft(rest, [1.0] * len(rest), n, float(len(rest))) if rest else NO_DRAFT
         # the distinct continuations, with how many occurrences have each (the most recent first:
         # it wins a tie); most occurrences of a template or a copied span continue alike
-        conts: dict[tuple, int] = {}
-        for p in reversed(cands):
-            c = tuple(toks[p - base + 1 : p - base + 1 + cap])
-            conts[c] = conts.get(c, 0) + 1
-        items = list(conts.items())
+        b1 = base - 1
+        conts = [toks[p - b1 : p - b1 + cap] for p in cands]
+        c0 = conts[0]
+        if conts.count(c0) == len(conts):  # they all continue alike: that continuation, certain
+            if SEP in c0:
+                c0 = c0[: c0.index(SEP)]
+            return Draft(c0, [1.0] * len(c0), n, float(len(c0)))
+        items = list(Counter(map(tuple, conts)).items())  # in the order of their most recent occurrence
         out, probs = [], []
         prob = 1.0
         j = 0
@@ -320,51 +371,61 @@ class SuffixProposer:
         self.job = SuffixIndex(max_depth, max_rows=cache_rows) if cache_rows > 0 else None
         self.rows: dict[int, SuffixIndex] = {}
         self.prompt_len: dict[int, int] = {}
-        self.last: dict[int, tuple[str, int]] = {}  # slot -> (source, tokens) of its last proposal
+        self.last: dict[int, str] = {}  # slot -> the stat its last proposal's accepted tokens count in
         self.finished: list[list[int]] = []  # (prompt tail + output, prompt tail length) of rows not yet sent
         self.stats = dict.fromkeys(self.STATS, 0)
         self.cache_seen = 0  # behind Ray: the job cache's serial this engine has pulled up to
 
     def start(self, slot, prompt_ids, key=None):
         index = SuffixIndex(self.max_depth)
-        index.open(np.asarray(prompt_ids).tolist())
+        index._add(np.asarray(prompt_ids).tolist())
         self.rows[slot] = index
         self.prompt_len[slot] = len(prompt_ids)
         self.last.pop(slot, None)
 
+    _KEYS = {src: tuple(f"suffix_{what}_{src}" for what in ("steps", "proposed", "accepted")) for src in ("row", "job")}
+
     def propose(self, slots, seqs, limits):
         out = []
+        rows, job, stats, last = self.rows, self.job, self.stats, self.last
+        depth, factor, min_prob = self.max_depth, self.factor, self.min_prob
         for slot, seq, limit in zip(slots, seqs, limits):
-            index = self.rows.get(slot)
+            index = rows.get(slot)
             if index is None:
                 self.start(slot, seq)
-                index = self.rows[slot]
+                index = rows[slot]
             index.extend(seq)
             if limit <= 0:
                 out.append(EMPTY)
-                self.last.pop(slot, None)
+                last.pop(slot, None)
                 continue
-            ctx = index.context(self.max_depth)
-            own = index.draft(ctx, limit, self.factor, self.min_prob)
+            ctx = index.context(depth)
+            own = index.draft(ctx, limit, factor, min_prob)
             # the job's can at most tie a full, certain proposal of the row's (and a tie is the row's)
-            sure = own.score >= limit
-            other = self.job.draft(ctx, limit, self.factor, self.min_prob) if self.job and not sure else NO_DRAFT
-            source, best = ("row", own) if own.score >= other.score else ("job", other)
+            if job and own.score < limit:  # (an empty job index has nothing)
+                other = job.draft(ctx, limit, factor, min_prob)
+                source, best = ("row", own) if own.score >= other.score else ("job", other)
+            else:
+                source, best = "row", own
             if best.tokens:
-                self.stats[f"suffix_steps_{source}"] += 1
-                self.stats[f"suffix_proposed_{source}"] += len(best.tokens)
-                self.last[slot] = (source, len(best.tokens))
+                steps, proposed, accepted = self._KEYS[source]
+                stats[steps] += 1
+                stats[proposed] += len(best.tokens)
+                last[slot] = accepted
                 out.append(np.array(best.tokens, dtype=np.int64))
             else:
-                self.last.pop(slot, None)
+                last.pop(slot, None)
                 out.append(EMPTY)
         return Proposal(out)
 
     def learn(self, slots, verified):
+        last, stats = self.last, self.stats
+        if not last:
+            return
         for i, slot in enumerate(slots):
-            last = self.last.pop(slot, None)
-            if last is not None:
-                self.stats[f"suffix_accepted_{last[0]}"] += int(verified.accepted[i])
+            key = last.pop(slot, None)
+            if key is not None:
+                stats[key] += int(verified.accepted[i])
 
     def finish(self, slot, seq):
         """Row ``slot`` finished with ``seq`` (prompt + output): its output joins the job index."""
@@ -375,7 +436,7 @@ class SuffixProposer:
             return
         tail = min(n, self.max_depth)
         row = np.asarray(seq[n - tail :]).tolist()
-        self.job.add(row, start=tail)
+        self.job._add(row, start=tail)
         self.finished.append([tail] + row)
         del self.finished[: max(0, len(self.finished) - self.cache_rows)]
 
