@@ -30,7 +30,6 @@ crosses from one sequence into another; the job index drops whole sequences, old
 from __future__ import annotations
 
 from array import array
-from collections import Counter
 from typing import Optional, Sequence
 
 import numpy as np
@@ -194,6 +193,25 @@ class SuffixIndex:
         self.rows[-1] = (sep, first, sep + 1 + n)
         self.num_tokens += n - have
 
+    def grow(self, seq: np.ndarray | Sequence[int], depth: int) -> list:
+        """``extend(seq)``, then ``context(depth)``: a row's step, in one call."""
+        sep, first, end = self.rows[-1]
+        n = len(seq)
+        have = end - sep - 1
+        if n > have:
+            new = seq[have:n]
+            new = new.tolist() if isinstance(new, np.ndarray) else [int(t) for t in new]
+            self.toks.extend(new)
+            m = n - have
+            none = _NEG[m] if m < len(_NEG) else array("q", [-1]) * m
+            for chain in self.prev:
+                chain.extend(none)
+            self._index(end - 1, sep + n)
+            end = sep + 1 + n
+            self.rows[-1] = (sep, first, end)
+            self.num_tokens += m
+        return self.toks[max(sep + 1, end - depth) - self.base :]
+
     def _evict(self) -> None:
         """Drop the oldest sequence: its positions fall below ``base``, out of every chain; keys
         whose latest occurrence was in it go."""
@@ -319,34 +337,38 @@ class SuffixIndex:
             if SEP in c0:
                 c0 = c0[: c0.index(SEP)]
             return Draft(c0, [1.0] * len(c0), n, float(len(c0)))
-        items = list(Counter(map(tuple, conts)).items())  # in the order of their most recent occurrence
+        if len(c0) < cap:  # (the most recent is cut first) cut by the end of the tokens: as if a SEP followed
+            pad = [SEP] * cap
+            conts = [c + pad[len(c):] for c in conts]
+        # token by token: the most frequent next token among the occurrences that continued as
+        # proposed so far (the most recent on a tie: the first seen), its frequency among those
+        # that continue at all (no SEP)
         out, probs = [], []
         prob = 1.0
-        j = 0
-        while j < cap:
-            if len(items) == 1:  # one continuation left: the rest of it, up to its end
-                rest = items[0][0][j:]
+        for j in range(cap):
+            col = [c[j] for c in conts]
+            total = len(col) - col.count(SEP)
+            if not total:
+                break
+            best, top = SEP, 0
+            for t in dict.fromkeys(col):
+                if t >= 0:
+                    k = col.count(t)
+                    if k > top:
+                        best, top = t, k
+            prob *= top / total
+            if prob < min_prob:
+                break
+            out.append(best)
+            probs.append(prob)
+            conts = [c for c in conts if c[j] == best]
+            if conts.count(conts[0]) == len(conts):  # one continuation left: the rest of it, up to its end
+                rest = conts[0][j + 1 :]
                 if SEP in rest:
                     rest = rest[: rest.index(SEP)]
                 out += rest
                 probs += [prob] * len(rest)
                 break
-            counts: dict[int, int] = {}
-            total = 0
-            for c, w in items:
-                if len(c) > j and c[j] != SEP:
-                    counts[c[j]] = counts.get(c[j], 0) + w
-                    total += w
-            if not total:
-                break
-            best = max(counts, key=counts.__getitem__)
-            prob *= counts[best] / total
-            if prob < min_prob:
-                break
-            out.append(best)
-            probs.append(prob)
-            items = [(c, w) for c, w in items if len(c) > j and c[j] == best]
-            j += 1
         return Draft(out, probs, n)
 
 
@@ -394,15 +416,15 @@ class SuffixProposer:
             if index is None:
                 self.start(slot, seq)
                 index = rows[slot]
-            index.extend(seq)
             if limit <= 0:
+                index.extend(seq)
                 out.append(EMPTY)
                 last.pop(slot, None)
                 continue
-            ctx = index.context(depth)
+            ctx = index.grow(seq, depth)
             own = index.draft(ctx, limit, factor, min_prob)
             # the job's can at most tie a full, certain proposal of the row's (and a tie is the row's)
-            if job and own.score < limit:  # (an empty job index has nothing)
+            if job is not None and job.rows and own.score < limit:  # (an empty job index has nothing)
                 other = job.draft(ctx, limit, factor, min_prob)
                 source, best = ("row", own) if own.score >= other.score else ("job", other)
             else:
@@ -422,10 +444,10 @@ class SuffixProposer:
         last, stats = self.last, self.stats
         if not last:
             return
-        for i, slot in enumerate(slots):
+        for slot, accepted in zip(slots, verified.accepted.tolist()):
             key = last.pop(slot, None)
             if key is not None:
-                stats[key] += int(verified.accepted[i])
+                stats[key] += accepted
 
     def finish(self, slot, seq):
         """Row ``slot`` finished with ``seq`` (prompt + output): its output joins the job index."""
