@@ -118,6 +118,101 @@ def test_a_look_up_reads_the_latest_occurrences_only():
     assert [index.toks[p - index.base + 1] for p in cands] == [i % 50 + 10 for i in range(100 - sfx.RECENT, 100)]
 
 
+def fresh(seqs, ctx, limit, factor, min_prob, max_depth):
+    """The module's look-up from scratch, over every stored sequence ((tokens, start) each, in
+    storage order): the longest n-gram of KEY_LENS ending ``ctx`` that occurred with a next token,
+    its latest RECENT occurrences, those of them that match ``ctx`` deepest (up to max_depth, and
+    short of the next key length where that key missed), then token by token the most frequent
+    next token (the most recent on a tie) while the running frequency stays >= min_prob."""
+    ctx = ctx[-max_depth:]
+    if limit <= 0 or not ctx:
+        return [], []
+    occs = [(s, e) for s, st in seqs for e in range(max(st - 1, 0), len(s) - 1)]
+
+    def depth(s, e, most):
+        n = 0
+        while n < most and e - n >= 0 and s[e - n] == ctx[-1 - n]:
+            n += 1
+        return n
+
+    lens = [n for n in sfx.KEY_LENS if n <= len(ctx)]
+    for k in range(len(lens) - 1, -1, -1):
+        hits = [o for o in occs if depth(*o, lens[k]) == lens[k]]
+        if hits:
+            break
+    else:
+        return [], []
+    longer = sfx.KEY_LENS.index(lens[k]) + 1
+    most = min(len(ctx), sfx.KEY_LENS[longer] - 1) if longer < len(sfx.KEY_LENS) else len(ctx)
+    window = hits[-sfx.RECENT:]
+    deepest = max(depth(*o, most) for o in window)
+    alive = [s[e + 1 : e + 1 + min(limit, int(factor * deepest + 1e-6))]
+             for s, e in reversed(window) if depth(s, e, most) == deepest]  # the most recent first
+    out, probs, prob = [], [], 1.0
+    for j in range(len(max(alive, key=len))):
+        col = [c[j] for c in alive if len(c) > j]
+        if not col:
+            break
+        top = max(col.count(t) for t in col)
+        best = next(t for t in col if col.count(t) == top)
+        prob *= top / len(col)
+        if prob < min_prob:
+            break
+        out.append(best)
+        probs.append(prob)
+        alive = [c for c in alive if len(c) > j and c[j] == best]
+    return out, probs
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rows_step_by_step_propose_what_a_fresh_look_up_proposes(seed):
+    """The proposer's indexes grow a few tokens a step (and the job's drops its oldest rows); at
+    every step each row's proposal is what a look-up from scratch over the row's text so far and
+    the job's kept rows proposes (the row's on a tie). Token streams of a few motifs over a small
+    vocabulary: keys with more than RECENT occurrences, long matches, several continuations."""
+    rng = np.random.default_rng(seed)
+    depth, keep = int(rng.choice([5, 8, 24])), 3
+    p = SuffixProposer(max_depth=depth, max_spec_factor=2.0, min_prob=0.1, cache_rows=keep)
+    job: list = []
+
+    def stream():
+        vocab = int(rng.integers(3, 8))
+        motifs = [rng.integers(0, vocab, int(rng.integers(2, 9))).tolist() for _ in range(3)]
+        out = []
+        while len(out) < 200:
+            out += motifs[int(rng.integers(3))] if rng.random() < 0.8 else rng.integers(0, vocab, 3).tolist()
+        return out, int(rng.integers(1, 60))
+
+    rows = {}  # slot -> (tokens, prompt length, tokens so far)
+    started = 0
+    while started < 8 or rows:
+        for slot in (0, 1):
+            if slot not in rows and started < 8:
+                toks, plen = stream()
+                p.start(slot, np.array(toks[:plen]))
+                rows[slot] = [toks, plen, plen]
+                started += 1
+        slots = sorted(rows)
+        limits = [int(rng.integers(0, 9)) for _ in slots]
+        got = p.propose(slots, [np.array(rows[s][0][: rows[s][2]]) for s in slots], limits).tokens
+        for slot, limit, proposal in zip(slots, limits, got):
+            toks, plen, n = rows[slot]
+            ctx = toks[max(0, n - depth) : n]
+            own = fresh([(toks[:n], 0)], ctx, limit, 2.0, 0.1, depth)
+            other = fresh(job, ctx, limit, 2.0, 0.1, depth)
+            assert proposal.tolist() == (own if sum(own[1]) >= sum(other[1]) else other)[0]
+            d = p.rows[slot].draft(ctx, limit, 2.0, 0.1)
+            assert (d.tokens, d.probs) == own
+            rows[slot][2] += int(rng.integers(1, 6))
+        for slot in slots:  # rows that are done join the job's index, after this step's proposals
+            toks, plen, n = rows[slot]
+            if n >= len(toks):
+                p.finish(slot, np.array(toks))
+                tail = min(plen, depth)
+                job = (job + [(toks[plen - tail :], tail)])[-keep:]
+                del rows[slot]
+
+
 def test_a_proposal_stops_where_its_probability_falls_and_grows_with_the_match():
     index = SuffixIndex(16)
     for tail in ([1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 8, 8]):
