@@ -40,7 +40,7 @@ KEY_LENS = (1, 2, 3, 6)  # n-grams of these lengths are keys (_keys); a match is
 RECENT = 16  # occurrences of one key a look-up reads at most (the most recent)
 SEP = -1  # before every stored sequence: no token id, so no match or continuation crosses it
 _SHIFT = 21  # bits per token id in an n-gram key (ids of 2**21 - 1 and up may share keys: a wasted proposal at worst)
-_NEG = [array("q", [-1]) * m for m in range(65)]  # chain entries of new positions (no occurrence before)
+CHUNK = 256  # chain positions reserved ahead of the tokens (SuffixIndex._reserve)
 
 # An n-gram's key, one int, the lengths apart by range (for ids below 2**21 - 1): with a the last
 # token and b, c, ... those before it, the 1-gram's ~a (negative), the 2-gram's a | b << 21 (below
@@ -109,10 +109,16 @@ class SuffixIndex:
 
     def _append(self, tokens: list) -> None:
         self.toks.extend(tokens)
-        m = len(tokens)
-        none = _NEG[m] if m < len(_NEG) else array("q", [-1]) * m
-        for chain in self.prev:
-            chain.extend(none)
+        self._reserve()
+
+    def _reserve(self) -> None:
+        """Chains as long as the tokens at least: they grow ahead, in blocks of CHUNK positions
+        (-1 each: no occurrence before), so a row's step extends none of them."""
+        short = len(self.toks) - len(self.prev[0])
+        if short > 0:
+            none = array("q", [-1]) * (short + CHUNK)
+            for chain in self.prev:
+                chain.extend(none)
 
     def _index(self, lo: int, hi: int) -> None:
         """Index the n-grams ending at positions lo..hi-1 (each has its next token stored)."""
@@ -202,14 +208,12 @@ class SuffixIndex:
             new = seq[have:n]
             new = new.tolist() if isinstance(new, np.ndarray) else [int(t) for t in new]
             self.toks.extend(new)
-            m = n - have
-            none = _NEG[m] if m < len(_NEG) else array("q", [-1]) * m
-            for chain in self.prev:
-                chain.extend(none)
+            if len(self.toks) > len(self.prev[0]):
+                self._reserve()
             self._index(end - 1, sep + n)
             end = sep + 1 + n
             self.rows[-1] = (sep, first, end)
-            self.num_tokens += m
+            self.num_tokens += n - have
         return self.toks[max(sep + 1, end - depth) - self.base :]
 
     def _evict(self) -> None:
