@@ -39,12 +39,12 @@ from .proposers import EMPTY, Proposal
 KEY_LENS = (1, 2, 3, 6)  # n-grams of these lengths are keys (_keys); a match is extended over its key's candidates
 RECENT = 16  # occurrences of one key a look-up reads at most (the most recent)
 SEP = -1  # before every stored sequence: no token id, so no match or continuation crosses it
-_SHIFT = 21  # bits per token id in an n-gram key (ids of 2**21 - 1 and up may share keys: a wasted proposal at worst)
+_SHIFT = 21  # bits per token id in an n-gram key (ids of 2**21 and up may share keys: a wasted proposal at worst)
 CHUNK = 256  # chain positions reserved ahead of the tokens (SuffixIndex._reserve)
 
-# An n-gram's key, one int, the lengths apart by range (for ids below 2**21 - 1): with a the last
+# An n-gram's key, one int, the lengths apart by range (for ids below 2**21): with a the last
 # token and b, c, ... those before it, the 1-gram's ~a (negative), the 2-gram's a | b << 21 (below
-# 2**42), the 3-gram's k3 = a | b << 21 | (c + 1) << 42 (2**42 and up, below 2**63), the 6-gram's
+# 2**42), the 3-gram's k3 = a | b << 21 | (c + 1) << 42 (2**42 and up, below 2**64), the 6-gram's
 # k3 | (d | e << 21 | (f + 1) << 42) << 64 (2**106 and up). No tag bits: fewer operations a key.
 
 
@@ -448,7 +448,7 @@ class SuffixProposer:
         last, stats = self.last, self.stats
         if not last:
             return
-        for slot, accepted in zip(slots, verified.accepted.tolist()):
+        for slot, accepted in zip(slots, np.asarray(verified.accepted).tolist()):
             key = last.pop(slot, None)
             if key is not None:
                 stats[key] += accepted
