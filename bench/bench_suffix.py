@@ -85,8 +85,8 @@ def host(repeats: int) -> None:
     """Host milliseconds per step and per emitted token of pld and suffix, with sessions whose
     forwards cost nothing (bench_host.py's FreeSession and prompts), in process CPU time (other
     processes on a shared machine do not count), interleaved, medians [min-max]; and the proposer's
-    own share per step (its start, propose, learn and finish: the engine's work grows with the
-    width verified, which is not the proposer's cost)."""
+    own share per step and per token (its start, propose, learn and finish: the engine's work grows
+    with the width verified, which is not the proposer's cost)."""
     from bench_host import FreeSession, prompts
 
     print("host CPU ms per step and per token (k 4, 200 new tokens a row, sessions that cost nothing, vocab 49152)")
@@ -115,13 +115,14 @@ def host(repeats: int) -> None:
                 m = engine.generate(work).perf_metrics
                 cpu = 1000 * (time.process_time() - t0)
                 got[mode].append((cpu / m.decode_iterations, cpu / m.num_decode_tokens, m.mean_num_accepted_tokens,
-                                  1000 * spent[0] / m.decode_iterations))
+                                  1000 * spent[0] / m.decode_iterations, 1000 * spent[0] / m.num_decode_tokens))
         for mode, v in got.items():
             v = np.array(v)
             print(f"fbs {fbs} {mode:7} ms/step {np.median(v[:, 0]):.3f} [{v[:, 0].min():.3f}-{v[:, 0].max():.3f}]  "
                   f"ms/token {np.median(v[:, 1]):.3f} [{v[:, 1].min():.3f}-{v[:, 1].max():.3f}]  "
                   f"tokens/step {np.median(v[:, 2]):.2f}  proposer ms/step {np.median(v[:, 3]):.3f} "
-                  f"[{v[:, 3].min():.3f}-{v[:, 3].max():.3f}]")
+                  f"[{v[:, 3].min():.3f}-{v[:, 3].max():.3f}]  ms/token {np.median(v[:, 4]):.4f} "
+                  f"[{v[:, 4].min():.4f}-{v[:, 4].max():.4f}]")
 
 
 def main() -> None:
