@@ -6,7 +6,8 @@ does: a local Ray, its pairs loaded, shards, results written), one throwaway war
 then the jobs interleaved in blocks, forward then reverse (baseline, pld, draft | draft, pld,
 baseline | ...), ``--repeats`` blocks (bench/interleave.py). A job's throughput is its generated
 tokens over its shards' run seconds (shards.parquet e2e_time: prefill and decode; actor start-up,
-the audit and adaptive k's one-time step-cost measurement left out); also printed over the
+the audit, the engine's warm-up and adaptive k's one-time step-cost measurement left out: every
+mode starts its first shard warm, engine/warmup.py); also printed over the
 pair's busy seconds (busy_s, which has that measurement) and as decode throughput; tokens per
 step from the same shards.
 Printed per prompt set (bench/prompts/<set>.jsonl): medians and spread, per-block speedups, and

@@ -184,7 +184,9 @@ def scripted_audit(monkeypatch, cost, shard_id: int, rounds: int = 1):
         out.append((audit.summarize(audit.run_audit(engine, base, shard_id, job, prompts, ids)), session.calls - before))
     before = session.calls
     base.generate(prompts, ids)
-    return out, session.calls - before  # the summaries and session calls of each audit; a baseline run's calls
+    # the engines' own warm-ups (engine/warmup.py), at their first generate: widths 1..k+1 and 1
+    warm = engine.warm_passes * (engine.k + 1) + base.warm_passes
+    return out, session.calls - before, warm  # the summaries and session calls of each audit; a baseline run's calls
 
 
 @pytest.mark.parametrize("shard_id", [0, 1])
@@ -195,7 +197,7 @@ def test_a_cold_first_run_after_load_does_not_make_the_speedup(monkeypatch, shar
     at 1.32). The audit warms its baseline up first. Timed in the cold period, as the old audit
     did, the first side looked slow: 3.29x on odd shards (baseline first; impossible at 1.32
     tokens/step), 0.42x on even ones."""
-    ((s, _),), _ = scripted_audit(monkeypatch, lambda n: 0.03 if n < 25 else 0.01, shard_id)
+    ((s, _),), _, _ = scripted_audit(monkeypatch, lambda n: 0.03 if n < 25 else 0.01, shard_id)
     assert s["match_rate"] == 1.0 and s["speedup_note"] is None
     assert 1.0 <= s["speedup"] <= s["tokens_per_step"] * (1 + audit.TOLERANCE)
 
@@ -205,8 +207,31 @@ def test_a_drifting_machine_slows_both_sides_alike(monkeypatch):
     Timed once each, baseline after SpD (the old audit on even shards), the baseline looked
     slow and the speedup was impossible (1.56x at 1.32 tokens/step); interleaved S B B S the
     drift hits both sides alike (1.24x). The warm-up runs once per baseline engine, not per audit."""
-    (first, second), base_calls = scripted_audit(monkeypatch, lambda n: 0.01 * (1 + 0.01 * n), 0, rounds=2)
+    (first, second), base_calls, warm = scripted_audit(monkeypatch, lambda n: 0.01 * (1 + 0.01 * n), 0, rounds=2)
     for s, _ in (first, second):
         assert s["speedup_note"] is None
         assert 0.95 <= s["speedup"] <= s["tokens_per_step"] * (1 + audit.TOLERANCE)
-    assert first[1] - second[1] == base_calls  # the first audit's warm-up: one baseline run
+    assert first[1] - second[1] == base_calls + warm  # the first audit: its warm-up run and the engines' warm-up passes
+
+
+@pytest.mark.parametrize("mode", ["baseline", "pld"])
+def test_every_mode_starts_its_first_shard_warm(monkeypatch, mode):
+    """A model's first calls after load are slow (here the first two take 5x). Adaptive k's
+    step-cost measurement used to be the only warm-up, so a pld job started warm and its
+    target-only baseline cold, and a job's speedup came out above its tokens per step. The
+    engine now warms its target up before its first shard in every mode: the first shard takes
+    what the next one does."""
+    from spd_cluster.engine import warmup as warmup_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(engine_mod, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(warmup_mod, "perf_counter", lambda: clock[0])
+    s = SpDSettings(num_speculative_tokens=3, max_new_tokens=16, ctx_len=96, prefill_seq_len=8, full_batch_size=2,
+                    ignore_eos=True, adaptive_k=False)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 90, size=n).tolist() for n in (5, 11, 7)]
+    session = ClockedSession(TorchSession(tiny_model("llama"), 2, 96), clock, lambda n: 0.05 if n < 2 else 0.01)
+    engine = SpDEngine(mode, session, settings=s)
+    first, second = (engine.generate(prompts).perf_metrics for _ in range(2))
+    assert engine.warm_passes >= 2 and session.calls > 2
+    assert first.e2e_time == pytest.approx(second.e2e_time) and first.decode_time == pytest.approx(second.decode_time)

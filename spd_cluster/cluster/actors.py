@@ -444,8 +444,10 @@ class DraftActor(_DeviceActor):
 
     def _load(self, cfg, spec) -> None:
         from ..engine.modes import draft_proposer
+        from ..engine.warmup import warm_up
 
         self.session = self._session(cfg, spec)
+        warm_up(self.session, cfg.spd.full_batch_size, 2)  # as the target's engine does: one token a row, or two
         # with spd.overlap_draft the draft actor drafts the next window while the target verifies
         self.server = DraftServer(draft_proposer(cfg.spd, self.session))
 

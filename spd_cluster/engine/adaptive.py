@@ -56,7 +56,6 @@ from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
-from ..sessions.base import SessionCall
 
 PRIOR = 0.6  # acceptance before any evidence (each shard starts here)
 PRIOR_WEIGHT = 2.0  # pseudo-trials of the prior (shard level) and of the shard's rate (row level)
@@ -140,13 +139,13 @@ class StepCost:
     def measure(cls, session, rows: int, max_width: int, reps: int = 2, heads: bool = False) -> "StepCost":
         """Time verifies of ``rows`` rows at widths 1..max_width on ``session`` (slots 0..rows-1,
         positions from 0: a fresh session, whose prefills write those positions again)."""
+        from .warmup import verify_call
+
         widths = list(range(1, max_width + 1))
         best = {}
         for rep in range(reps + 1):  # the first pass warms up
             for w in widths:
-                call = SessionCall(np.zeros((rows, w), np.int64), np.tile(np.arange(w, dtype=np.int64), (rows, 1)),
-                                   np.arange(rows, dtype=np.int64), num_logits_to_keep=np.arange(w, dtype=np.int64)[:, None],
-                                   argmax=True, head_guesses=heads).as_inputs()
+                call = verify_call(rows, w, heads)
                 t0 = perf_counter()
                 session.run(call)
                 if rep:

@@ -26,6 +26,7 @@ from .proposers import Proposal, Proposer
 from .sampling import Streams
 from .settings import SpDSettings
 from .verifier import Verified, verify_greedy, verify_sampled
+from .warmup import warm_up
 
 
 def _no_finish(slot, seq) -> None:
@@ -86,12 +87,15 @@ class SpDEngine:
         target_name: str = "",
         draft_name: str = "",
         step_cost: StepCost | None = None,
+        warm_up: bool = True,
     ):
         """``step_cost``: the target's step-cost curve for adaptive k, taken as given. When not
         given (settings.adaptive_k, a mode that speculates) it is measured on ``target`` at the
         first ``generate`` (not here: in a pair the draft actor may still be loading) and then
         follows what the job's verifies cost. ``policy`` (engine/adaptive.py) is the width
-        policy: ``AdaptiveWidth`` with adaptive k, ``FixedWidth`` (always k) without."""
+        policy: ``AdaptiveWidth`` with adaptive k, ``FixedWidth`` (always k) without.
+        ``warm_up``: run engine/warmup.py's passes on ``target`` before the first shard (False where every call
+        of the session is someone's data: the heads trainer's recording session)."""
         self.spec = spec = mode_of(mode)
         self.mode, self.target, self.tokenizer = mode, target, tokenizer
         self.settings = settings = settings or SpDSettings()
@@ -105,6 +109,7 @@ class SpDEngine:
         self.proposer = proposer if proposer is not None else spec.build(settings, target, draft)
         if spec.uses_heads:
             self.k = min(self.k, target.num_heads)
+        self.warm_passes = 0 if warm_up else -1  # warm_up's passes on the target (at the first generate; 0: not yet)
         self.policy: WidthPolicy = FixedWidth()
         if settings.adapts and self.k > 0:
             rows, width, heads = settings.full_batch_size, self.k + 1, spec.uses_heads
@@ -183,6 +188,8 @@ class SpDEngine:
             r.num_prompt_tokens = int(ids.size)
             queue.append((r, ids))
 
+        if not self.warm_passes:  # every mode starts its first shard warm (engine/warmup.py)
+            self.warm_passes = warm_up(self.target, s.full_batch_size, self.k + 1, heads=self.spec.uses_heads)
         self.policy.reset()  # a shard starts from the prior, not from the last shard's verdict
         clock = _Clock()
         self._proposed = np.zeros(self.k, dtype=np.int64)

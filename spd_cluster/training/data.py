@@ -293,7 +293,7 @@ def distill(model, tokenizer, prompts: Sequence, settings: TrainSettings, eos_to
                       max_new_tokens=s.max_new_tokens, full_batch_size=s.gen_batch_size,
                       ignore_eos=s.ignore_eos, chat_template=s.chat_template)
     session = _RecordingSession(model, s.gen_batch_size, s.ctx_len)
-    engine = SpDEngine("baseline", session, tokenizer, spd, eos_token_ids=eos_token_ids)
+    engine = SpDEngine("baseline", session, tokenizer, spd, eos_token_ids=eos_token_ids, warm_up=False)
     try:
         ids = encode_prompts(engine, prompts)
     except BaseException:

@@ -1,0 +1,45 @@
+"""A session's warm-up: the verify calls a job will make, run before its first shard.
+
+A model's first forwards after it loads run slower than the rest (weights paged in, caches and
+allocators filling; on these CPUs the first run after a load took up to 50% longer a step). A
+shard's timing must not carry that, and every mode must start alike: adaptive k's step-cost
+measurement (``StepCost.measure``) used to be the only warm-up, so a speculative job started
+warm and its target-only baseline cold. ``warm_up`` runs passes over widths 1..max_width until
+one pass takes within SETTLED of the one before (at least MIN_PASSES, at most MAX_PASSES), as
+vLLM runs its profiling and capture passes before it serves; the engine calls it once, before
+its first shard, in every mode.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+import numpy as np
+
+from ..sessions.base import SessionCall
+
+MIN_PASSES, MAX_PASSES = 2, 6
+SETTLED = 0.15  # a pass within this share of the one before: warm
+
+
+def verify_call(rows: int, width: int, heads: bool = False) -> dict:
+    """A verify of ``width`` tokens in each of ``rows`` slots (0..rows-1) at positions 0..width-1:
+    a fresh session's, whose prefills write those positions again."""
+    return SessionCall(np.zeros((rows, width), np.int64), np.tile(np.arange(width, dtype=np.int64), (rows, 1)),
+                       np.arange(rows, dtype=np.int64), num_logits_to_keep=np.arange(width, dtype=np.int64)[:, None],
+                       argmax=True, head_guesses=heads).as_inputs()
+
+
+def warm_up(session, rows: int, max_width: int, heads: bool = False) -> int:
+    """Run passes of verifies at widths 1..max_width until they settle; returns the passes run."""
+    calls = [verify_call(rows, w, heads) for w in range(1, max_width + 1)]
+    last = None
+    for done in range(1, MAX_PASSES + 1):
+        t0 = perf_counter()
+        for call in calls:
+            session.run(call)
+        took = perf_counter() - t0
+        if done >= MIN_PASSES and last is not None and abs(took - last) <= SETTLED * last:
+            return done
+        last = took
+    return MAX_PASSES
