@@ -184,8 +184,8 @@ def scripted_audit(monkeypatch, cost, shard_id: int, rounds: int = 1):
         out.append((audit.summarize(audit.run_audit(engine, base, shard_id, job, prompts, ids)), session.calls - before))
     before = session.calls
     base.generate(prompts, ids)
-    # the engines' own warm-ups (engine/warmup.py), at their first generate: widths 1..k+1 and 1
-    warm = engine.warm_passes * (engine.k + 1) + base.warm_passes
+    # the engines' own warm-ups (engine/warmup.py), at their first generate: widths 1..k+1 each
+    warm = (engine.warm_passes + base.warm_passes) * (s.num_speculative_tokens + 1)
     return out, session.calls - before, warm  # the summaries and session calls of each audit; a baseline run's calls
 
 

@@ -6,8 +6,9 @@ shard's timing must not carry that, and every mode must start alike: adaptive k'
 measurement (``StepCost.measure``) used to be the only warm-up, so a speculative job started
 warm and its target-only baseline cold. ``warm_up`` runs passes over widths 1..max_width until
 one pass takes within SETTLED of the one before (at least MIN_PASSES, at most MAX_PASSES), as
-vLLM runs its profiling and capture passes before it serves; the engine calls it once, before
-its first shard, in every mode.
+vLLM runs its profiling and capture passes before it serves. The engine calls it once, before
+its first shard, with the same widths in every mode (1..num_speculative_tokens + 1, the baseline
+too), so that modes compared on one config start alike.
 """
 
 from __future__ import annotations
