@@ -167,6 +167,28 @@ def test_remote_draft_proposer_is_the_in_process_one(tiny, local_ray, sampling):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("overlap_start", [True, False])
+def test_a_draft_taking_turns_on_the_targets_cores_prefills_before_the_target(local_ray, overlap_start):
+    """A pair whose actors share their cores (actors.shares_cpus) waits for the draft's prefill at
+    ``start``, so the two prefills do not run at once on cores each was given whole; on devices
+    of their own the draft's prefill runs beside the target's and is waited for at ``learn``."""
+    import time
+
+    @ray.remote
+    def prefill_on_its_device():
+        time.sleep(0.5)
+        return time.monotonic()
+
+    done = []
+    start = SimpleNamespace(remote=lambda slot, ids, key=None: done.append(prefill_on_its_device.remote()) or done[-1])
+    remote = RemoteDraftProposer(SimpleNamespace(draft_start=start), overlap_start=overlap_start)
+    remote.start(0, np.array([5, 9, 7]))
+    returned = time.monotonic()
+    remote.learn([0], None)
+    finished = ray.get(done[0])
+    assert (finished <= returned) == (not overlap_start)
+
+
 def test_a_slow_remote_draft_prefill_is_not_priced_as_its_steps(tiny, local_ray):
     """The draft's prefill runs on its own actor beside the target's and is waited for when the
     target's prefill is done, not inside the first step: adaptive k, which prices the draft by its

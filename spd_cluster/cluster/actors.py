@@ -70,6 +70,16 @@ def lock_device(kind: str, ids: Sequence[int], lock_dir: str | Path | None = Non
 PAIR_STRATEGY = "PACK"
 
 
+def shares_cpus(cfg, on_node: int) -> bool:
+    """Whether a pair's CPU actors take turns on the same cores: a draft pair on CPU whose draft
+    does not overlap the verify, both actors on one node, threads not set outright."""
+    from ..engine.modes import draft_overlaps
+
+    roles = cfg.roles()
+    return (cfg.cluster.threads_per_actor is None and len(roles) > 1 and on_node > 1
+            and all(spec.device == "cpu" for _, spec in roles) and not draft_overlaps(cfg.spd))
+
+
 def actor_threads(cfg, on_node: int) -> int:
     """Torch threads for an actor of a pair that has ``on_node`` actors on this actor's node:
     ``cluster.threads_per_actor`` where given, else ``cpus_per_actor``; but a pair's CPU actors that
@@ -77,14 +87,10 @@ def actor_threads(cfg, on_node: int) -> int:
     waits for it) each run on every CPU their pair holds on the node, as one process would: the
     draft's forwards and the target's verify each get the cores the other is not using. A pair
     split across nodes keeps cpus_per_actor on each."""
-    from ..engine.modes import draft_overlaps
-
     c = cfg.cluster
     if c.threads_per_actor is not None:
         return c.threads_per_actor
-    roles = cfg.roles()
-    turns = len(roles) > 1 and all(spec.device == "cpu" for _, spec in roles) and not draft_overlaps(cfg.spd)
-    return c.cpus_per_actor * max(1, on_node) if turns else c.cpus_per_actor
+    return c.cpus_per_actor * on_node if shares_cpus(cfg, on_node) else c.cpus_per_actor
 
 
 def pair_actors_on_node() -> int:
@@ -172,7 +178,9 @@ class RemoteDraftProposer:
     ``start`` is sent without waiting (Ray runs one caller's calls to an actor in order), so the
     draft prefill overlaps the target's, and ``learn`` (which the engine calls when the target's
     prefill is done) waits for it: a step's ``propose`` is then only its one round trip, and
-    adaptive k prices the draft by its steps, not by its prefill. Per slot it
+    adaptive k prices the draft by its steps, not by its prefill. With ``overlap_start`` False (a
+    pair whose actors take turns on the same cores) ``start`` waits for the draft's prefill, so the
+    two prefills do not share the cores each was given whole. Per slot it
     mirrors what the remote has seen and sends only the new tail; a sequence that does not extend
     the mirror (it never happens with the engine, whose rows only grow) is sent whole. Token ids
     go both ways; with sampling the draft's distributions come back too (sparse, exact), since
@@ -180,8 +188,9 @@ class RemoteDraftProposer:
 
     forwards_per_token = 1
 
-    def __init__(self, actor):
+    def __init__(self, actor, overlap_start: bool = True):
         self.actor = actor
+        self.overlap_start = overlap_start
         self.sent: dict[int, np.ndarray] = {}
         self._starts: list = []
         self.round_trips = 0
@@ -195,6 +204,8 @@ class RemoteDraftProposer:
         ids = np.array(prompt_ids, dtype=np.int64).reshape(-1)
         self._starts.append(self.actor.draft_start.remote(slot, ids, key))
         self.sent[slot] = ids
+        if not self.overlap_start:
+            self._settle()
 
     def _settle(self) -> None:
         if self._starts:  # a failed start surfaces here
@@ -262,6 +273,7 @@ class _DeviceActor:
         self.error: Optional[str] = None
         self.device_id: Optional[int] = None
         self.threads = 1
+        self.shares_cpus = False  # takes turns with its pair's other actor on the same cores (actor_threads)
         self._lock_fd: Optional[int] = None
         t0 = time.perf_counter()
         try:
@@ -270,7 +282,8 @@ class _DeviceActor:
             self._setup(cfg)
             import torch
 
-            self.threads = actor_threads(cfg, pair_actors_on_node())
+            on_node = pair_actors_on_node()
+            self.threads, self.shares_cpus = actor_threads(cfg, on_node), shares_cpus(cfg, on_node)
             torch.set_num_threads(self.threads)
             from transformers.utils import logging as hf_logging
 
@@ -361,7 +374,9 @@ class TargetActor(_DeviceActor):
         # In draft mode the draft actor's handle comes with every call (not with the constructor:
         # a restarted target then needs nothing that may be gone, and a restarted draft is just
         # the same handle).
-        self.remote_draft = RemoteDraftProposer(None) if DRAFT in cfg.method.roles else None
+        # where the draft takes turns with the target on the same cores, its prefill does too
+        self.remote_draft = (RemoteDraftProposer(None, overlap_start=not self.shares_cpus)
+                             if DRAFT in cfg.method.roles else None)
         self.engine = SpDEngine(cfg.mode, self.session, load_tokenizer(spec.model), s, proposer=self.remote_draft,
                                 eos_token_ids=self.session.eos_token_ids, target_name=spec.model,
                                 draft_name=draft_model(cfg) or "")
