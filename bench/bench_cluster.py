@@ -103,7 +103,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="a random tiny llama instead of the config's model")
     ap.add_argument("--modes", help="compare these modes job against job (the first that does not speculate is the "
                                     "baseline), e.g. baseline,pld,draft")
-    ap.add_argument("--sets", default="copy_heavy,open", help="--modes: bench/prompts/<set>.jsonl")
+    ap.add_argument("--sets", default="copy_heavy,open", help="--modes: bench/prompts/<set>.jsonl; a+b: a mixed "
+                    "set, a's prompts then b's in one job, with tokens per step by part")
     ap.add_argument("--repeats", type=int, default=2, help="--modes: interleaved blocks (2: A B C C B A)")
     ap.add_argument("--first", type=int, default=0, help="--modes: the first N prompts of each set (0: all)")
     ap.add_argument("--k-pld", type=int, default=12)
@@ -219,13 +220,19 @@ def compare(args) -> None:
     failed = []
     jobs = 0
     for set_name in args.sets.split(","):
-        ds = REPO / "bench" / "prompts" / f"{set_name}.jsonl"
-        if not ds.exists():
-            raise SystemExit(f"no prompt set {ds}")
-        if args.first:
-            lines = [line for line in ds.open() if line.strip()][: args.first]
-            ds = work / f"{set_name}.jsonl"
-            ds.write_text("".join(lines))
+        # a set "a+b": the sets one after the other in one job (a mixed dataset), figures per part too
+        parts = set_name.split("+")
+        lines, part_of = [], []
+        for part in parts:
+            src = REPO / "bench" / "prompts" / f"{part}.jsonl"
+            if not src.exists():
+                raise SystemExit(f"no prompt set {src}")
+            got = [line if line.endswith("\n") else line + "\n" for line in src.open() if line.strip()]
+            got = got[: args.first] if args.first else got
+            lines += got
+            part_of += [part] * len(got)
+        ds = work / f"{set_name}.jsonl"
+        ds.write_text("".join(lines))
 
         def run(name: str) -> Sample:
             nonlocal jobs
@@ -247,7 +254,12 @@ def compare(args) -> None:
             steps = int(sh.num_row_steps.sum())
             tps = float(sh.num_accepted_tokens.sum()) / steps if steps else 1.0
             rows = pd.read_parquet(out / "results").sort_values("row")
-            extra = {"ids": [list(x) for x in rows.generated_ids], "audit": res.audit.get("speedup"),
+            by_part = {}  # part -> tokens per step of its rows (a mixed set)
+            for part in parts:
+                mine = rows[[part_of[r] == part for r in rows.row]]
+                it = int(mine.num_decode_iterations.sum())
+                by_part[part] = float(mine.num_accepted_tokens.sum()) / it if it else 1.0
+            extra = {"ids": [list(x) for x in rows.generated_ids], "audit": res.audit.get("speedup"), "parts": by_part,
                      "audit_note": res.audit.get("speedup_note"), "audit_tps": res.audit.get("tokens_per_step"),
                      "decode": float(sh.num_decode_tokens.sum()) / float(sh.decode_time.sum()),
                      "busy": tokens / busy}
@@ -266,6 +278,15 @@ def compare(args) -> None:
         print("decode throughput: tokens emitted by decode steps / decode seconds")
         dec = summarize(runs.with_throughput(lambda s: s.extra["decode"]), baseline)
         print_table(dec)
+        if len(parts) > 1:
+            print("tokens per step by part of the set (each part's rows: accepted tokens / decode steps), median [min-max]")
+            for name in names:
+                cells = []
+                for part in parts:
+                    v = sorted(s.extra["parts"][part] for s in runs.samples[name])
+                    cells.append(f"{part} {v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2:.2f} "
+                                 f"[{v[0]:.2f}-{v[-1]:.2f}]")
+                print(f"  {name:10} " + "; ".join(cells))
         ref = runs.samples[baseline][0].extra["ids"]
         for name in names:
             ss = runs.samples[name]
