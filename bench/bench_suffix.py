@@ -4,7 +4,7 @@ small functions) and on open chat prompts.
 
     nice -n 5 python bench/bench_suffix.py                          # SmolLM2-135M, float32
     nice -n 5 python bench/bench_suffix.py --target qwen2.5-coder-1.5b --dtype bfloat16 --records 32
-    nice -n 5 python bench/bench_suffix.py --host --repeats 5          # host cost per step: pld, suffix
+    nice -n 5 python bench/bench_suffix.py --host --repeats 5          # host cost per step: pld, suffix, suffix-py
     nice -n 5 python bench/bench_suffix.py --also-factor 1             # and suffix at max_spec_factor 1, interleaved
 
 Each run is one ``generate`` over a whole dataset (a job's shard: continuous batching over
@@ -86,14 +86,22 @@ def host(repeats: int) -> None:
     forwards cost nothing (bench_host.py's FreeSession and prompts), in process CPU time (other
     processes on a shared machine do not count), interleaved, medians [min-max]; and the proposer's
     own share per step and per token (its start, propose, learn and finish: the engine's work grows
-    with the width verified, which is not the proposer's cost)."""
+    with the width verified, which is not the proposer's cost). ``suffix`` is the process's index
+    (the compiled one where it builds, engine/suffix_native.py), ``suffix-py`` the pure-Python one."""
     from bench_host import FreeSession, prompts
 
-    print("host CPU ms per step and per token (k 4, 200 new tokens a row, sessions that cost nothing, vocab 49152)")
+    from spd_cluster.engine import suffix as sfx
+
+    print("host CPU ms per step and per token (k 4, 200 new tokens a row, sessions that cost nothing, vocab 49152); "
+          f"suffix's index: {'native' if sfx.native() is not None else 'python (no native index here)'}")
+    chosen = sfx.native() or False
+    modes = ["pld", "suffix", "suffix-py"]
     for fbs in (1, 4):
-        got: dict = {"pld": [], "suffix": []}
+        got: dict = {m: [] for m in modes}
         for rep in range(repeats):
-            for mode in (["pld", "suffix"] if rep % 2 == 0 else ["suffix", "pld"]):
+            for label in (modes if rep % 2 == 0 else modes[::-1]):
+                mode = label.split("-")[0]
+                sfx._NATIVE = False if label == "suffix-py" else chosen  # read when the proposer is made
                 s = SpDSettings(num_speculative_tokens=4, prefill_seq_len=32, ctx_len=1024, max_new_tokens=200,
                                 full_batch_size=fbs, ignore_eos=True)
                 cost = StepCost([0.010 * (1 + 0.05 * w) for w in range(5)], draft_s=0.001)
@@ -114,15 +122,18 @@ def host(repeats: int) -> None:
                 t0 = time.process_time()
                 m = engine.generate(work).perf_metrics
                 cpu = 1000 * (time.process_time() - t0)
-                got[mode].append((cpu / m.decode_iterations, cpu / m.num_decode_tokens, m.mean_num_accepted_tokens,
+                got[label].append((cpu / m.decode_iterations, cpu / m.num_decode_tokens, m.mean_num_accepted_tokens,
                                   1000 * spent[0] / m.decode_iterations, 1000 * spent[0] / m.num_decode_tokens))
         for mode, v in got.items():
             v = np.array(v)
-            print(f"fbs {fbs} {mode:7} ms/step {np.median(v[:, 0]):.3f} [{v[:, 0].min():.3f}-{v[:, 0].max():.3f}]  "
+            print(f"fbs {fbs} {mode:9} ms/step {np.median(v[:, 0]):.3f} [{v[:, 0].min():.3f}-{v[:, 0].max():.3f}]  "
                   f"ms/token {np.median(v[:, 1]):.3f} [{v[:, 1].min():.3f}-{v[:, 1].max():.3f}]  "
                   f"tokens/step {np.median(v[:, 2]):.2f}  proposer ms/step {np.median(v[:, 3]):.3f} "
                   f"[{v[:, 3].min():.3f}-{v[:, 3].max():.3f}]  ms/token {np.median(v[:, 4]):.4f} "
                   f"[{v[:, 4].min():.4f}-{v[:, 4].max():.4f}]")
+        ratios = {m: np.array(got[m])[:, 3] / np.array(got["pld"])[:, 3] for m in modes[1:]}
+        print(f"fbs {fbs} proposer ms/step / pld's (same repeat): " + ", ".join(
+            f"{m} {np.median(r):.2f} [{r.min():.2f}-{r.max():.2f}]" for m, r in ratios.items()))
 
 
 def main() -> None:

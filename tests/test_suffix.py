@@ -1,6 +1,8 @@
 """Suffix decoding (engine/suffix.py): the index finds what a search of every stored sequence
 finds; the proposer learns from the row's own text and from the job's finished rows; the mode is
-token-identical to the target alone, greedy (fbs 1 and 4, fixed and adaptive k) and sampled."""
+token-identical to the target alone, greedy (fbs 1 and 4, fixed and adaptive k) and sampled. Each
+test runs on both indexes, the compiled one (engine/suffix_native.py, where it builds) and the
+pure-Python one, and the two propose the same on random streams."""
 
 import numpy as np
 import pytest
@@ -10,7 +12,23 @@ from tiny import VOCAB
 
 from spd_cluster.engine import SpDEngine, SpDSettings
 from spd_cluster.engine import suffix as sfx
+from spd_cluster.engine import suffix_native
 from spd_cluster.engine.suffix import SuffixIndex, SuffixProposer
+
+NATIVE = suffix_native.extension()  # None where it does not build (then the pure-Python index alone)
+IMPLS = ["python"] + (["native"] if NATIVE is not None else [])
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, monkeypatch):
+    """The index implementation of the test (the process's choice, engine/suffix.py: native)."""
+    monkeypatch.setattr(sfx, "_NATIVE", NATIVE if request.param == "native" else False)
+    assert (sfx.native() is not None) == (request.param == "native")
+    return request.param
+
+
+def new_index(max_depth, max_rows=None):
+    return sfx.new_index(max_depth, max_rows)
 from spd_cluster.sessions.base import check_inputs, keep_index
 
 # -- the index against a brute-force search ----------------------------------------------------
@@ -59,11 +77,11 @@ def every_occurrence(monkeypatch):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_index_proposes_what_a_search_of_every_sequence_proposes(seed, every_occurrence):
+def test_index_proposes_what_a_search_of_every_sequence_proposes(seed, impl, every_occurrence):
     rng = np.random.default_rng(seed)
     for _ in range(300):
         vocab, depth = int(rng.integers(2, 6)), int(rng.integers(1, 12))
-        index, seqs = SuffixIndex(depth), []
+        index, seqs = new_index(depth), []
         for _ in range(int(rng.integers(1, 5))):
             s, start = rng.integers(0, vocab, int(rng.integers(1, 40))).tolist(), int(rng.integers(0, 4))
             index.add(s, start)
@@ -78,11 +96,11 @@ def test_index_proposes_what_a_search_of_every_sequence_proposes(seed, every_occ
         np.testing.assert_allclose(d.probs, probs)
 
 
-def test_a_growing_row_proposes_what_a_search_of_its_text_proposes(every_occurrence):
+def test_a_growing_row_proposes_what_a_search_of_its_text_proposes(impl, every_occurrence):
     rng = np.random.default_rng(7)
     for _ in range(40):
         seq = rng.integers(0, 4, 150)
-        index = SuffixIndex(10)
+        index = new_index(10)
         n = int(rng.integers(1, 8))
         index.open(seq[:n])
         while n <= len(seq):
@@ -94,9 +112,9 @@ def test_a_growing_row_proposes_what_a_search_of_its_text_proposes(every_occurre
             n += int(rng.integers(1, 5))
 
 
-def test_the_oldest_rows_go_first_and_the_index_stays_bounded(every_occurrence):
+def test_the_oldest_rows_go_first_and_the_index_stays_bounded(impl, every_occurrence):
     rng = np.random.default_rng(3)
-    index = SuffixIndex(8, max_rows=5)
+    index = new_index(8, max_rows=5)
     rows = [rng.integers(0, 50, 30).tolist() for _ in range(40)]
     for i, r in enumerate(rows):
         index.add(r)
@@ -106,16 +124,17 @@ def test_the_oldest_rows_go_first_and_the_index_stays_bounded(every_occurrence):
         ctx = rows[i - 6][:5] if i >= 6 else rows[0][:5]  # a dropped row's start: proposed only while kept
         want, _ = search([(r, 0) for r in kept], ctx, 4, 1.0, 0.0, 8)
         assert index.draft(ctx, 4, 1.0, 0.0).tokens == want
-    assert len(index.last) <= 5 * 30 * len(sfx.KEY_LENS)  # keys of dropped rows are gone
+    assert index.num_keys() <= 5 * 30 * len(sfx.KEY_LENS)  # keys of dropped rows are gone
 
 
-def test_a_look_up_reads_the_latest_occurrences_only():
-    index = SuffixIndex(4)
+def test_a_look_up_reads_the_latest_occurrences_only(impl):
+    index = new_index(4)
     for i in range(100):
         index.add([5, 6, 7, i % 50 + 10])  # [5, 6, 7] then a different token each time
     cands, n = index.match([5, 6, 7])
     assert n == 3 and len(cands) == sfx.RECENT
-    assert [index.toks[p - index.base + 1] for p in cands] == [i % 50 + 10 for i in range(100 - sfx.RECENT, 100)]
+    toks, base = index.toks, index.base
+    assert [toks[p - base + 1] for p in cands] == [i % 50 + 10 for i in range(100 - sfx.RECENT, 100)]
 
 
 def fresh(seqs, ctx, limit, factor, min_prob, max_depth):
@@ -165,7 +184,7 @@ def fresh(seqs, ctx, limit, factor, min_prob, max_depth):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_rows_step_by_step_propose_what_a_fresh_look_up_proposes(seed):
+def test_rows_step_by_step_propose_what_a_fresh_look_up_proposes(seed, impl):
     """The proposer's indexes grow a few tokens a step (and the job's drops its oldest rows); at
     every step each row's proposal is what a look-up from scratch over the row's text so far and
     the job's kept rows proposes (the row's on a tie). Token streams of a few motifs over a small
@@ -173,6 +192,7 @@ def test_rows_step_by_step_propose_what_a_fresh_look_up_proposes(seed):
     rng = np.random.default_rng(seed)
     depth, keep = int(rng.choice([5, 8, 24])), 3
     p = SuffixProposer(max_depth=depth, max_spec_factor=2.0, min_prob=0.1, cache_rows=keep)
+    assert (p.native is not None) == (impl == "native")
     job: list = []
 
     def stream():
@@ -213,8 +233,94 @@ def test_rows_step_by_step_propose_what_a_fresh_look_up_proposes(seed):
                 del rows[slot]
 
 
-def test_a_proposal_stops_where_its_probability_falls_and_grows_with_the_match():
-    index = SuffixIndex(16)
+def motif_stream(rng, n, vocab, motifs):
+    """Tokens from a few motifs (repeats: keys with more than RECENT occurrences, long matches),
+    now and then a random run (several continuations)."""
+    out = []
+    while len(out) < n:
+        out += motifs[int(rng.integers(len(motifs)))] if rng.random() < 0.8 else rng.integers(0, vocab, 3).tolist()
+    return out[:n]
+
+
+@pytest.mark.skipif(NATIVE is None, reason="the compiled index does not build here")
+@pytest.mark.parametrize("seed", range(6))
+def test_the_compiled_index_proposes_what_the_python_one_proposes(seed):
+    """Both indexes fed the same: a job index that drops its oldest rows (rows with a context
+    prefix, start > 0) and a row growing a few tokens a step; every look-up (match, draft) and
+    what they hold agree, and two proposers, one on each, propose and count the same."""
+    rng = np.random.default_rng(100 + seed)
+    top = [8, 50, 2**21 - 1][seed % 3]  # ids up to the largest a key packs apart
+    vocab = rng.choice(np.arange(top - 7, top + 1) if top > 50 else np.arange(top), int(rng.integers(3, 8)),
+                       replace=False).tolist()
+    motifs = [[vocab[i] for i in rng.integers(0, len(vocab), int(rng.integers(2, 9)))] for _ in range(4)]
+
+    def stream(n):
+        return [vocab[t % len(vocab)] for t in motif_stream(rng, n, len(vocab), [[vocab.index(t) for t in m]
+                                                                                  for m in motifs])]
+
+    depth = int(rng.choice([4, 8, 24]))
+    py_job, c_job = SuffixIndex(depth, max_rows=4), suffix_native.NativeSuffixIndex(depth, max_rows=4)
+    for r in range(14):
+        toks, start = stream(int(rng.integers(5, 120))), int(rng.integers(0, 10))
+        py_job.add(toks, start)
+        c_job.add(np.array(toks), start)
+        assert (len(c_job), c_job.num_tokens, c_job.base, c_job.toks) == (len(py_job), py_job.num_tokens,
+                                                                         py_job.base, py_job.toks)
+        assert c_job.num_keys() == py_job.num_keys()
+        seq = stream(160)
+        n = int(rng.integers(1, 30))
+        py_row, c_row = SuffixIndex(depth), suffix_native.NativeSuffixIndex(depth)
+        py_row.open(seq[:n])
+        c_row.open(np.array(seq[:n]))
+        while n < len(seq):
+            n = min(len(seq), n + int(rng.integers(1, 6)))
+            ctx = py_row.grow(np.array(seq[:n]), depth)
+            assert c_row.grow(np.array(seq[:n]), depth) == ctx
+            limit, factor = int(rng.integers(0, 12)), float(rng.choice([0.5, 1.0, 2.0, 3.0]))
+            min_prob = float(rng.choice([0.0, 0.1, 0.3]))
+            for a, b in ((py_row, c_row), (py_job, c_job)):
+                assert b.match(ctx) == a.match(ctx)
+                da, db = a.draft(ctx, limit, factor, min_prob), b.draft(ctx, limit, factor, min_prob)
+                assert (db.tokens, db.probs, db.score, db.match_len) == (da.tokens, da.probs, da.score, da.match_len)
+        assert c_row.toks == py_row.toks and c_row.num_keys() == py_row.num_keys()
+
+    # the proposers, step by step over two slots, rows finishing into a job index of 3
+    procs = {}
+    for name, ext in (("python", False), ("native", NATIVE)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sfx, "_NATIVE", ext)
+            procs[name] = SuffixProposer(max_depth=depth, max_spec_factor=2.0, min_prob=0.1, cache_rows=3)
+    assert procs["python"].native is None and procs["native"].native is not None
+    rows, started = {}, 0
+    while started < 10 or rows:
+        for slot in (0, 1):
+            if slot not in rows and started < 10:
+                toks, plen = stream(int(rng.integers(40, 200))), int(rng.integers(1, 30))
+                for p in procs.values():
+                    p.start(slot, np.array(toks[:plen]))
+                rows[slot], started = [toks, plen, plen], started + 1
+        slots = sorted(rows)
+        limits = [int(rng.integers(0, 9)) for _ in slots]
+        seqs = [np.array(rows[s][0][: rows[s][2]]) for s in slots]
+        got = {name: [t.tolist() for t in p.propose(slots, seqs, limits).tokens] for name, p in procs.items()}
+        assert got["native"] == got["python"]
+        verified = type("Verified", (), {"accepted": rng.integers(0, 3, len(slots))})()
+        for p in procs.values():
+            p.learn(slots, verified)
+        for s in slots:
+            rows[s][2] = min(len(rows[s][0]), rows[s][2] + int(rng.integers(1, 6)))
+            toks, plen, n = rows[s]
+            if n >= len(toks):
+                for p in procs.values():
+                    p.finish(s, np.array(toks))
+                del rows[s]
+    assert procs["native"].take_stats() == procs["python"].take_stats()
+    assert procs["native"].take_finished() == procs["python"].take_finished()
+    assert procs["native"].job.toks == procs["python"].job.toks and len(procs["native"].job) == 3
+
+
+def test_a_proposal_stops_where_its_probability_falls_and_grows_with_the_match(impl):
+    index = new_index(16)
     for tail in ([1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 9], [1, 2, 8, 8]):
         index.add([20, 21, 22, 23] + tail)
     d = index.draft([20, 21, 22, 23], 8, max_spec_factor=2.0, min_prob=0.5)
@@ -224,7 +330,7 @@ def test_a_proposal_stops_where_its_probability_falls_and_grows_with_the_match()
     assert index.draft([23], 8, max_spec_factor=2.0, min_prob=0.0).tokens == [1, 2]  # a 1-token match: 2 tokens
 
 
-def test_a_finished_row_is_context_for_its_output_only():
+def test_a_finished_row_is_context_for_its_output_only(impl):
     p = SuffixProposer(max_depth=8, cache_rows=10)
     p.start(0, np.array([40, 41, 42, 43]))
     p.finish(0, np.array([40, 41, 42, 43, 50, 51, 52]))  # output [50, 51, 52] after the prompt
@@ -288,7 +394,7 @@ def run_templated(mode, prompts, fbs=1, **kw):
     return SpDEngine(mode, TemplateSession(fbs, 64), None, s, eos_token_ids=[EOS]).generate(prompts)
 
 
-def test_templated_rows_accept_the_job_s_proposals_and_more_as_the_job_goes_on():
+def test_templated_rows_accept_the_job_s_proposals_and_more_as_the_job_goes_on(impl):
     prompts = templated(16)
     base = run_templated("baseline", prompts)
     info = run_templated("suffix", prompts, adaptive_k=False)
@@ -308,7 +414,7 @@ def test_templated_rows_accept_the_job_s_proposals_and_more_as_the_job_goes_on()
 
 
 @pytest.mark.parametrize("fbs", [1, 4])
-def test_another_pair_s_rows_help_from_the_first_row(fbs):
+def test_another_pair_s_rows_help_from_the_first_row(fbs, impl):
     prompts = templated(8, seed=1)
     first = SpDEngine("suffix", TemplateSession(fbs, 64), None,
                       SpDSettings(num_speculative_tokens=8, prefill_seq_len=8, ctx_len=64, max_new_tokens=40,
@@ -329,7 +435,7 @@ def test_another_pair_s_rows_help_from_the_first_row(fbs):
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("k", [1, 3, 6])
 @pytest.mark.parametrize("fbs", [1, 4])
-def test_lossless_against_hf_generate(fbs, k, adaptive):
+def test_lossless_against_hf_generate(fbs, k, adaptive, impl):
     info = engine("suffix", k, fbs, adaptive_k=adaptive, suffix_max_spec_factor=2.0).generate(PROMPTS + PROMPTS)
     assert [ids.tolist() for ids in info.generated_ids] == REFERENCE + REFERENCE
     m = info.perf_metrics
@@ -339,7 +445,7 @@ def test_lossless_against_hf_generate(fbs, k, adaptive):
 
 
 @pytest.mark.parametrize("fbs", [1, 4])
-def test_templated_lossless_with_adaptive_k(fbs):
+def test_templated_lossless_with_adaptive_k(fbs, impl):
     prompts = templated(12, seed=5)
     base = run_templated("baseline", prompts, fbs=fbs)
     info = run_templated("suffix", prompts, fbs=fbs)
@@ -348,7 +454,7 @@ def test_templated_lossless_with_adaptive_k(fbs):
 
 
 @pytest.mark.slow
-def test_sampled_suffix_keeps_the_target_distribution():
+def test_sampled_suffix_keeps_the_target_distribution(impl):
     temperature, top_k, n_tokens = 0.9, 6, 3
     probs = exact_distribution(n_tokens, temperature, top_k, 1.0)
     info = run_engine("suffix", 2000, n_tokens, 16, temperature=temperature, top_k=top_k, seed=5)
@@ -360,7 +466,7 @@ def test_sampled_suffix_keeps_the_target_distribution():
     assert 0 < m.accepted_per_position[0] < m.proposed_per_position[0]  # proposals, some rejected
 
 
-def test_sampled_templated_text_is_the_target_s():
+def test_sampled_templated_text_is_the_target_s(impl):
     """Point-mass proposals at temperature > 0: the job index's proposals are accepted where the
     target's own draw agrees (here a target that puts all its mass on one token)."""
     prompts = templated(10, seed=9)
@@ -388,7 +494,7 @@ class FakeCache:
         self.pull, self.push = _Remote(self.actor.pull), _Remote(self.actor.push)
 
 
-def test_pairs_send_their_finished_rows_at_a_shard_s_end_and_take_the_others_at_its_start(monkeypatch):
+def test_pairs_send_their_finished_rows_at_a_shard_s_end_and_take_the_others_at_its_start(monkeypatch, impl):
     import ray
 
     from spd_cluster.cluster import suffix_cache

@@ -25,10 +25,16 @@ sets 3); a look-up reads at most RECENT occurrences of a key (the most recent on
 a frequent n-gram's counts are those of its latest RECENT occurrences). Sequences are stored
 one after another in one token list, each behind a SEP token, so no match or continuation
 crosses from one sequence into another; the job index drops whole sequences, oldest first.
+
+Two implementations of the index, chosen once per process (``native``): engine/suffix_native.py's
+C++ one (compiled on first use; the same proposals, for a fraction of the host's time), and
+``SuffixIndex`` below, the reference, kept where the extension cannot be built or where
+``SPD_SUFFIX_NATIVE=0`` is set.
 """
 
 from __future__ import annotations
 
+import os
 from array import array
 from typing import Optional, Sequence
 
@@ -63,6 +69,31 @@ def _keys(toks: list, e: int) -> tuple:
     if e < 5 or toks[e - 3] < 0 or toks[e - 4] < 0 or toks[e - 5] < 0:
         return (~a, k2, k3)
     return (~a, k2, k3, k3 | (toks[e - 3] | toks[e - 4] << _SHIFT | (toks[e - 5] + 1) << 2 * _SHIFT) << 64)
+
+
+_NATIVE = None  # the process's choice (native()): the extension module, or False for the pure-Python index
+
+
+def native():
+    """The compiled index's module where this process uses it, else None: chosen at the first call
+    (``SPD_SUFFIX_NATIVE=0`` keeps the pure-Python index; so does an extension that does not build)."""
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = False
+        if os.environ.get("SPD_SUFFIX_NATIVE", "1") != "0":
+            from . import suffix_native
+
+            _NATIVE = suffix_native.extension() or False
+    return _NATIVE or None
+
+
+def new_index(max_depth: int = 24, max_rows: Optional[int] = None):
+    """A SuffixIndex of the process's implementation (``native``)."""
+    if native() is None:
+        return SuffixIndex(max_depth, max_rows)
+    from .suffix_native import NativeSuffixIndex
+
+    return NativeSuffixIndex(max_depth, max_rows)
 
 
 class Draft:
@@ -104,6 +135,10 @@ class SuffixIndex:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def num_keys(self) -> int:
+        """N-gram keys held (those of dropped sequences go with them)."""
+        return len(self.last)
 
     # -- building ----------------------------------------------------------------------------
 
@@ -394,7 +429,8 @@ class SuffixProposer:
                  cache_rows: int = 1000):
         self.max_depth, self.factor, self.min_prob = max_depth, max_spec_factor, min_prob
         self.cache_rows = cache_rows
-        self.job = SuffixIndex(max_depth, max_rows=cache_rows) if cache_rows > 0 else None
+        self.native = native()  # the compiled index's module (None: the pure-Python SuffixIndex)
+        self.job = new_index(max_depth, max_rows=cache_rows) if cache_rows > 0 else None
         self.rows: dict[int, SuffixIndex] = {}
         self.prompt_len: dict[int, int] = {}
         self.last: dict[int, str] = {}  # slot -> the stat its last proposal's accepted tokens count in
@@ -403,15 +439,25 @@ class SuffixProposer:
         self.cache_seen = 0  # behind Ray: the job cache's serial this engine has pulled up to
 
     def start(self, slot, prompt_ids, key=None):
-        index = SuffixIndex(self.max_depth)
-        index._add(np.asarray(prompt_ids).tolist())
+        if self.native is not None:
+            from .suffix_native import NativeSuffixIndex
+
+            index = NativeSuffixIndex(self.max_depth)
+            index.ix.add(np.asarray(prompt_ids, dtype=np.int64), 0)
+        else:
+            index = SuffixIndex(self.max_depth)
+            index._add(np.asarray(prompt_ids).tolist())
         self.rows[slot] = index
         self.prompt_len[slot] = len(prompt_ids)
         self.last.pop(slot, None)
 
     _KEYS = {src: tuple(f"suffix_{what}_{src}" for what in ("steps", "proposed", "accepted")) for src in ("row", "job")}
 
+    _SOURCES = (None, "row", "job")  # the native step's source codes
+
     def propose(self, slots, seqs, limits):
+        if self.native is not None:
+            return self._propose_native(slots, seqs, limits)
         out = []
         rows, job, stats, last = self.rows, self.job, self.stats, self.last
         depth, factor, min_prob = self.max_depth, self.factor, self.min_prob
@@ -444,6 +490,35 @@ class SuffixProposer:
                 out.append(EMPTY)
         return Proposal(out)
 
+    def _propose_native(self, slots, seqs, limits):
+        """``propose`` on the compiled indexes: a row's step in one call (suffix_native: step)."""
+        out = []
+        rows, stats, last, step = self.rows, self.stats, self.last, self.native.step
+        job = self.job.ix if self.job is not None else None
+        depth, factor, min_prob = self.max_depth, self.factor, self.min_prob
+        keys, sources = self._KEYS, self._SOURCES
+        for slot, seq, limit in zip(slots, seqs, limits):
+            index = rows.get(slot)
+            if index is None:
+                self.start(slot, seq)
+                index = rows[slot]
+            if limit <= 0:
+                index.ix.extend(seq)
+                out.append(EMPTY)
+                last.pop(slot, None)
+                continue
+            source, tokens = step(index.ix, job, seq, limit, depth, factor, min_prob)
+            if source:
+                steps, proposed, accepted = keys[sources[source]]
+                stats[steps] += 1
+                stats[proposed] += len(tokens)
+                last[slot] = accepted
+                out.append(tokens)
+            else:
+                last.pop(slot, None)
+                out.append(EMPTY)
+        return Proposal(out)
+
     def learn(self, slots, verified):
         last, stats = self.last, self.stats
         if not last:
@@ -461,8 +536,13 @@ class SuffixProposer:
         if self.job is None or n is None or len(seq) <= n:
             return
         tail = min(n, self.max_depth)
-        row = np.asarray(seq[n - tail :]).tolist()
-        self.job._add(row, start=tail)
+        if self.native is not None:
+            row = np.asarray(seq[n - tail :], dtype=np.int64)
+            self.job.ix.add(row, tail)
+            row = row.tolist()
+        else:
+            row = np.asarray(seq[n - tail :]).tolist()
+            self.job._add(row, start=tail)
         self.finished.append([tail] + row)
         del self.finished[: max(0, len(self.finished) - self.cache_rows)]
 
