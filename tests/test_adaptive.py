@@ -117,6 +117,38 @@ def test_one_long_draft_call_does_not_price_the_draft_out():
     assert cost.draft_s == pytest.approx(0.01, rel=0.05)  # back to what its steps cost
 
 
+def test_a_draft_call_that_catches_up_is_no_sample_of_its_forwards():
+    """A row that proposed nothing for a while feeds its draft every token since, in the first
+    forward of its next proposal (a probe after a pause). That cost comes once per pause: priced
+    per forward, each probe raised the draft's estimate, so a paused draft stayed paused. The
+    policy observes only the calls that did not catch up."""
+    policy = AdaptiveWidth(measure=lambda: StepCost(CURVE.verify_s, draft_s=0.01))  # measured: it follows
+    policy.reset()
+    step = lambda seconds, catch_up: Step([0], np.array([1]), np.array([1]), 1, seconds, 1.0, catch_up)  # noqa: E731
+    policy.update(step(0.5, catch_up=20))
+    assert policy.cost.draft_s == 0.01
+    policy.update(step(0.5, catch_up=0))
+    assert policy.cost.draft_s > 0.01
+
+
+def test_the_draft_says_when_it_catches_up():
+    from engine_world import DRAFT
+
+    from spd_cluster.engine.proposers import DraftProposer
+
+    draft = DraftProposer(TorchSession(DRAFT, 1, 128), prefill_seq_len=8)
+    seq = np.array(PROMPTS[0], dtype=np.int64)
+    draft.start(0, seq)
+    got = draft.propose([0], [seq], [3])
+    assert got.catch_up == 0  # the prompt's last token
+    seq = np.concatenate([seq, got.tokens[0][:1], [7]])  # one accepted, then the target's own token
+    assert draft.propose([0], [seq], [3]).catch_up == 0
+    for t in range(6):  # steps that proposed nothing: the draft is not fed
+        seq = np.concatenate([seq, [11 + t]])
+        assert draft.propose([0], [seq], [0]).catch_up == 0
+    assert draft.propose([0], [seq], [2]).catch_up == 4  # 6 tokens to feed, 2 of them a step's usual
+
+
 def test_acceptance_is_the_rows_own_and_fades_back_to_the_jobs():
     a = Acceptance()
     a.start(0), a.start(1)

@@ -165,11 +165,13 @@ class DraftServer:
         self.seqs[slot] = prompt_ids
 
     def step(self, slots, deltas, resync, limits):
-        """Proposals per row, and (sampling only) each proposing row's draft distributions."""
+        """Proposals per row, (sampling only) each proposing row's draft distributions, and the
+        call's catch-up (``Proposal.catch_up``)."""
         for s, d, full in zip(slots, deltas, resync):
             self.seqs[s] = d if full else np.concatenate([self.seqs.get(s, EMPTY), d])
         out = self.proposer.propose(list(slots), [self.seqs[s] for s in slots], list(limits))
-        return out.tokens, None if out.draft_probs is None else [pack_probs(q) for q in out.draft_probs]
+        return (out.tokens, None if out.draft_probs is None else [pack_probs(q) for q in out.draft_probs],
+                out.catch_up)
 
 
 class RemoteDraftProposer:
@@ -234,10 +236,11 @@ class RemoteDraftProposer:
                 resync.append(True)
             self.sent[s] = seq.copy()
         self.round_trips += 1
-        out, qs = ray.get(self.actor.draft_step.remote(list(slots), deltas, resync, [int(x) for x in limits]))
+        out, qs, catch_up = ray.get(self.actor.draft_step.remote(list(slots), deltas, resync,
+                                                                 [int(x) for x in limits]))
         from ..engine.proposers import Proposal
 
-        return Proposal(out, None if qs is None else [unpack_probs(q) for q in qs])
+        return Proposal(out, None if qs is None else [unpack_probs(q) for q in qs], catch_up)
 
 
 # -- the actor ---------------------------------------------------------------------------------

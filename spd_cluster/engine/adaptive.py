@@ -100,11 +100,13 @@ class StepCost:
         return c[-1] + slope * (width - len(c))  # past what was measured: linear
 
     def observe_draft(self, seconds: float, forwards: int) -> None:
-        """One proposal call of ``forwards`` draft forwards took ``seconds``. A call may also feed
-        the draft every token since its last one (a row that proposed nothing for a while), so
-        one sample moves the estimate by at most DRAFT_CLIP times its share: a rare long call
-        must not price the draft out for good (it would then never be observed again). The first
-        call warms the draft's decode path up (a new actor's first forwards) and is not counted."""
+        """One proposal call of ``forwards`` draft forwards took ``seconds``. A call that first
+        fed the draft every token since its last one (a row that proposed nothing for a while:
+        ``Step.catch_up``) is not observed at all, since that cost comes once per pause, and
+        pricing forwards by it kept a paused draft paused; any other one sample moves the estimate
+        by at most DRAFT_CLIP times its share, so a rare long call (a pause of the host) cannot
+        price the draft out for good. The first call warms the draft's decode path up (a new
+        actor's first forwards) and is not counted."""
         if forwards > 0:
             if not self._warm:
                 self._warm = True
@@ -216,6 +218,7 @@ class Step:
     forwards: int  # draft forwards the step's proposals cost (0 for a free proposer)
     draft_s: float  # seconds in the proposer
     verify_s: float  # seconds of the verify
+    catch_up: int = 0  # tokens the draft fed first to catch up (Proposal.catch_up): draft_s is no sample then
 
 
 class WidthPolicy(Protocol):
@@ -339,4 +342,5 @@ class AdaptiveWidth:
                 self.new.discard(slot)
         if self.follow:  # a given curve is the model: times observed in place do not move it
             c.observe_verify(width, step.verify_s)
-            c.observe_draft(step.draft_s, step.forwards)
+            if not step.catch_up:  # a catch-up is paid once per pause, not per forward
+                c.observe_draft(step.draft_s, step.forwards)

@@ -305,7 +305,8 @@ class SpDEngine:
                            num_logits_to_keep=np.arange(width, dtype=np.int64).reshape(-1, 1))
         verified = self._verify(call, ids[:, 1:], counts, rows, proposal.draft_probs)
         t2 = perf_counter()
-        self.policy.update(Step(slots, counts, verified.accepted, costly * max(limits), t1 - t0, t2 - t1))
+        self.policy.update(Step(slots, counts, verified.accepted, costly * max(limits), t1 - t0, t2 - t1,
+                                proposal.catch_up))
         clock.draft += t1 - t0
         clock.target += t2 - t1
         clock.iterations += 1

@@ -67,8 +67,10 @@ class OverlappedDraft:
                 self.misses += 1
                 self.discarded += int(follows.size)
             fresh.append(i)
+        catch_up = 0
         if fresh:
             got = self.draft.propose([slots[i] for i in fresh], [seqs[i] for i in fresh], [limits[i] for i in fresh])
+            catch_up = got.catch_up
             for i, tokens in zip(fresh, got.tokens):
                 out[i] = tokens
         ahead = [i for i, lim in enumerate(limits) if lim > 0 and out[i].size]
@@ -76,7 +78,7 @@ class OverlappedDraft:
             assumed = [np.concatenate([np.asarray(seqs[i], dtype=np.int64), out[i]]) for i in ahead]
             self.pending = self.worker.submit(self._ahead, [slots[i] for i in ahead], assumed,
                                               [int(limits[i]) + 1 for i in ahead])
-        return Proposal(out)
+        return Proposal(out, catch_up=catch_up)
 
     def _ahead(self, slots, assumed, limits) -> None:
         got = self.draft.propose(slots, assumed, limits)

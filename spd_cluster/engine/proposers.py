@@ -30,6 +30,10 @@ class Proposal:
 
     tokens: list[np.ndarray]
     draft_probs: Optional[list[Optional[np.ndarray]]] = None
+    # tokens a draft fed in its first forward beyond the one or two of a step that follows a
+    # proposing step (a row that proposed nothing for a while catches up): that call's time is
+    # no sample of what a draft forward costs
+    catch_up: int = 0
 
     @classmethod
     def empty(cls, rows: int) -> "Proposal":
@@ -221,6 +225,7 @@ class DraftProposer:
             tails.append(seq[valid:])
             starts.append(valid)
         width = max(t.shape[0] for t in tails)
+        catch_up = max(0, width - 2)  # 1 token, or 2 after a whole window was accepted (the bonus)
         ids = np.zeros((len(rows), width), dtype=np.int64)
         pos = np.full((len(rows), width), -1, dtype=np.int64)
         for r, (t, s) in enumerate(zip(tails, starts)):
@@ -268,7 +273,7 @@ class DraftProposer:
             self.fed[slots[i]] = np.concatenate([seq, proposals[r, : max(n - 1, 0)]])
             if qs:
                 probs[i] = np.stack([q[r] for q in qs[:n]])
-        return Proposal(out, probs)
+        return Proposal(out, probs, catch_up)
 
 
 class MultiProjProposer:
