@@ -161,6 +161,12 @@ class ClockedSession(TimedSession):
         return out
 
 
+def warm_calls(passes: int, widths: int) -> int:
+    from spd_cluster.engine.warmup import MIN_CALLS, MIN_PASSES
+
+    return passes * widths * -(-MIN_CALLS // (MIN_PASSES * widths))
+
+
 def scripted_audit(monkeypatch, cost, shard_id: int, rounds: int = 1):
     """pld over a tiny model on a ClockedSession with per-call ``cost``; the job's own output
     comes from another session (the audit is the first work on this one after load). Returns
@@ -184,8 +190,8 @@ def scripted_audit(monkeypatch, cost, shard_id: int, rounds: int = 1):
         out.append((audit.summarize(audit.run_audit(engine, base, shard_id, job, prompts, ids)), session.calls - before))
     before = session.calls
     base.generate(prompts, ids)
-    # the engines' own warm-ups (engine/warmup.py), at their first generate: widths 1..k+1 each
-    warm = (engine.warm_passes + base.warm_passes) * (s.num_speculative_tokens + 1)
+    # the engines' own warm-ups (engine/warmup.py), at their first generate: widths 1..k+1
+    warm = sum(warm_calls(e.warm_passes, e.k + 1) for e in (engine, base))
     return out, session.calls - before, warm  # the summaries and session calls of each audit; a baseline run's calls
 
 

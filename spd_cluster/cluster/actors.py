@@ -465,7 +465,7 @@ class DraftActor(_DeviceActor):
         from ..engine.warmup import warm_up
 
         self.session = self._session(cfg, spec)
-        warm_up(self.session, cfg.spd.full_batch_size, 2)  # as the target's engine does: one token a row, or two
+        warm_up(self.session, cfg.spd.full_batch_size, 2, last_only=True)  # a draft's calls: 1 or 2 tokens a row
         # with spd.overlap_draft the draft actor drafts the next window while the target verifies
         self.server = DraftServer(draft_proposer(cfg.spd, self.session))
 

@@ -188,9 +188,8 @@ class SpDEngine:
             r.num_prompt_tokens = int(ids.size)
             queue.append((r, ids))
 
-        if not self.warm_passes:  # every mode starts its first shard warm, and alike (engine/warmup.py)
-            self.warm_passes = warm_up(self.target, s.full_batch_size, s.num_speculative_tokens + 1,
-                                       heads=self.spec.uses_heads)
+        if not self.warm_passes:  # every mode starts its first shard warm (engine/warmup.py)
+            self.warm_passes = warm_up(self.target, s.full_batch_size, self.k + 1, heads=self.spec.uses_heads)
         self.policy.reset()  # a shard starts from the prior, not from the last shard's verdict
         clock = _Clock()
         self._proposed = np.zeros(self.k, dtype=np.int64)
