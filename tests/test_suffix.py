@@ -259,7 +259,7 @@ def test_the_compiled_index_proposes_what_the_python_one_proposes(seed):
                                                                                   for m in motifs])]
 
     depth = int(rng.choice([4, 8, 24]))
-    py_job, c_job = SuffixIndex(depth, max_rows=4), suffix_native.NativeSuffixIndex(depth, max_rows=4)
+    py_job, c_job = SuffixIndex(depth, max_rows=4), suffix_native.NativeSuffixIndex(depth, max_rows=4, recent=sfx.RECENT)
     for r in range(14):
         toks, start = stream(int(rng.integers(5, 120))), int(rng.integers(0, 10))
         py_job.add(toks, start)
@@ -269,7 +269,7 @@ def test_the_compiled_index_proposes_what_the_python_one_proposes(seed):
         assert c_job.num_keys() == py_job.num_keys()
         seq = stream(160)
         n = int(rng.integers(1, 30))
-        py_row, c_row = SuffixIndex(depth), suffix_native.NativeSuffixIndex(depth)
+        py_row, c_row = SuffixIndex(depth), suffix_native.NativeSuffixIndex(depth, recent=sfx.RECENT)
         py_row.open(seq[:n])
         c_row.open(np.array(seq[:n]))
         while n < len(seq):

@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .proposers import EMPTY, Proposal
+from .suffix_draft import NO_DRAFT, Draft  # noqa: F401 - the index's result, both implementations'
 
 KEY_LENS = (1, 2, 3, 6)  # n-grams of these lengths are keys (_keys); a match is extended over its key's candidates
 RECENT = 16  # occurrences of one key a look-up reads at most (the most recent)
@@ -93,20 +94,8 @@ def new_index(max_depth: int = 24, max_rows: Optional[int] = None):
         return SuffixIndex(max_depth, max_rows)
     from .suffix_native import NativeSuffixIndex
 
-    return NativeSuffixIndex(max_depth, max_rows)
+    return NativeSuffixIndex(max_depth, max_rows, recent=RECENT)
 
-
-class Draft:
-    """One index's proposal: tokens, their probabilities, the match length that made it."""
-
-    __slots__ = ("tokens", "probs", "score", "match_len")
-
-    def __init__(self, tokens=(), probs=(), match_len: int = 0, score: Optional[float] = None):
-        self.tokens, self.probs, self.match_len = tokens, probs, match_len  # lists (draft builds them)
-        self.score = float(sum(probs)) if score is None else score
-
-
-NO_DRAFT = Draft([], [])
 
 
 class SuffixIndex:
@@ -442,7 +431,7 @@ class SuffixProposer:
         if self.native is not None:
             from .suffix_native import NativeSuffixIndex
 
-            index = NativeSuffixIndex(self.max_depth)
+            index = NativeSuffixIndex(self.max_depth, recent=RECENT)
             index.ix.add(np.asarray(prompt_ids, dtype=np.int64), 0)
         else:
             index = SuffixIndex(self.max_depth)

@@ -24,6 +24,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .suffix_draft import NO_DRAFT, Draft
+
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCE = "suffix_index.cpp"
 _ext, _error = None, None
@@ -51,18 +53,17 @@ def _ints(tokens) -> np.ndarray:
 
 class NativeSuffixIndex:
     """engine/suffix.py's SuffixIndex on the compiled index (the same arguments and methods; the
-    attributes tests read, ``toks`` and ``base``, are copies out of it). Reads ``suffix.RECENT``
-    when made."""
+    attributes tests read, ``toks`` and ``base``, are copies out of it), with engine/suffix.py's RECENT
+    given as ``recent``."""
 
     __slots__ = ("ix", "max_depth", "max_rows")
 
-    def __init__(self, max_depth: int = 24, max_rows: Optional[int] = None):
-        from . import suffix
-
+    def __init__(self, max_depth: int = 24, max_rows: Optional[int] = None, *, recent: int):
+        """``recent``: occurrences of one key a look-up reads at most (engine/suffix.py's RECENT)."""
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         self.max_depth, self.max_rows = max_depth, max_rows
-        self.ix = extension().Index(max_depth, -1 if max_rows is None else max_rows, min(suffix.RECENT, 2**62))
+        self.ix = extension().Index(max_depth, -1 if max_rows is None else max_rows, min(recent, 2**62))
 
     def __len__(self) -> int:
         return self.ix.num_rows
@@ -109,7 +110,5 @@ class NativeSuffixIndex:
         return self.ix.match(ctx)
 
     def draft(self, ctx: list, limit: int, max_spec_factor: float = 1.0, min_prob: float = 0.1):
-        from .suffix import NO_DRAFT, Draft
-
         tokens, probs, n, score = self.ix.draft(ctx, limit, max_spec_factor, min_prob)
         return Draft(tokens, probs, n, score) if n else NO_DRAFT
