@@ -196,7 +196,7 @@ def compare(args) -> None:
     import pandas as pd
 
     sys.path.insert(0, str(REPO / "bench"))
-    from interleave import Sample, errors, print_table, run_interleaved, summarize
+    from interleave import Sample, errors, print_table, run_interleaved, spread, summarize
 
     from spd_cluster.cluster import run_job
     from spd_cluster.engine.modes import mode as mode_of
@@ -283,9 +283,8 @@ def compare(args) -> None:
             for name in names:
                 cells = []
                 for part in parts:
-                    v = sorted(s.extra["parts"][part] for s in runs.samples[name])
-                    cells.append(f"{part} {v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2:.2f} "
-                                 f"[{v[0]:.2f}-{v[-1]:.2f}]")
+                    mid, lo, hi = spread([s.extra["parts"][part] for s in runs.samples[name]])
+                    cells.append(f"{part} {mid:.2f} [{lo:.2f}-{hi:.2f}]")
                 print(f"  {name:10} " + "; ".join(cells))
         ref = runs.samples[baseline][0].extra["ids"]
         for name in names:

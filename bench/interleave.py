@@ -138,7 +138,7 @@ class Figure:
     over_bound_blocks: int = 0  # blocks whose own ratio exceeded their own tokens per step (noise, reported)
 
 
-def _spread(xs: Sequence[float]) -> tuple[float, float, float]:
+def spread(xs: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(xs), min(xs), max(xs)
 
 
@@ -170,10 +170,10 @@ def summarize(runs: Runs, baseline: str, is_bounded: Callable[[str], bool] = bou
     for name in runs.names:
         ss = runs.samples[name]
         thr, tps = [s.throughput for s in ss], [s.tokens_per_step for s in ss]
-        f = Figure(name, len(ss), _spread(thr), _iqr(thr), _spread(tps), None)
+        f = Figure(name, len(ss), spread(thr), _iqr(thr), spread(tps), None)
         if name != baseline:
             ratios = [t / b if b > 0 else float("inf") for t, b in zip(thr, base)]
-            f.speedup = _spread(ratios)
+            f.speedup = spread(ratios)
             if is_bounded(name):
                 f.error = check_bound(f.speedup[0], f.tokens_per_step[0], tolerance)
                 f.over_bound_blocks = sum(r > t * (1 + tolerance) for r, t in zip(ratios, tps))
