@@ -2,14 +2,14 @@
 same weights, same run.
 
     python bench/bench_linear.py [--model qwen2.5-coder-1.5b] [--rows 1,2,3,4,5,6,7,8] [--widths 1,...,8]
-                                 [--threads 2] [--repeats 9] [--clock wall|cpu] [--no-session]
+                                 [--context 100,600] [--threads 2] [--repeats 9] [--clock wall|cpu] [--no-session]
 
 Part 1, the linear alone (Qwen2.5-Coder-1.5B's attention, MLP and lm_head shapes, random bfloat16
 weights and activations): ms per call by row count for PyTorch's bfloat16 ``F.linear`` and our
 kernel on each set of tiles this CPU runs (sessions/bf16.py). Each timed sample calls every copy
 of a pool of weights (at least 256 MB) once, so weights come from memory as in a model's forward,
 not from the cache. Part 2, whole session steps on the real model in bfloat16 at 100 tokens of
-context: a verify of each width (1 = a decode step), on a session with PyTorch's kernels
+context (``--context``: at each of these; attention grows with it): a verify of each width (1 = a decode step), on a session with PyTorch's kernels
 (``pack=False``) and on one with ours (``pack=True``: the kernel plus row-wise attention) on each
 set of tiles; the tiles are switched per call (``bf16.set_isa``), on the same session.
 
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--rows", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--widths", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--shapes", default=",".join(QWEN_15B), help=f"of {', '.join(QWEN_15B)}")
+    ap.add_argument("--context", default="100", help="part 2: tokens of context before the step (comma list)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
@@ -118,8 +119,10 @@ def main() -> None:
         return
 
     model = load_model(args.model, "bfloat16")
-    ours = TorchSession(model if args.no_torch_session else copy.deepcopy(model), 1, 512, pack=True)
-    sessions = {"ours": ours} if args.no_torch_session else {"torch": TorchSession(model, 1, 512), "ours": ours}
+    contexts = [int(c) for c in args.context.split(",")]
+    ctx_len = max(512, max(contexts) + 16)
+    ours = TorchSession(model if args.no_torch_session else copy.deepcopy(model), 1, ctx_len, pack=True)
+    sessions = {"ours": ours} if args.no_torch_session else {"torch": TorchSession(model, 1, ctx_len), "ours": ours}
     rng = np.random.default_rng(0)
 
     def step(s, width, start):
@@ -127,24 +130,28 @@ def main() -> None:
                "batch_index": np.zeros((1, 1), np.int64), "num_logits_to_keep": np.zeros((width, 1), np.int64)})
 
     for s in sessions.values():
-        step(s, 100, 0)
+        for start in range(0, max(contexts), 100):
+            step(s, min(100, max(contexts) - start), start)
     sides = {}
     widths = [int(w) for w in args.widths.split(",")]
-    for w in widths:
-        if "torch" in sessions:
-            sides["torch", w] = lambda w=w: timed(lambda: step(sessions["torch"], w, 100))
-        for isa in isas:
-            sides[isa, w] = lambda w=w, isa=isa: (bf16.set_isa(isa), timed(lambda: step(ours, w, 100)))[1]
+    for c in contexts:
+        for w in widths:
+            if "torch" in sessions:
+                sides["torch", c, w] = lambda w=w, c=c: timed(lambda: step(sessions["torch"], w, c))
+            for isa in isas:
+                sides[isa, c, w] = lambda w=w, c=c, isa=isa: (bf16.set_isa(isa), timed(lambda: step(ours, w, c)))[1]
     times = interleaved(sides, args.repeats)
     bf16.set_isa(default)
     names = (["torch"] if "torch" in sessions else []) + isas
-    print(f"\n{args.model} bfloat16 session step at 100 tokens of context, ms: median (min-max), and the median "
-          f"over width 1's")
-    print(f"{'width':>5} " + " ".join(f"{n:>32}" for n in names))
-    for w in widths:
-        cells = [f"{fmt(times[n, w])} {statistics.median(times[n, w]) / statistics.median(times[n, widths[0]]):5.2f}x"
-                 for n in names]
-        print(f"{w:>5} " + " ".join(f"{c:>32}" for c in cells), flush=True)
+    for c in contexts:
+        print(f"\n{args.model} bfloat16 session step at {c} tokens of context, ms: median (min-max), and the median "
+              f"over width 1's")
+        print(f"{'width':>5} " + " ".join(f"{n:>32}" for n in names))
+        for w in widths:
+            cells = [f"{fmt(times[n, c, w])} "
+                     f"{statistics.median(times[n, c, w]) / statistics.median(times[n, c, widths[0]]):5.2f}x"
+                     for n in names]
+            print(f"{w:>5} " + " ".join(f"{c:>32}" for c in cells), flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 
