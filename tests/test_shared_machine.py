@@ -176,6 +176,35 @@ def test_watch_kills_a_dead_drivers_processes_and_their_children_only():
             p.wait()
 
 
+def test_watch_follows_the_drivers_own_children_it_was_never_told_of():
+    """With ``descendants`` (a local Ray's watcher starts before ``ray.init``): a child the driver
+    starts after the watcher began, as GCS and raylet are, dies with the driver; the watcher
+    itself, also the driver's child, and other processes are left."""
+    driver, bystander = _sleeper(child=True), _sleeper()
+    try:
+        killed = []
+        t = threading.Thread(target=lambda: killed.extend(runtime.watch(driver.pid, [], every=0.05,
+                                                                         descendants=True)))
+        t.start()
+        deadline = time.monotonic() + 30
+        while not psutil.Process(driver.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (child,) = psutil.Process(driver.pid).children()
+        time.sleep(0.3)
+        assert t.is_alive() and child.is_running()  # the driver lives: nothing touched
+        driver.kill()
+        driver.wait()
+        t.join(timeout=20)
+        assert not t.is_alive() and killed == [child.pid]
+        psutil.wait_procs([child], timeout=5)
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+        assert bystander.poll() is None
+    finally:
+        for p in (driver, bystander):
+            p.kill()
+            p.wait()
+
+
 def _session_processes(pids: list[int]) -> list[psutil.Process]:
     out = []
     for pid in pids:
@@ -234,6 +263,56 @@ def test_a_killed_driver_leaves_nothing_of_its_local_ray():
             drv.kill()
             drv.wait()
         for p in _session_processes(info["all"] if "info" in dir() else []):
+            p.kill()
+
+
+DIES_IN_INIT = """
+import json, os, signal
+import psutil, ray
+from spd_cluster.cluster import runtime
+real_init = ray.init
+def init(*args, **kwargs):  # Ray's processes up, then the driver killed before ray.init returns
+    real_init(*args, **kwargs)
+    me = psutil.Process()
+    watcher = runtime._watcher.pid if runtime._watcher is not None else None
+    print(json.dumps({"all": [c.pid for c in me.children(recursive=True)], "watcher": watcher}), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+ray.init = init
+runtime.init_ray(None, num_cpus=1)
+"""
+
+
+@pytest.mark.slow
+def test_a_driver_killed_inside_ray_init_leaves_nothing_of_its_local_ray():
+    """A driver killed while ``ray.init`` is still starting its local Ray (before init_ray knows
+    Ray's processes): GCS, raylet and the rest are gone within seconds all the same (they were
+    left running before the watcher started ahead of ``ray.init``)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    drv = subprocess.Popen([sys.executable, "-c", DIES_IN_INIT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env)
+    info = {"all": []}
+    try:
+        line = drv.stdout.readline()
+        assert line, drv.stderr.read()[-3000:]
+        info = json.loads(line)
+        drv.wait(timeout=30)
+        pids = sorted(set(info["all"]) - {info["watcher"]})
+        assert pids  # GCS, raylet, ...
+        t0 = time.monotonic()
+        left = _session_processes(pids + [info["watcher"] or 0])
+        while left and time.monotonic() - t0 < 15:
+            time.sleep(0.5)
+            left = _session_processes(pids + [info["watcher"] or 0])
+        assert not left, [(p.pid, p.name()) for p in left]
+        assert info["watcher"] is not None  # it was there before ray.init returned
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+            drv.wait()
+        for p in _session_processes(info["all"]):
             p.kill()
 
 

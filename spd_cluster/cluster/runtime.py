@@ -18,9 +18,11 @@ run is dropped (``--verbose`` keeps it).
 The local Ray lives and dies with its driver: a watcher process (``watch``, its own session, so
 a signal to the driver's process group leaves it) follows the driver's pid and, when the driver
 is gone without stopping Ray (``kill -9``, the OOM killer), kills the processes of that Ray by
-their ids: the ones ``ray.init`` started (Ray's node info) and their descendants. Ray's own
-fate-sharing ends GCS, raylet and workers, but its dashboard and runtime-env agents are left
-(about 200 MB) for a minute or more.
+their ids: the driver's descendants and the ones ``ray.init`` started (Ray's node info), with
+theirs. The watcher starts before ``ray.init``, so a driver that dies while Ray is still starting
+leaves nothing either; an ``init`` that fails shuts down what it started. Ray's own fate-sharing
+ends GCS, raylet and workers, but its dashboard and runtime-env agents are left (about 200 MB) for
+a minute or more.
 
 For shell recipes (`ray start --head` on ports of its own): ``python -m
 spd_cluster.cluster.runtime free-ports N`` prints N ports free on 127.0.0.1, and ``wait-head URL
@@ -81,11 +83,19 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None,
     loopback_env()
     if not VERBOSE:
         _quiet_token_notice()
+    # the watcher first: a driver killed while ray.init is starting GCS and raylet leaves them
+    # otherwise (they are the driver's children, which the watcher follows from the start)
+    start_watcher([], descendants=True)
     # Ray starts workers at niceness 15; here the actors are the job, so they run at the
     # driver's priority (otherwise any other process on the machine starves them).
-    ray.init(address="local", _node_ip_address=LOCAL_IP, include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus,
-             resources=resources or None, logging_level=level, _system_config={"worker_niceness": 0})
-    start_watcher(ray_pids())
+    try:
+        ray.init(address="local", _node_ip_address=LOCAL_IP, include_dashboard=False, num_cpus=num_cpus,
+                 num_gpus=num_gpus, resources=resources or None, logging_level=level,
+                 _system_config={"worker_niceness": 0})
+    except BaseException:
+        ray.shutdown()  # what it started so far (the watcher still ends the rest with the driver)
+        raise
+    start_watcher(ray_pids(), descendants=True)
     return True
 
 
@@ -126,17 +136,19 @@ def ray_pids() -> list[int]:
     return [p.process.pid for _, infos in procs for p in infos if getattr(p, "process", None) is not None]
 
 
-def start_watcher(pids: list[int], driver: int | None = None) -> subprocess.Popen | None:
-    """Start the watcher of ``pids`` (and their descendants) for ``driver`` (default: this
-    process); ``stop_watcher`` ends it once Ray is stopped the normal way."""
+def start_watcher(pids: list[int], driver: int | None = None, descendants: bool = False) -> subprocess.Popen | None:
+    """Start the watcher of ``pids`` (and their descendants; with ``descendants``, the driver's
+    own too) for ``driver`` (default: this process); ``stop_watcher`` ends it once Ray is stopped
+    the normal way. A new one replaces the last."""
     global _watcher
-    if not pids:
+    if not pids and not descendants:
         return None
     stop_watcher()
     package_root = str(Path(__file__).resolve().parents[2])  # importable however this driver was started
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     _watcher = subprocess.Popen(
-        [sys.executable, "-m", "spd_cluster.cluster.runtime", "watch", str(driver or os.getpid()), *map(str, pids)],
+        [sys.executable, "-m", "spd_cluster.cluster.runtime", "watch", str(driver or os.getpid()), *map(str, pids),
+         *(["--descendants"] if descendants else [])],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True, close_fds=True)
     return _watcher
@@ -153,9 +165,10 @@ def stop_watcher() -> None:
         _watcher = None
 
 
-def watch(driver: int, pids: list[int], every: float = WATCH_EVERY_S) -> list[int]:
+def watch(driver: int, pids: list[int], every: float = WATCH_EVERY_S, descendants: bool = False) -> list[int]:
     """Follow ``driver``; when it is gone, SIGKILL ``pids`` and every descendant of theirs seen
-    (identified by pid and start time, so a reused pid is never hit). Returns the pids killed."""
+    (with ``descendants``, the driver's own as well, the watcher excepted), each identified by pid
+    and start time, so a reused pid is never hit. Returns the pids killed."""
     import psutil
 
     try:
@@ -169,7 +182,16 @@ def watch(driver: int, pids: list[int], every: float = WATCH_EVERY_S) -> list[in
         except psutil.NoSuchProcess:
             pass
 
+    me = os.getpid()
+
     def sweep() -> None:
+        if descendants and drv is not None:
+            try:
+                for c in drv.children(recursive=True):
+                    if c.pid != me:
+                        known.setdefault(c.pid, c)
+            except psutil.Error:
+                pass
         for p in list(known.values()):
             try:
                 for c in p.children(recursive=True):
@@ -255,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--timeout", type=float, default=180.0)
     k = sub.add_parser("watch", help="(internal) kill a local Ray's processes when its driver dies")
     k.add_argument("driver", type=int)
-    k.add_argument("pids", type=int, nargs="+")
+    k.add_argument("pids", type=int, nargs="*")
+    k.add_argument("--descendants", action="store_true", help="the driver's descendants too")
     args = p.parse_args(argv)
     if args.cmd == "free-ports":
         print(*free_ports(args.n))
@@ -266,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the Ray head at {args.url} did not come up (see its log)", file=sys.stderr)
         return 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the driver's to handle
-    watch(args.driver, args.pids)
+    watch(args.driver, args.pids, descendants=args.descendants)
     return 0
 
 
