@@ -3,6 +3,7 @@ same weights, same run.
 
     python bench/bench_linear.py [--model qwen2.5-coder-1.5b] [--rows 1,2,3,4,5,6,7,8] [--widths 1,...,8]
                                  [--context 100,600] [--threads 2] [--repeats 9] [--clock wall|cpu] [--no-session]
+                                 [--attention]
 
 Part 1, the linear alone (Qwen2.5-Coder-1.5B's attention, MLP and lm_head shapes, random bfloat16
 weights and activations): ms per call by row count for PyTorch's bfloat16 ``F.linear`` and our
@@ -12,6 +13,10 @@ not from the cache. Part 2, whole session steps on the real model in bfloat16 at
 context (``--context``: at each of these; attention grows with it): a verify of each width (1 = a decode step), on a session with PyTorch's kernels
 (``pack=False``) and on one with ours (``pack=True``: the kernel plus row-wise attention) on each
 set of tiles; the tiles are switched per call (``bf16.set_isa``), on the same session.
+
+``--attention`` adds the row-wise attention kernel alone (kernels/attention.h) at the model's
+attention shape (Qwen2.5-Coder-1.5B: 12 query heads over 2 key/value heads of 128): ms a layer by
+query rows (a verify's width at one sequence) and ``--context``.
 
 Every sample of every side is taken in interleaved blocks (A B C | C B A | ...) after a warm-up;
 printed: the median, and the spread as min-max over the repeats. ``--clock cpu`` times with the
@@ -89,6 +94,7 @@ def main() -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--no-linear", action="store_true")
     ap.add_argument("--no-session", action="store_true")
+    ap.add_argument("--attention", action="store_true", help="also time the row-wise attention kernel alone")
     ap.add_argument("--no-torch-session", action="store_true", help="leave out the session on PyTorch's kernels")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -115,6 +121,9 @@ def main() -> None:
                 print(f"{f'{name} {n} x {k}':26} {m:>4} " + " ".join(f"{c:>24}" for c in cells), flush=True)
             del pool
     bf16.set_isa(default)
+    if args.attention:
+        attention_table([int(r) for r in args.widths.split(",")], [int(c) for c in args.context.split(",")],
+                        args.repeats)
     if args.no_session:
         return
 
@@ -153,6 +162,36 @@ def main() -> None:
                      for n in names]
             print(f"{w:>5} " + " ".join(f"{c:>32}" for c in cells), flush=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+def attention_table(rows: list, contexts: list, repeats: int, heads: int = 12, kv_heads: int = 2,
+                    dim: int = 128) -> None:
+    ext = bf16.extension()
+    if ext is None:
+        print("\nrow-wise attention: the extension is not built here")
+        return
+    g = torch.Generator().manual_seed(0)
+    sides = {}
+    for c in contexts:
+        k, v = (torch.randn(1, kv_heads, c, dim, generator=g) for _ in range(2))
+        for r in rows:
+            q = torch.randn(1, heads, r, dim, generator=g)
+            lengths = torch.tensor([[c - r + 1 + i for i in range(r)]])
+
+            def side(q=q, k=k, v=v, lengths=lengths, calls=50):
+                t = clock()
+                for _ in range(calls):
+                    ext.rowwise_attention(q, k, v, lengths, dim ** -0.5)
+                return (clock() - t) / calls
+            sides[c, r] = side
+    times = interleaved(sides, repeats)
+    print(f"\nrow-wise attention alone ({heads} query heads over {kv_heads} key/value heads of {dim}), ms a layer: "
+          f"median (min-max), and the median over one row's")
+    print(f"{'context':>7} " + " ".join(f"{f'{r} rows':>28}" for r in rows))
+    for c in contexts:
+        cells = [f"{fmt(times[c, r])} {statistics.median(times[c, r]) / statistics.median(times[c, rows[0]]):5.2f}x"
+                 for r in rows]
+        print(f"{c:>7} " + " ".join(f"{x:>28}" for x in cells), flush=True)
 
 
 def timed(fn) -> float:
