@@ -47,7 +47,8 @@ from pathlib import Path
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+import this_tree  # noqa: E402, F401  (this tree's spd_cluster in the driver and in Ray's workers)
 
 from spd_cluster.config import load_config  # noqa: E402
 

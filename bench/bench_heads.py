@@ -29,6 +29,7 @@ from time import perf_counter
 import numpy as np
 import torch
 
+import this_tree  # noqa: F401  (this tree's spd_cluster, not an installed one)
 from spd_cluster.engine import SpDEngine, SpDSettings
 from spd_cluster.sessions import eos_token_ids, load_model, load_tokenizer
 from spd_cluster.sessions.heads import TurboHeads

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+import this_tree  # noqa: F401  (this tree's spd_cluster, not an installed one)
 from spd_cluster.engine import SpDEngine, SpDSettings, StepCost
 from spd_cluster.sessions.base import check_inputs
 

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import this_tree  # noqa: F401  (this tree's spd_cluster, not an installed one)
 from spd_cluster.sessions import bf16, load_model
 from spd_cluster.sessions.torch_session import TorchSession
 

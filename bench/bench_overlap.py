@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import this_tree  # noqa: E402, F401  (this tree's spd_cluster, not an installed one)
 
 from interleave import Sample, run_interleaved, summarize  # noqa: E402
 

@@ -20,6 +20,7 @@ from time import perf_counter
 
 import torch
 
+import this_tree  # noqa: F401  (this tree's spd_cluster, not an installed one)
 from spd_cluster.engine import SpDEngine, SpDSettings
 from spd_cluster.sessions import bf16, eos_token_ids, load_model, load_tokenizer
 from spd_cluster.sessions.torch_session import TorchSession

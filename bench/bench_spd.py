@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import this_tree  # noqa: E402, F401  (this tree's spd_cluster, not an installed one)
 
 from interleave import Sample, errors, print_table, run_interleaved, summarize  # noqa: E402
 

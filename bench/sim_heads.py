@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import this_tree  # noqa: F401  (this tree's spd_cluster, not an installed one)
 from spd_cluster.engine import PromptLookupProposer, SpDEngine, SpDSettings
 from spd_cluster.engine.proposers import NgramIndex, with_lookup
 from spd_cluster.sessions import eos_token_ids, load_model, load_tokenizer

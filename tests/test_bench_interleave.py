@@ -83,3 +83,27 @@ def test_a_speedup_above_tokens_per_step_is_an_error_not_a_figure():
     # the registry says which sides are bound: every mode that speculates, variants too
     assert il.bounded("pld") and il.bounded("draft+overlap") and not il.bounded("baseline")
     assert not il.bounded("in-process")
+
+
+def test_a_benchmark_run_from_an_exported_tree_measures_that_trees_code(tmp_path):
+    """bench/this_tree.py: a bench script of an exported tree (git archive) imports that tree's
+    spd_cluster, not the editable install the virtual environment points at, and so do the
+    processes it starts (Ray's workers: PYTHONPATH)."""
+    import shutil
+    import subprocess
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "bench" / "this_tree.py", bench)
+    (tmp_path / "spd_cluster").mkdir()
+    (tmp_path / "spd_cluster" / "__init__.py").write_text("")
+    (bench / "probe.py").write_text(
+        "import subprocess, sys\n"
+        "import this_tree  # noqa: F401\n"
+        "import spd_cluster\n"
+        "print(spd_cluster.__file__)\n"
+        "child = 'import spd_cluster; print(spd_cluster.__file__)'\n"
+        "print(subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, cwd='/').stdout.strip())\n")
+    out = subprocess.run([sys.executable, str(bench / "probe.py")], capture_output=True, text=True, cwd="/",
+                         check=True).stdout.split()
+    assert out == [str(tmp_path / "spd_cluster" / "__init__.py")] * 2, out
