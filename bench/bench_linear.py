@@ -15,7 +15,7 @@ context (``--context``: at each of these; attention grows with it): a verify of 
 set of tiles; the tiles are switched per call (``bf16.set_isa``), on the same session.
 
 ``--attention`` adds the row-wise attention kernel alone (kernels/attention.h) at the model's
-attention shape (Qwen2.5-Coder-1.5B: 12 query heads over 2 key/value heads of 128): ms a layer by
+attention shape (Qwen2.5-Coder-1.5B: 12 query heads over 2 key/value heads of 128): microseconds a layer by
 query rows (a verify's width at one sequence) and ``--context``.
 
 Every sample of every side is taken in interleaved blocks (A B C | C B A | ...) after a warm-up;
@@ -186,11 +186,11 @@ def attention_table(rows: list, contexts: list, repeats: int, heads: int = 12, k
                 return (clock() - t) / calls
             sides[c, r] = side
     times = interleaved(sides, repeats)
-    print(f"\nrow-wise attention alone ({heads} query heads over {kv_heads} key/value heads of {dim}), ms a layer: "
+    print(f"\nrow-wise attention alone ({heads} query heads over {kv_heads} key/value heads of {dim}), us a layer: "
           f"median (min-max), and the median over one row's")
     print(f"{'context':>7} " + " ".join(f"{f'{r} rows':>28}" for r in rows))
     for c in contexts:
-        cells = [f"{fmt(times[c, r])} {statistics.median(times[c, r]) / statistics.median(times[c, rows[0]]):5.2f}x"
+        cells = [f"{fmt(times[c, r], 1e6)} {statistics.median(times[c, r]) / statistics.median(times[c, rows[0]]):5.2f}x"
                  for r in rows]
         print(f"{c:>7} " + " ".join(f"{x:>28}" for x in cells), flush=True)
 
