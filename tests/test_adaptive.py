@@ -207,6 +207,38 @@ def test_the_step_cost_is_measured_on_the_session_and_never_falls_with_width():
     assert cost.verify_s == sorted(cost.verify_s)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_the_step_cost_is_measured_on_the_verifies_the_engine_makes(temperature):
+    """Greedy, the curve (and the warm-up) times verifies that return token ids; sampling, ones
+    that return every position's logits, as the sampling engine's verifies do: a curve timed on
+    ids underprices a sampled wide verify, whose logits cross to the host, and the guard with it."""
+    session = TorchSession(TARGET, 1, 128)
+    seen = []
+
+    class Recorder:
+        def __getattr__(self, name):
+            return getattr(session, name)
+
+        def run(self, inputs):
+            seen.append(bool(inputs.get("argmax", False)))
+            return session.run(inputs)
+
+    settings = SpDSettings(num_speculative_tokens=K, prefill_seq_len=16, ctx_len=128, max_new_tokens=4,
+                           full_batch_size=1, temperature=temperature, seed=0)
+    engine = SpDEngine("pld", Recorder(), None, settings, eos_token_ids=[EOS])
+    prefill, before = engine._prefill, []
+
+    def first_prefill(*args):  # what ran before the shard's first prompt: the warm-up and the curve
+        if not before:
+            before.extend(seen)
+        return prefill(*args)
+
+    engine._prefill = first_prefill
+    engine.generate([PROMPTS[0]])
+    assert engine.warm_passes > 0 and len(engine.policy.cost.verify_s) == K + 1
+    assert len(before) >= 8 and set(before) == {temperature == 0}, before
+
+
 def test_the_verify_curve_follows_the_steps_and_stays_non_decreasing():
     cost = StepCost([1.0, 1.1, 1.2, 1.3])
     for _ in range(60):

@@ -138,16 +138,19 @@ class StepCost:
         self._refresh()
 
     @classmethod
-    def measure(cls, session, rows: int, max_width: int, reps: int = 2, heads: bool = False) -> "StepCost":
+    def measure(cls, session, rows: int, max_width: int, reps: int = 2, heads: bool = False,
+                argmax: bool = True) -> "StepCost":
         """Time verifies of ``rows`` rows at widths 1..max_width on ``session`` (slots 0..rows-1,
-        positions from 0: a fresh session, whose prefills write those positions again)."""
+        positions from 0: a fresh session, whose prefills write those positions again), as the
+        engine makes them: ``argmax`` False for a sampling engine, whose verifies bring every
+        position's logits to the host (a greedy curve underprices its wide verifies)."""
         from .warmup import verify_call
 
         widths = list(range(1, max_width + 1))
         best = {}
         for rep in range(reps + 1):  # the first pass warms up
             for w in widths:
-                call = verify_call(rows, w, heads)
+                call = verify_call(rows, w, heads, argmax=argmax)
                 t0 = perf_counter()
                 session.run(call)
                 if rep:

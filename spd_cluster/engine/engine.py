@@ -113,7 +113,9 @@ class SpDEngine:
         self.policy: WidthPolicy = FixedWidth()
         if settings.adapts and self.k > 0:
             rows, width, heads = settings.full_batch_size, self.k + 1, spec.uses_heads
-            self.policy = AdaptiveWidth(step_cost, lambda: StepCost.measure(target, rows, width, heads=heads))
+            greedy = not settings.sampling  # the curve of the verifies the engine makes (logits when sampling)
+            self.policy = AdaptiveWidth(step_cost, lambda: StepCost.measure(target, rows, width, heads=heads,
+                                                                            argmax=greedy))
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos_token_ids = [tokenizer.eos_token_id]
         self.eos = np.array(sorted(set(eos_token_ids or [])), dtype=np.int64)
@@ -189,7 +191,8 @@ class SpDEngine:
             queue.append((r, ids))
 
         if not self.warm_passes:  # every mode starts its first shard warm (engine/warmup.py)
-            self.warm_passes = warm_up(self.target, s.full_batch_size, self.k + 1, heads=self.spec.uses_heads)
+            self.warm_passes = warm_up(self.target, s.full_batch_size, self.k + 1, heads=self.spec.uses_heads,
+                                       argmax=not s.sampling)
         self.policy.reset()  # a shard starts from the prior, not from the last shard's verdict
         clock = _Clock()
         self._proposed = np.zeros(self.k, dtype=np.int64)

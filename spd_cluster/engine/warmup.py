@@ -26,19 +26,22 @@ MIN_CALLS = 8  # a pass of one width is repeated up to this many calls
 SETTLED = 0.15  # a pass within this share of the one before: warm
 
 
-def verify_call(rows: int, width: int, heads: bool = False, last_only: bool = False) -> dict:
+def verify_call(rows: int, width: int, heads: bool = False, last_only: bool = False, argmax: bool = True) -> dict:
     """A verify of ``width`` tokens in each of ``rows`` slots (0..rows-1) at positions 0..width-1:
     a fresh session's, whose prefills write those positions again. ``last_only``: the last
-    token's logits kept (a draft's call), not every token's."""
+    token's logits kept (a draft's call), not every token's. ``argmax``: token ids back (a greedy
+    engine's verify), or every kept position's logits (a sampling one's: they cross to the host,
+    which costs more the wider the verify)."""
     keep = 1 if last_only else np.arange(width, dtype=np.int64)[:, None]
     return SessionCall(np.zeros((rows, width), np.int64), np.tile(np.arange(width, dtype=np.int64), (rows, 1)),
                        np.arange(rows, dtype=np.int64), num_logits_to_keep=keep,
-                       argmax=True, head_guesses=heads).as_inputs()
+                       argmax=argmax, head_guesses=heads).as_inputs()
 
 
-def warm_up(session, rows: int, max_width: int, heads: bool = False, last_only: bool = False) -> int:
+def warm_up(session, rows: int, max_width: int, heads: bool = False, last_only: bool = False,
+            argmax: bool = True) -> int:
     """Run passes of verifies at widths 1..max_width until they settle; returns the passes run."""
-    calls = [verify_call(rows, w, heads, last_only) for w in range(1, max_width + 1)]
+    calls = [verify_call(rows, w, heads, last_only, argmax) for w in range(1, max_width + 1)]
     calls = calls * -(-MIN_CALLS // (MIN_PASSES * len(calls)))  # MIN_PASSES passes make MIN_CALLS calls
     last = None
     for done in range(1, MAX_PASSES + 1):
