@@ -1,11 +1,11 @@
 // Row-wise attention for few query rows (decode, verify), float32, batch invariant
 // (sessions/rowwise.py). Query row s of sequence b attends to keys 0 .. lengths[b, s] - 1 of its
 // own sequence, and every (b, s, head) follows one fixed sequence of operations: the scores as
-// 8-lane dot products over the head dimension, then their max, exp (exp8, lane by lane) and sum in key order, then the
-// weighted sum of values in key order. Rows sharing a key/value head are computed side by side
-// (QB at a time), which changes no row's operations, so a row's output never depends on what else
-// the call holds or how the work is split between threads: a k + 1-row verify computes exactly
-// what k + 1 one-row decode steps would.
+// 8-lane dot products over the head dimension, then their max, exp (exp8, lane by lane) and sum
+// in key order, then the weighted sum of values in key order. Rows sharing a key/value head are
+// computed side by side (QB at a time), which changes no row's operations, so a row's output never
+// depends on what else the call holds or how the work is split between threads: a k + 1-row
+// verify computes exactly what k + 1 one-row decode steps would.
 #pragma once
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
