@@ -196,7 +196,6 @@ def compare(args) -> None:
 
     import pandas as pd
 
-    sys.path.insert(0, str(REPO / "bench"))
     from interleave import Sample, errors, print_table, run_interleaved, spread, summarize
 
     from spd_cluster.cluster import run_job

@@ -18,9 +18,9 @@ run is dropped (``--verbose`` keeps it).
 The local Ray lives and dies with its driver: a watcher process (``watch``, its own session, so
 a signal to the driver's process group leaves it) follows the driver's pid and, when the driver
 is gone without stopping Ray (``kill -9``, the OOM killer), kills the processes of that Ray by
-their ids: the driver's descendants and the ones ``ray.init`` started (Ray's node info), with
-theirs. The watcher starts before ``ray.init``, so a driver that dies while Ray is still starting
-leaves nothing either; an ``init`` that fails shuts down what it started. Ray's own fate-sharing
+their ids: the driver's descendants, which are every process ``ray.init`` starts (``ray_pids``)
+and theirs. The watcher starts before ``ray.init``, so a driver that dies while Ray is still
+starting leaves nothing either; an ``init`` that fails shuts down what it started. Ray's own fate-sharing
 ends GCS, raylet and workers, but its dashboard and runtime-env agents are left (about 200 MB) for
 a minute or more.
 
@@ -95,7 +95,6 @@ def init_ray(address: str | None, num_cpus: int, num_gpus: int | None = None,
     except BaseException:
         ray.shutdown()  # what it started so far (the watcher still ends the rest with the driver)
         raise
-    start_watcher(ray_pids(), descendants=True)
     return True
 
 
@@ -125,7 +124,8 @@ def shutdown_ray(started: bool) -> None:
 
 def ray_pids() -> list[int]:
     """The pids of the processes ``ray.init`` started in this process (GCS, raylet, monitor,
-    dashboard, log monitor), from Ray's node info; [] when it started none."""
+    dashboard, log monitor), from Ray's node info; [] when it started none. All of them are the
+    driver's children, which is what the watcher follows (tests/test_shared_machine.py checks it)."""
     try:
         from ray._private import worker
 
