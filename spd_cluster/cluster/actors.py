@@ -30,6 +30,7 @@ import socket
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -278,22 +279,20 @@ class _DeviceActor:
         self.threads = 1
         self.shares_cpus = False  # takes turns with its pair's other actor on the same cores (actor_threads)
         self._lock_fd: Optional[int] = None
+        self._device = ThreadPoolExecutor(1, thread_name_prefix=f"{role}-device")  # see on_device
         t0 = time.perf_counter()
         try:
             cfg = JobConfig.model_validate(job)
             spec = dict(cfg.roles())[role]
             self._setup(cfg)
-            import torch
-
             on_node = pair_actors_on_node()
             self.threads, self.shares_cpus = actor_threads(cfg, on_node), shares_cpus(cfg, on_node)
-            torch.set_num_threads(self.threads)
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # no "Loading weights" bars in the driver log
             if spec.device == "qaic" and spec.device_ids:
                 self.device_id, self._lock_fd = lock_device("qaic", spec.device_ids)
-            self._load(cfg, spec)
+            self.on_device(self._load, cfg, spec)
         except Exception as e:  # noqa: BLE001 - reported through info()/run_shard
             self.error = f"{role} actor of pair {pair_id} failed to load: {type(e).__name__}: {e}"
             self.traceback = traceback.format_exc()
@@ -327,9 +326,23 @@ class _DeviceActor:
         if self.error:
             raise RuntimeError(self.error)
 
+    def on_device(self, fn, *args):
+        """``fn(*args)`` on the actor's device thread, the one thread that ever computes in it
+        (the load and warm-up, every shard, audit and draft call). Ray runs the constructor and
+        the calls of each concurrency group on threads of its own; each thread that runs torch
+        gets a team of OpenMP threads of its own, and once a process holds more of them than it
+        has CPUs, libgomp stops spinning between parallel regions (its throttled spin), so every
+        region of every forward paid a wake-up, and a job's forwards cost more than the same
+        forwards in one thread (docs/step-path.md, "One device thread")."""
+        return self._device.submit(self._computing, fn, args).result()
+
+    def _computing(self, fn, args):
+        self._threads()
+        return fn(*args)
+
     def _threads(self) -> int:
-        """Calls run on the actor's thread pool, whose threads start with Ray's OMP_NUM_THREADS
-        (num_cpus): each computing call sets the actor's thread count in its own thread."""
+        """The actor's thread count for torch on the calling thread (Ray's workers start with
+        OMP_NUM_THREADS at num_cpus)."""
         import torch
 
         if torch.get_num_threads() != self.threads:
@@ -343,7 +356,7 @@ class _DeviceActor:
         self._check()
         return {"role": self.role, "pair_id": self.pair_id, "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "device_id": self.device_id, "vocab_size": int(self.session.vocab_size),
-                "load_s": self.load_s, "threads": self._threads()}
+                "load_s": self.load_s, "threads": self.on_device(self._threads)}
 
 
 class TargetActor(_DeviceActor):
@@ -403,17 +416,19 @@ class TargetActor(_DeviceActor):
         write the shard's results file to the output and return its record (no rows: the driver
         never holds generated text). ``audit_s``: the seconds of the audit's re-runs, kept apart
         from the shard's own busy time (its metrics are those of its one ``generate``)."""
+        self._check()
+        return self.on_device(self._run_shard, request, draft)
+
+    def _run_shard(self, request: ShardRequest, draft) -> ShardDone:
         import ray
 
         from ..io import results as rio
 
-        self._check()
         shard, attempt, audit = request.shard, request.attempt, request.audit
         t0 = time.perf_counter()
         if self.remote_draft is not None:
             self.remote_draft.reset()
             self.remote_draft.actor = draft
-        self._threads()
         self._live = LiveCounts(shard.shard_id)
         todo = [r for r in shard.rows if r.error is None]
         prompts, ids = [r.prompt for r in todo], [r.prompt_id for r in todo]
@@ -471,13 +486,11 @@ class DraftActor(_DeviceActor):
 
     def draft_start(self, slot: int, prompt_ids: np.ndarray, key=None) -> None:
         self._check()
-        self._threads()
-        self.server.start(slot, prompt_ids, key)
+        self.on_device(self.server.start, slot, prompt_ids, key)
 
     def draft_step(self, slots, deltas, resync, limits):
         self._check()
-        self._threads()
-        return self.server.step(slots, deltas, resync, limits)
+        return self.on_device(self.server.step, slots, deltas, resync, limits)
 
 
 ACTORS: dict[str, type[_DeviceActor]] = {TARGET: TargetActor, DRAFT: DraftActor}
