@@ -19,7 +19,8 @@ the CPU actors of a pair that take turns each get the CPUs their pair holds on t
 cuda (Ray picks the GPU and sets CUDA_VISIBLE_DEVICES); ``{"qaic": 1}`` for Cloud AI 100, where
 the actor locks one id of its role's ``device_ids`` with a per-node lock file held for the
 actor's life (released by the OS when the process dies), so two actors on one node never share
-a card.
+a card. Whatever computes in an actor (its load and warm-up, shards, audits, draft calls) runs on
+its one device thread (``_DeviceActor.on_device``), never on the threads Ray calls it on.
 """
 
 from __future__ import annotations
