@@ -25,7 +25,7 @@ def _on_a_thread(fn, *args):
     return out.get("value")
 
 
-def test_every_forward_of_a_pairs_actors_runs_on_the_actors_one_device_thread(tiny, tmp_path, monkeypatch):
+def test_every_forward_of_a_pairs_actors_runs_on_the_actors_one_device_thread(tiny, local_ray, tmp_path, monkeypatch):
     seen: list[tuple[str, int]] = []
     run = TorchSession.run
 
