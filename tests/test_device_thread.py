@@ -7,22 +7,21 @@ CPUs, and libgomp then sleeps between parallel regions (actors.py: ``on_device``
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from spd_cluster.cluster.actors import DraftActor, TargetActor
-from spd_cluster.io.dataset import iter_shards, scan
 from spd_cluster.cluster.messages import ShardRequest
+from spd_cluster.io.dataset import iter_shards, scan
 from spd_cluster.sessions.torch_session import TorchSession
 
 from helpers import GOOD, make_cfg, write_jsonl
 
 
 def _on_a_thread(fn, *args):
-    """Call ``fn`` on a new thread, as Ray calls an actor's method on a thread of its pool."""
-    out = {}
-    t = threading.Thread(target=lambda: out.update(value=fn(*args)))
-    t.start()
-    t.join()
-    return out.get("value")
+    """Call ``fn`` on a new thread, as Ray calls an actor's method on a thread of its pool; what it
+    raises is raised here."""
+    with ThreadPoolExecutor(1) as caller:
+        return caller.submit(fn, *args).result()
 
 
 def test_every_forward_of_a_pairs_actors_runs_on_the_actors_one_device_thread(tiny, local_ray, tmp_path, monkeypatch):
