@@ -19,6 +19,8 @@ divided by its mode's actors per pair (``--cpus-per-actor`` to set it).
         --sets copy_heavy,open --repeats 1 --max-new-tokens 96          # base, pld, draft, (draft, pld, base)
     .venv/bin/python bench/bench_cluster.py --config configs/qwen_draft.yaml --modes baseline,pld,draft \
         --sets open --temperature 0.7
+    .venv/bin/python bench/bench_cluster.py --config configs/qwen_draft.yaml \
+        --modes "baseline,draft,draft[spd.draft_vocab=32768]"     # a side with overrides of its own
 
 Without ``--modes``: the Ray layer's overhead and scaling (issue 4 §7):
 
@@ -201,8 +203,14 @@ def compare(args) -> None:
     from spd_cluster.cluster import run_job
     from spd_cluster.engine.modes import mode as mode_of
 
+    def side(name: str) -> tuple[str, list[str]]:
+        """A side of the comparison: ``MODE`` or ``MODE[KEY=VALUE;...]`` (the mode with config
+        overrides of its own, e.g. ``draft[spd.draft_vocab=32768]`` beside ``draft``)."""
+        mode, _, rest = name.partition("[")
+        return mode, [o for o in rest.rstrip("]").split(";") if o]
+
     names = args.modes.split(",")
-    baseline = next((n for n in names if not mode_of(n).speculates), None)
+    baseline = next((n for n in names if not mode_of(side(n)[0]).speculates), None)
     if baseline is None:
         raise SystemExit(f"--modes needs a mode that does not speculate (the baseline), got {names}")
     work = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
@@ -237,16 +245,17 @@ def compare(args) -> None:
         def run(name: str) -> Sample:
             nonlocal jobs
             jobs += 1
-            m = mode_of(name)
-            out = work / f"{set_name}-{jobs}-{name}"
+            mode, own = side(name)
+            m = mode_of(mode)
+            out = work / f"{set_name}-{jobs}-{mode}"
             cpus = args.cpus_per_actor or max(1, cores // m.actors_per_pair)
-            over = [f"mode={name}", f"dataset.path={ds}", "dataset.id_column=id", "dataset.prompt_column=prompt",
+            over = [f"mode={mode}", f"dataset.path={ds}", "dataset.id_column=id", "dataset.prompt_column=prompt",
                     f"spd.max_new_tokens={args.max_new_tokens}", f"spd.temperature={args.temperature}",
                     f"cluster.cpus_per_actor={cpus}", "cluster.num_pairs=1", f"output.path={out}",
                     "output.overwrite=true", f"audit.fraction={args.audit if m.speculates else 0.0}"]
-            if name in k:
-                over.append(f"spd.num_speculative_tokens={k[name]}")
-            cfg = load_config(args.config, over + args.overrides)
+            if mode in k:
+                over.append(f"spd.num_speculative_tokens={k[mode]}")
+            cfg = load_config(args.config, over + args.overrides + own)
             res = run_job(cfg, progress=False)
             sh = pd.read_parquet(out / "shards.parquet")
             busy, run_s = float(sh.busy_s.sum()), float(sh.e2e_time.sum())
@@ -266,7 +275,7 @@ def compare(args) -> None:
             return Sample(tokens / run_s, tps if m.speculates else 1.0, run_s, extra)
 
         print(f"\n[{set_name}] {sum(1 for line in ds.open() if line.strip())} prompts", flush=True)
-        warm = [max(names, key=lambda n: mode_of(n).actors_per_pair)]  # the job that loads every model
+        warm = [max(names, key=lambda n: mode_of(side(n)[0]).actors_per_pair)]  # the job that loads every model
         runs = run_interleaved(names, run, args.repeats, warmup=warm)
         print("throughput: generated tokens / the shards' run seconds (e2e_time: prefill and decode)")
         figs = summarize(runs, baseline)
@@ -292,7 +301,7 @@ def compare(args) -> None:
             same = all(s.extra["ids"] == ref for s in ss) if args.temperature == 0 else "n/a (sampling)"
             audits = [s.extra["audit"] for s in ss]
             line = f"  {name:10} identical to {baseline} in every job: {same}"
-            if args.audit and mode_of(name).speculates:
+            if args.audit and mode_of(side(name)[0]).speculates:
                 line += "; audit speedups: " + ", ".join(
                     f"{a:.2f}x" + (f" ({s.extra['audit_tps']:.2f} tokens/step)" if s.extra["audit_tps"] else "") if a is not None else f"n/a ({s.extra['audit_note']})"
                     for a, s in zip(audits, ss))

@@ -119,10 +119,11 @@ def _load() -> str:
 def bounded(name: str) -> bool:
     """Whether a side's speedup cannot exceed its tokens per step: every mode that speculates
     (its step is a verify over the same rows, never cheaper than a plain decode). ``name`` is a
-    mode name, optionally with a ``+variant`` (``draft+overlap``); other names are not bounded."""
+    mode name, optionally with a ``+variant`` (``draft+overlap``) or its own config overrides
+    (``draft[spd.draft_vocab=32768]``); other names are not bounded."""
     from spd_cluster.engine.modes import REGISTRY
 
-    m = REGISTRY.get(name.partition("+")[0])
+    m = REGISTRY.get(name.partition("+")[0].partition("[")[0])
     return m is not None and m.speculates
 
 

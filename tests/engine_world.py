@@ -52,7 +52,7 @@ def engine(mode, k, fbs, ctx_len=128, target=TARGET, draft=DRAFT, step_cost=None
                            max_new_tokens=kw.pop("max_new_tokens", MAX_NEW), full_batch_size=fbs, **kw)
     heads = random_heads() if mode == "multiproj" else None
     t = TorchSession(target, fbs, ctx_len, heads=heads)
-    d = TorchSession(draft, fbs, ctx_len) if mode == "draft" else None
+    d = TorchSession(draft, fbs, ctx_len, draft_vocab=settings.draft_vocab) if mode == "draft" else None
     return SpDEngine(mode, t, None, settings, draft=d, eos_token_ids=[EOS], step_cost=step_cost)
 
 

@@ -82,6 +82,7 @@ def test_a_speedup_above_tokens_per_step_is_an_error_not_a_figure():
     assert il.errors(figs.values()) == [f"pld: {figs['pld'].error}"]
     # the registry says which sides are bound: every mode that speculates, variants too
     assert il.bounded("pld") and il.bounded("draft+overlap") and not il.bounded("baseline")
+    assert il.bounded("draft[spd.draft_vocab=32768]") and not il.bounded("baseline[spd.ctx_len=512]")
     assert not il.bounded("in-process")
 
 

@@ -321,6 +321,8 @@ class _DeviceActor:
             kwargs["qaic"] = spec.qaic.model_dump()
         if mode.loads_heads(self.role):
             kwargs.update(with_heads=True, speculator_path=cfg.speculator_path)
+        if self.role == DRAFT:
+            kwargs["draft_vocab"] = s.draft_vocab
         return load_session(spec.model, **kwargs)
 
     def _check(self) -> None:

@@ -102,7 +102,8 @@ def build_engine(
     draft = None
     if spec.needs_draft:
         draft = load_session(draft_model, role="draft", device=draft_device or device,
-                             dtype=draft_dtype or dtype, device_ids=draft_device_ids, **common)
+                             dtype=draft_dtype or dtype, device_ids=draft_device_ids,
+                             draft_vocab=settings.draft_vocab, **common)
     tokenizer = load_tokenizer(target_model)
     return SpDEngine(mode, target, tokenizer, settings, draft=draft,
                      eos_token_ids=target.eos_token_ids,

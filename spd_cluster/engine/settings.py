@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -30,6 +30,11 @@ class SpDSettings(BaseModel):
         False, description="draft mode, greedy: the draft drafts what follows this window while the target "
                            "verifies it; that guess is used when all of the window is accepted and the target's "
                            "next token is the draft's own (engine/overlap.py). For a draft on its own device")
+    draft_vocab: Optional[int] = Field(
+        None, ge=1, description="draft mode, cpu/cuda drafts: the draft proposes from the first this many token ids "
+                                "(byte-level BPE numbers the most frequent first) and the ids its row has seen, "
+                                "so each draft forward skips the rest of its lm_head (sessions/readout.py); the "
+                                "output is the target's either way. null: the whole vocabulary")
     max_ngram_size: int = Field(3, ge=1, description="pld (and multiproj with prompt_lookup): longest n-gram looked up")
     prompt_lookup: bool = Field(
         False, description="multiproj: also look the row's tail up in its own text; propose what followed when that "

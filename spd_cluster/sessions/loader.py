@@ -65,6 +65,7 @@ def load_session(
     device_ids: list[int] | None = None,
     packed_linears: bool | None = None,
     qaic: dict | None = None,
+    draft_vocab: int | None = None,
 ):
     """A session for ``model`` in ``role`` (target | draft) on ``device`` (cpu | cuda[:N] | qaic).
     ``with_heads`` attaches multi-projection heads (multiproj targets): from ``speculator_path``,
@@ -72,8 +73,13 @@ def load_session(
     ``packed_linears`` (default: on, on CPU) runs linears on kernels that make a k+1-token verify
     nearly as cheap as one decode step: float32 on prepacked oneDNN weights (sessions/packed.py),
     bfloat16 on our batch-invariant AVX2 kernel (sessions/bf16.py).
-    ``qaic``: how a qaic model is compiled and run (``QaicSpec`` of the job config, as a dict)."""
+    ``qaic``: how a qaic model is compiled and run (``QaicSpec`` of the job config, as a dict).
+    ``draft_vocab``: a draft's logits over the first that many ids and each slot's fed ids
+    (sessions/readout.py); None: the whole vocabulary."""
     if device == "qaic":
+        if draft_vocab is not None:
+            raise ValueError("spd.draft_vocab applies to cpu and cuda drafts: a qaic draft runs the lm_head its "
+                             "program was compiled with (set spd.draft_vocab: null)")
         from .qaic import load_qaic_session
 
         return load_qaic_session(
@@ -99,4 +105,5 @@ def load_session(
         heads = TurboHeads.load(where, hidden_size=m.config.hidden_size)
     if packed_linears is None:
         packed_linears = device == "cpu"
-    return TorchSession(m, full_batch_size, ctx_len, heads=heads, pack=packed_linears, eos_token_ids=eos_token_ids(m))
+    return TorchSession(m, full_batch_size, ctx_len, heads=heads, pack=packed_linears, eos_token_ids=eos_token_ids(m),
+                        draft_vocab=draft_vocab)

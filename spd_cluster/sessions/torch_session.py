@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache
 from .base import SessionInputError, check_inputs, keep_index, verified_column
 from . import bf16, packed
 from .heads import TurboHeads
+from .readout import Readout
 
 
 def use_cpu_kernels(model, *extra, keep_weights: bool = False) -> str | None:
@@ -165,11 +166,13 @@ class TorchSession:
     """One model on one torch device with ``full_batch_size`` KV slots of ``ctx_len`` positions."""
 
     def __init__(self, model, full_batch_size: int, ctx_len: int, heads: TurboHeads | None = None,
-                 pack: bool = False, eos_token_ids: list[int] | None = None):
+                 pack: bool = False, eos_token_ids: list[int] | None = None, draft_vocab: int | None = None):
         """``pack``: run CPU linears on kernels made for few-row calls, in place on ``model`` and
         ``heads``: float32 on prepacked oneDNN weights (sessions/packed.py), bfloat16 on our AVX2
         kernel where the CPU has no native bfloat16 (sessions/bf16.py); ignored where neither
-        applies. ``packed`` says which ran ("onednn", "avx2-bf16" or None)."""
+        applies. ``packed`` says which ran ("onednn", "avx2-bf16" or None). ``draft_vocab``: logits
+        over the first that many ids and each slot's fed ids only (sessions/readout.py), for a
+        draft; None: the whole vocabulary."""
         self.model = model.eval()
         self.config = model.config
         self.device = next(model.parameters()).device
@@ -185,7 +188,11 @@ class TorchSession:
             self.heads = heads.to(device=self.device, dtype=next(model.parameters()).dtype).eval()
         self.num_heads = heads.num_heads if heads is not None else 0
         self._head_lm, self._head_vocab = self._head_readout()
-        parts = [m for m in (self.heads, self._head_lm) if m is not None]
+        if draft_vocab is not None and heads is not None:
+            raise ValueError("draft_vocab is for a draft's session; this one carries projection heads (a target's)")
+        self.readout = None if draft_vocab is None else Readout(model.get_output_embeddings(), draft_vocab,
+                                                                full_batch_size)
+        parts = [m for m in (self.heads, self._head_lm, self.readout and self.readout.head) if m is not None]
         self.packed = use_cpu_kernels(model, *parts) if pack else None
         self.cache = SlotCache(full_batch_size, ctx_len)
         self._cache_kw = cache_argument(model.base_model)
@@ -238,6 +245,8 @@ class TorchSession:
         pos = torch.from_numpy(np.ascontiguousarray(x.position_ids[:, :width])).to(self.device)
         slots = torch.from_numpy(x.batch_index).to(self.device)
         kv_len = int(x.position_ids.max()) + 1
+        if self.readout is not None:
+            self.readout.feed(x.input_ids, x.position_ids, x.batch_index)
         self.cache.bind(slots, pos, kv_len, _runs(x.position_ids[:, :width], x.batch_index))
         hidden = self.model.base_model(
             input_ids=ids,
@@ -249,6 +258,10 @@ class TorchSession:
         idx = torch.from_numpy(kept).to(self.device)
         hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, n, D]
         heads = self.heads is not None and x.head_guesses
+        if self.readout is not None:
+            if not x.argmax:
+                return {"logits": self.readout.logits(hidden, x.batch_index, self._finish).cpu().numpy()}
+            return {"tokens": self.readout.argmax(hidden, x.batch_index, self._finish)}
         if not x.argmax:
             return {"logits": self._logits(self.heads(hidden) if heads else hidden).cpu().numpy()}
         # the argmax on the device: [B, n] ids cross to the host, and the heads run only where
@@ -266,7 +279,9 @@ class TorchSession:
         return out
 
     def _logits(self, hidden: torch.Tensor, lm_head=None) -> torch.Tensor:
-        logits = (self.model.lm_head if lm_head is None else lm_head)(hidden)
+        return self._finish((self.model.lm_head if lm_head is None else lm_head)(hidden))
+
+    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
