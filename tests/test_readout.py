@@ -61,6 +61,13 @@ def test_argmax_is_the_masked_argmax_and_a_new_prompt_forgets_the_slots_ids():
     assert np.isfinite(got).sum(-1).tolist() == [SIZE] * 4
 
 
+def test_the_ids_that_end_generation_are_in_every_rows_readout():
+    part = TorchSession(TARGET, 1, 64, eos_token_ids=[2, 90], draft_vocab=SIZE)
+    for prompt in ([3, 4, 5, 6], [60, 61, 3]):  # a new prompt in the slot keeps them
+        finite = np.isfinite(part.run(call({0: prompt}, {0: 0}))["logits"][0, -1])
+        assert np.flatnonzero(finite).tolist() == sorted(set(range(SIZE)) | {90} | {i for i in prompt if i >= SIZE})
+
+
 def test_a_wide_readout_is_the_whole_vocabulary():
     full, part = TorchSession(TARGET, 1, 64), TorchSession(TARGET, 1, 64, draft_vocab=10 * VOCAB)
     np.testing.assert_allclose(part.run(call({0: PROMPTS[2]}, {0: 0}))["logits"],

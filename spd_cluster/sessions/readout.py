@@ -10,7 +10,8 @@ the lm_head is a quarter of the weights (151,936 x 896 of ~494M). Ranking the vo
 ids follows byte-level BPE, which numbers tokens in the order their merges were learned, the
 most frequent first (FR-Spec and EAGLE-3 rank a draft's vocabulary by measured frequency; no
 corpus ships here). The ids a row has seen keep its own rare tokens (names in code it copies,
-words of another script) proposable, which is what copy-heavy rows live on.
+words of another script) proposable, which is what copy-heavy rows live on; the ids that end
+generation (``always``: special tokens sit at the end of a BPE vocabulary) are in every row's.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class Readout:
     inside a Sequential so that the session's CPU kernels, which swap the linears under a module,
     reach it."""
 
-    def __init__(self, lm_head: torch.nn.Linear, size: int, slots: int):
+    def __init__(self, lm_head: torch.nn.Linear, size: int, slots: int, always=()):
         vocab = int(lm_head.weight.shape[0])
         if not 0 < size:
             raise ValueError(f"draft_vocab must be a positive number of token ids, got {size}")
@@ -39,8 +40,22 @@ class Readout:
             if self.bias is not None:
                 head.bias.copy_(self.bias[: self.size])
         self.head = torch.nn.Sequential(head).eval()
+        always = np.unique(np.asarray(list(always), dtype=np.int64))
+        self.always = always[(always >= self.size) & (always < vocab)]
         self.ids = [np.zeros(0, dtype=np.int64) for _ in range(slots)]  # per slot, sorted, each >= size
         self.rows: list[torch.Tensor | None] = [None] * slots  # per slot, weight rows of ``ids``
+        for slot in range(slots):
+            self._start(slot)
+
+    def _start(self, slot: int) -> None:
+        self.ids[slot], self.rows[slot] = np.zeros(0, dtype=np.int64), None
+        self._add(slot, self.always)
+
+    def _add(self, slot: int, ids: np.ndarray) -> None:
+        new = np.setdiff1d(ids[(ids >= self.size) & (ids < self.vocab)], self.ids[slot])
+        if new.size:
+            self.ids[slot] = np.union1d(self.ids[slot], new)
+            self.rows[slot] = self.weight[torch.from_numpy(self.ids[slot]).to(self.weight.device)]
 
     def feed(self, input_ids: np.ndarray, position_ids: np.ndarray, slots: np.ndarray) -> None:
         """Record what each row of a call writes into its slot; a row that writes position 0
@@ -51,13 +66,8 @@ class Readout:
                 continue
             slot = int(slot)
             if (position_ids[row][valid] == 0).any():
-                self.ids[slot] = np.zeros(0, dtype=np.int64)
-                self.rows[slot] = None
-            seen = np.unique(input_ids[row][valid])
-            new = np.setdiff1d(seen[(seen >= self.size) & (seen < self.vocab)], self.ids[slot], assume_unique=True)
-            if new.size:
-                self.ids[slot] = np.union1d(self.ids[slot], new)
-                self.rows[slot] = self.weight[torch.from_numpy(self.ids[slot]).to(self.weight.device)]
+                self._start(slot)
+            self._add(slot, np.unique(input_ids[row][valid]))
 
     def _extra(self, hidden: torch.Tensor, slot: int) -> torch.Tensor | None:
         """[n, m] logits of one row's ``n`` positions over its slot's fed ids, or None."""

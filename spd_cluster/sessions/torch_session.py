@@ -191,7 +191,7 @@ class TorchSession:
         if draft_vocab is not None and heads is not None:
             raise ValueError("draft_vocab is for a draft's session; this one carries projection heads (a target's)")
         self.readout = None if draft_vocab is None else Readout(model.get_output_embeddings(), draft_vocab,
-                                                                full_batch_size)
+                                                                full_batch_size, always=self.eos_token_ids)
         parts = [m for m in (self.heads, self._head_lm, self.readout and self.readout.head) if m is not None]
         self.packed = use_cpu_kernels(model, *parts) if pack else None
         self.cache = SlotCache(full_batch_size, ctx_len)
