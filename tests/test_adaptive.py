@@ -25,7 +25,9 @@ class Scripted:
     (a bool, or a function of the prompt), wrong at the positions where ``miss(position)``, and
     elsewhere the same tokens shifted by one id, which the target never accepts. With
     ``forwards_per_token`` 1 it stands for a draft: each call moves ``clock`` by ``draft_s`` a
-    forward, as many forwards as its widest row."""
+    forward, as many forwards as its widest row (``draft_s`` a number, or a function of the call's
+    index), and says when a call first catches up on tokens its row emitted while it was not
+    asked (``Proposal.catch_up``), as a draft does after a pause."""
 
     def __init__(self, right=True, reference=REFERENCE, forwards_per_token=0, clock=None, draft_s=0.0,
                  miss=lambda position: False):
@@ -33,6 +35,7 @@ class Scripted:
         self.refs = {tuple(p): r for p, r in zip(PROMPTS, reference)}
         self.forwards_per_token, self.clock, self.draft_s = forwards_per_token, clock, draft_s
         self.prompt_len, self.ref, self.good = {}, {}, {}
+        self.calls, self.seen = 0, {}  # slot -> (sequence length, limit) at its last call
 
     def start(self, slot, prompt_ids, key=None):
         prompt = tuple(int(t) for t in prompt_ids)
@@ -48,9 +51,16 @@ class Scripted:
             wrong = np.array([not self.good[s] or self.miss(len(seq) + i) for i in range(len(want))], dtype=bool)
             want[wrong] = (want[wrong] + 1) % TARGET.config.vocab_size
             out.append(want if lim else EMPTY)
+        catch_up = 0
+        for s, seq, lim in zip(slots, seqs, limits):
+            last_len, last_lim = self.seen.get(s, (len(seq), len(seq)))
+            catch_up = max(catch_up, len(seq) - last_len - last_lim - 1)
+            self.seen[s] = (len(seq), lim)
         if self.clock is not None and self.forwards_per_token:
-            self.clock.t += self.draft_s * max(limits)
-        return Proposal(out)
+            per = self.draft_s(self.calls) if callable(self.draft_s) else self.draft_s
+            self.clock.t += per * max(limits)
+        self.calls += 1
+        return Proposal(out, catch_up=catch_up)
 
     def learn(self, slots, verified):
         pass
@@ -315,6 +325,23 @@ def test_a_transient_slow_verify_does_not_keep_that_width_priced_out(monkeypatch
         got[spike is None] = tokens_per_step(info)
     assert got[True] > 4.5
     assert got[False] >= 0.95 * got[True]
+
+
+def test_a_transient_slow_draft_does_not_keep_the_draft_priced_out(monkeypatch):
+    """A draft whose first counted calls take ten times their cost (a new actor's cold forwards,
+    a pause) is priced out; its probes after the pause catch up, so they are no samples of its
+    forwards. Its estimate still moves back to the cheapest forwards it was seen to make, and the
+    run emits almost as many tokens a step as without the slow calls."""
+    got = {}
+    for slow in (False, True):
+        clock = ModelledTime(monkeypatch)
+        draft_s = (lambda call: 1.0 if 1 <= call <= 3 else 0.1) if slow else 0.1
+        prop = Scripted(True, LONG_REFERENCE, forwards_per_token=1, clock=clock, draft_s=draft_s)
+        info = priced_engine(clock, prop, fbs=1, cost=None).generate(PROMPTS)
+        lossless(info)
+        got[slow] = tokens_per_step(info)
+    assert got[False] > 4.0
+    assert got[True] >= 0.9 * got[False]
 
 
 @pytest.mark.parametrize("costly", [0, 1], ids=["free", "draft"])

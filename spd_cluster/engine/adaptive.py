@@ -24,8 +24,10 @@ It cannot lock itself out:
     text is new), and a row the estimates have stopped keeps being probed at a cost of at most
     EXPLORE_SHARE of the shard's time, so a row whose text turns repetitive learns it again;
   * widths of the step-cost curve not verified lately move back towards the measured curve
-    (scaled by what verifies cost in place, ``StepCost.observe_verify``), so one slow sample
-    cannot price a width out for good.
+    (scaled by what verifies cost in place, ``StepCost.observe_verify``), and a draft's cost,
+    on steps that did not sample it, back towards the cheapest forwards it was seen to make
+    (``StepCost.recover_draft``: a paused draft's probes catch up and are no samples), so one
+    slow sample cannot price a width or the draft out for good.
 
 Worst case against target-only (the guard). Per shard, in the cost model, let T be the time the
 steps took and T0 the time plain decode steps would take to emit the same tokens (a step that
@@ -65,6 +67,7 @@ DRAFT_CLIP = 2.0  # a cost sample (draft or verify) counts at most this many tim
 RECOVER = 0.1  # per verify, a width not verified moves this share of the way back to the measured curve, scaled
 LOSS_SHARE = 0.02  # the guard: speculation may cost at most this share of a shard's time beyond target-only
 EXPLORE_SHARE = 0.01  # probes of rows the estimates stopped: at most this share of the time
+DRAFT_PRIOR = 0.5  # a draft's forward, in plain steps, that an unsampled estimate returns to at most
 PROBE_SHARE = 0.25  # a probe may verify as many tokens as cost this share of a plain step (at least one)
 
 
@@ -80,6 +83,7 @@ class StepCost:
         self._view = list(self.measured)
         self._refresh()
         self.draft_s = float(draft_s)
+        self.draft_floor = self.draft_s  # the cheapest forward observed (recover_draft)
         self._warm = draft_s > 0  # a given draft cost needs no warm-up call
 
     @property
@@ -116,6 +120,18 @@ class StepCost:
                 self.draft_s = per
             else:
                 self.draft_s = 0.8 * self.draft_s + 0.2 * min(per, DRAFT_CLIP * self.draft_s)
+            self.draft_floor = per if self.draft_floor == 0 else min(self.draft_floor, per)
+
+    def recover_draft(self) -> None:
+        """A step that made no sample of the draft's forwards (it did not propose, or its call
+        caught up after a pause) moves the draft's estimate RECOVER of the way back to the
+        cheapest forward observed, or to DRAFT_PRIOR plain steps where every forward observed
+        was dearer (a draft whose first counted calls were all slow: a new actor's cold
+        forwards, a pause of the host). A draft priced out by a transient is then tried again
+        within a few tens of steps, as a width of the verify curve is; one that really is dearer
+        is re-measured by the steps that try it, within the guard."""
+        if self.draft_floor > 0:
+            self.draft_s += RECOVER * (min(self.draft_floor, DRAFT_PRIOR * self.verify(1)) - self.draft_s)
 
     def observe_verify(self, width: int, seconds: float) -> None:
         """A verify of ``width`` tokens a row took ``seconds`` as the job runs. Its width's
@@ -345,5 +361,7 @@ class AdaptiveWidth:
                 self.new.discard(slot)
         if self.follow:  # a given curve is the model: times observed in place do not move it
             c.observe_verify(width, step.verify_s)
-            if not step.catch_up:  # a catch-up is paid once per pause, not per forward
+            if step.forwards and not step.catch_up:  # a catch-up is paid once per pause, not per forward
                 c.observe_draft(step.draft_s, step.forwards)
+            else:
+                c.recover_draft()
