@@ -260,8 +260,8 @@ class TorchSession:
         heads = self.heads is not None and x.head_guesses
         if self.readout is not None:
             if not x.argmax:
-                return {"logits": self.readout.logits(hidden, x.batch_index, self._finish).cpu().numpy()}
-            return {"tokens": self.readout.argmax(hidden, x.batch_index, self._finish)}
+                return {"logits": self.readout.logits(hidden, x.batch_index, self._as_logits).cpu().numpy()}
+            return {"tokens": self.readout.argmax(hidden, x.batch_index, self._as_logits)}
         if not x.argmax:
             return {"logits": self._logits(self.heads(hidden) if heads else hidden).cpu().numpy()}
         # the argmax on the device: [B, n] ids cross to the host, and the heads run only where
@@ -279,9 +279,9 @@ class TorchSession:
         return out
 
     def _logits(self, hidden: torch.Tensor, lm_head=None) -> torch.Tensor:
-        return self._finish((self.model.lm_head if lm_head is None else lm_head)(hidden))
+        return self._as_logits((self.model.lm_head if lm_head is None else lm_head)(hidden))
 
-    def _finish(self, logits: torch.Tensor) -> torch.Tensor:
+    def _as_logits(self, logits: torch.Tensor) -> torch.Tensor:
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()
