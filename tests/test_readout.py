@@ -31,8 +31,13 @@ def masked(full_logits, allowed):
     return out
 
 
-def test_logits_are_the_whole_vocabularys_over_the_first_ids_and_each_slots_fed_ids():
-    full, part = TorchSession(TARGET, 2, 64), TorchSession(TARGET, 2, 64, draft_vocab=SIZE)
+@pytest.mark.parametrize("pack", [False, True], ids=["torch", "cpu-kernels"])
+def test_logits_are_the_whole_vocabularys_over_the_first_ids_and_each_slots_fed_ids(pack):
+    import copy
+
+    model = copy.deepcopy(TARGET) if pack else TARGET  # packing swaps the linears in place
+    full = TorchSession(model, 2, 64, pack=pack)
+    part = TorchSession(copy.deepcopy(TARGET) if pack else TARGET, 2, 64, pack=pack, draft_vocab=SIZE)
     rows, pos = {0: PROMPTS[1], 1: PROMPTS[5]}, {0: 0, 1: 0}
     seen = {slot: set() for slot in rows}
     for step in range(6):  # the prompts, then greedy steps fed back one token a row
