@@ -133,14 +133,24 @@ def test_a_draft_actor_loads_its_session_with_the_jobs_draft_vocab_and_a_target_
     from spd_cluster.cluster.actors import DraftActor, TargetActor
     from spd_cluster.config import config_from_dict
 
+    class Loaded(Exception):  # stops each actor's load at its session: what it asked for is all we need
+        pass
+
     seen = {}
-    monkeypatch.setattr(sessions, "load_session", lambda model, **kw: seen.setdefault(kw["role"], kw))
+
+    def load_session(model, **kw):
+        seen[kw["role"]] = kw
+        raise Loaded
+
+    monkeypatch.setattr(sessions, "load_session", load_session)
+    monkeypatch.delenv("SPD_CLUSTER_ENGINE", raising=False)
     cfg = config_from_dict({"name": "t", "mode": "draft", "target": {"model": "a"}, "draft": {"model": "b"},
                             "dataset": {"path": "x.jsonl"}, "output": {"path": "out"},
                             "spd": {"draft_vocab": 32768}}, [])
     for cls in (DraftActor, TargetActor):
         actor = cls.__new__(cls)
         actor.device_id = None
-        actor._session(cfg, dict(cfg.roles())[cls.role])
+        with pytest.raises(Loaded):
+            actor._load(cfg, dict(cfg.roles())[cls.role])
     assert seen["draft"]["draft_vocab"] == 32768
     assert "draft_vocab" not in seen["target"]

@@ -305,9 +305,9 @@ class _DeviceActor:
     def _load(self, cfg, spec) -> None:
         raise NotImplementedError
 
-    def _session(self, cfg, spec):
+    def _session(self, cfg, spec, **extra):
         """This role's session, as the registry says it is built (heads on the target in a
-        heads mode)."""
+        heads mode); ``extra``: what the role's own class adds (the draft's readout)."""
         from ..sessions import load_session
 
         s, mode = cfg.spd, cfg.method
@@ -321,9 +321,7 @@ class _DeviceActor:
             kwargs["qaic"] = spec.qaic.model_dump()
         if mode.loads_heads(self.role):
             kwargs.update(with_heads=True, speculator_path=cfg.speculator_path)
-        if self.role == DRAFT:
-            kwargs["draft_vocab"] = s.draft_vocab
-        return load_session(spec.model, **kwargs)
+        return load_session(spec.model, **kwargs, **extra)
 
     def _check(self) -> None:
         if self.error:
@@ -482,7 +480,7 @@ class DraftActor(_DeviceActor):
         from ..engine.modes import draft_proposer
         from ..engine.warmup import warm_up
 
-        self.session = self._session(cfg, spec)
+        self.session = self._session(cfg, spec, draft_vocab=cfg.spd.draft_vocab)
         warm_up(self.session, cfg.spd.full_batch_size, 2, last_only=True)  # a draft's calls: 1 or 2 tokens a row
         # with spd.overlap_draft the draft actor drafts the next window while the target verifies
         self.server = DraftServer(draft_proposer(cfg.spd, self.session))
