@@ -20,11 +20,21 @@ import numpy as np
 import torch
 
 
+def rows_linear(lm_head: torch.nn.Linear, rows) -> torch.nn.Sequential:
+    """``lm_head`` over some of its rows (a slice: a view of its weight, no copy; an index tensor:
+    those rows gathered) as a linear of its own, inside a Sequential so that the CPU kernels,
+    which swap the linears *under* a module, reach it (a bare nn.Linear keeps PyTorch's)."""
+    weight = lm_head.weight.detach()[rows]
+    lm = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lm.weight = torch.nn.Parameter(weight, requires_grad=False)
+    bias = getattr(lm_head, "bias", None)
+    lm.bias = None if bias is None else torch.nn.Parameter(bias.detach()[rows], requires_grad=False)
+    return torch.nn.Sequential(lm).eval()
+
+
 class Readout:
     """The readout of ``lm_head`` (an ``nn.Linear`` over the whole vocabulary) restricted to ids
-    ``< size`` plus each slot's fed ids. ``head`` is its own linear over the first ``size`` rows,
-    inside a Sequential so that the session's CPU kernels, which swap the linears under a module,
-    reach it."""
+    ``< size`` plus each slot's fed ids. ``head``: the first ``size`` rows (``rows_linear``)."""
 
     def __init__(self, lm_head: torch.nn.Linear, size: int, slots: int, always=()):
         vocab = int(lm_head.weight.shape[0])
@@ -33,13 +43,7 @@ class Readout:
         self.size, self.vocab = min(size, vocab), vocab
         self.weight = lm_head.weight  # [V, D]: the rows fed ids above ``size`` are read from
         self.bias = getattr(lm_head, "bias", None)
-        head = torch.nn.Linear(lm_head.in_features, self.size, bias=self.bias is not None)
-        with torch.no_grad():
-            head = head.to(device=self.weight.device, dtype=self.weight.dtype)
-            head.weight.copy_(self.weight[: self.size])
-            if self.bias is not None:
-                head.bias.copy_(self.bias[: self.size])
-        self.head = torch.nn.Sequential(head).eval()
+        self.head = rows_linear(lm_head, slice(0, self.size))
         always = np.unique(np.asarray(list(always), dtype=np.int64))
         self.always = always[(always >= self.size) & (always < vocab)]
         self.ids = [np.zeros(0, dtype=np.int64) for _ in range(slots)]  # per slot, sorted, each >= size

@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache
 from .base import SessionInputError, check_inputs, keep_index, verified_column
 from . import bf16, packed
 from .heads import TurboHeads
-from .readout import Readout
+from .readout import Readout, rows_linear
 
 
 def use_cpu_kernels(model, *extra, keep_weights: bool = False) -> str | None:
@@ -209,14 +209,7 @@ class TorchSession:
         vocab = self.heads.vocab
         if vocab.numel() == 0 or int(vocab.min()) < 0 or int(vocab.max()) >= self.vocab_size:
             raise ValueError(f"projection heads: head_vocab has ids outside the model's vocabulary 0..{self.vocab_size - 1}")
-        head = self.model.get_output_embeddings()
-        lm = torch.nn.Linear(head.in_features, vocab.numel(), bias=getattr(head, "bias", None) is not None)
-        with torch.no_grad():
-            lm = lm.to(device=self.device, dtype=head.weight.dtype)
-            lm.weight.copy_(head.weight[vocab.to(self.device)])
-            if lm.bias is not None:
-                lm.bias.copy_(head.bias[vocab.to(self.device)])
-        return torch.nn.Sequential(lm).eval(), vocab.numpy()
+        return rows_linear(self.model.get_output_embeddings(), vocab.to(self.device)), vocab.numpy()
 
     def _mask(self, positions: torch.Tensor, kv_len: int):
         if positions.shape[1] == 1 and bool((positions[:, 0] == kv_len - 1).all()) and (
