@@ -303,6 +303,42 @@ def test_a_session_computes_the_same_logits_on_either_tiles():
     assert out and all(np.array_equal(a, b) for got in out.values() for a, b in zip(got, out["avx2"]))
 
 
+def test_a_prefill_takes_pytorchs_linears_where_the_tiles_are_avx512_bf16(monkeypatch):
+    """A prefill chunk (one logit kept, wider than row-wise attention's rows) on AVX512-BF16 tiles
+    computes what the model without the kernel computes, bit for bit, and calls the kernel not
+    once; on AVX2 tiles, and for a verify (every logit kept) or a chunk of 16 on either, the
+    kernel computes it."""
+    model = tiny_model("qwen2", hidden=128).to(torch.bfloat16)
+    plain = TorchSession(copy.deepcopy(model), 1, 64)
+    s = TorchSession(copy.deepcopy(model), 1, 64, pack=True)
+    toks = np.random.default_rng(2).integers(3, VOCAB, size=40)
+    calls = []
+    kernel = bf16.linear
+    monkeypatch.setattr(bf16, "linear", lambda *a: calls.append(1) or kernel(*a))
+
+    def kernel_calls(session, part, p0, keep):
+        calls.clear()
+        logits = run(session, part, p0, keep)
+        return len(calls), logits
+
+    expected = run(plain, toks[:30], 0, 1)
+    default = bf16.isa()
+    try:
+        for isa in bf16.isas():
+            bf16.set_isa(isa)
+            s.cache.reset()
+            n, logits = kernel_calls(s, toks[:30], 0, 1)
+            assert (n == 0) is (isa == "avx512-bf16")
+            if isa == "avx512-bf16":
+                assert np.array_equal(logits, expected)
+            assert kernel_calls(s, toks[30:40], 30, 1)[0] > 0  # 10 wide: the kernel
+            s.cache.reset()
+            assert kernel_calls(s, toks[:16], 0, 1)[0] > 0
+            assert kernel_calls(s, toks[16:36], 16, 20)[0] > 0  # a verify of 20
+    finally:
+        bf16.set_isa(default)
+
+
 def test_bfloat16_speculation_returns_the_baseline_tokens():
     from spd_cluster.engine import SpDEngine, SpDSettings
     from spd_cluster.sessions.heads import TurboHeads

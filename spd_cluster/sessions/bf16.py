@@ -26,7 +26,15 @@ Two sets of tiles compute the same sums, picked at run time by the CPU (``isa()`
   the AVX2 kernel's bit for bit, except where an input, a product or a partial sum is subnormal
   (below 2^-126, which ``vdpbf16ps`` flushes to zero). Float32 activations keep the AVX2 tiles.
 
-The choice is made once per process, never per call, so a decode step and a verify on one machine
+A prefill needs neither: no decode step has to match its bits, and its calls are wide, where a
+kernel that reads each weight once per 8 rows is compute-bound and oneDNN's blocked GEMM is not.
+Where the tiles are AVX512-BF16 (the CPU has native bfloat16, which oneDNN uses too), a session's
+prefill calls run inside ``library_linears()``, and the Bf16Linear modules take PyTorch's own
+``F.linear`` there (about half the kernel's prefill time on Qwen2.5-Coder-1.5B,
+docs/cpu-kernel.md). On AVX2 tiles they keep the kernel: PyTorch's bfloat16 GEMM without native
+bfloat16 costs three times as much.
+
+The choice of tiles is made once per process, never per call, so a decode step and a verify on one machine
 always run the same instructions; ``SPD_BF16_ISA=avx2`` in the environment (or ``set_isa``) keeps
 the AVX2 tiles. The AVX512 tiles are compiled with target attributes, not ``-mavx512*``, so the
 extension builds and loads on AVX2-only CPUs too.
@@ -42,14 +50,18 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 KERNELS = Path(__file__).resolve().parent / "kernels"
 SOURCES = ("bf16_linear.cpp", "bf16_linear.h", "bf16_avx512.h", "attention.h")
 _ext, _error = None, None
+_library = ContextVar("spd_bf16_library_linears", default=False)
 
 
 def kernel_runs() -> bool:
@@ -105,6 +117,23 @@ def isas() -> list[str]:
         ext.set_isa(now)
 
 
+def library_prefill() -> bool:
+    """Whether prefill calls take PyTorch's own linears in this process (``library_linears``):
+    where its tiles are AVX512-BF16."""
+    return isa() == "avx512-bf16"
+
+
+@contextmanager
+def library_linears(on: bool = True):
+    """Within the block (this thread or task only), Bf16Linear modules compute with PyTorch's
+    ``F.linear`` instead of the kernel: for calls whose bits no other call has to reproduce."""
+    token = _library.set(on)
+    try:
+        yield
+    finally:
+        _library.reset(token)
+
+
 def available(model: nn.Module) -> bool:
     """True when this model's linears can run on the kernel: bfloat16 weights on an AVX2 CPU, and
     the extension builds."""
@@ -133,8 +162,11 @@ class Bf16Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self._bias = None if linear.bias is None else linear.bias.detach()  # PyTorch's linear: the weight's dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _library.get() and x.dtype == self.weight.dtype:
+            return F.linear(x, self.weight.detach(), self._bias)
         return linear(x, self.weight.detach(), self.bias)
 
     def extra_repr(self) -> str:

@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .base import SessionInputError, check_inputs, keep_index, verified_column
-from . import bf16, packed
+from . import bf16, packed, rowwise
 from .heads import TurboHeads
 from .readout import Readout, rows_linear
 
@@ -43,8 +43,6 @@ def use_cpu_kernels(model, *extra, keep_weights: bool = False) -> str | None:
         if model.config._attn_implementation == "sdpa":
             # with batch-invariant linears, row-wise attention makes a verify compute what
             # one-token decode steps would, bit for bit (sessions/rowwise.py)
-            from . import rowwise
-
             model.set_attn_implementation(rowwise.NAME)
         return "avx2-bf16"
     return None
@@ -233,6 +231,19 @@ class TorchSession:
         if valid_cols.size == 0:
             raise SessionInputError("every position is padding (-1): nothing to run")
         width = int(valid_cols[-1]) + 1  # trailing all-padding columns cost nothing
+        with bf16.library_linears(self._prefill_on_library(x, width)):
+            return self._forward(x, width)
+
+    def _prefill_on_library(self, x, width: int) -> bool:
+        """A prefill chunk (one logit kept per row, wider than any call row-wise attention computes
+        row by row) on the bfloat16 kernel, where prefills take PyTorch's own linears
+        (``bf16.library_prefill``): no decode step has to reproduce its bits, and oneDNN's GEMM
+        with native bfloat16 computes wide calls at about twice the kernel's speed. A verify keeps
+        every position's logits, so it stays on the kernel at any width."""
+        return (self.packed == "avx2-bf16" and x.num_logits == 1 and width > rowwise.MAX_ROWS
+                and bf16.library_prefill())
+
+    def _forward(self, x, width: int) -> dict[str, np.ndarray]:
         kept = keep_index(x.position_ids, x.num_logits).clip(max=width - 1)
         ids = torch.from_numpy(np.ascontiguousarray(x.input_ids[:, :width])).to(self.device)
         pos = torch.from_numpy(np.ascontiguousarray(x.position_ids[:, :width])).to(self.device)
