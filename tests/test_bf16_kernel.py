@@ -352,16 +352,17 @@ def test_bfloat16_speculation_returns_the_baseline_tokens():
     prompts = [g.integers(3, VOCAB, size=n).tolist() for n in (70, 90, 40)]
     prompts.append(prompts[0][:30] * 3)  # repetitive: prompt lookup proposes often
     out = {}
-    for mode in ("baseline", "pld", "multiproj"):
+    for mode in ("baseline", "pld", "multiproj", "draft"):
         settings = SpDSettings(num_speculative_tokens=3, prefill_seq_len=32, ctx_len=256, max_new_tokens=40,
                                full_batch_size=2, ignore_eos=True, adaptive_k=False)  # every proposal verified
         session = TorchSession(copy.deepcopy(model), 2, 256, heads=copy.deepcopy(heads) if mode == "multiproj" else None,
                                pack=True)
-        info = SpDEngine(mode, session, None, settings).generate(prompts)
+        draft = TorchSession(copy.deepcopy(model), 2, 256, pack=True) if mode == "draft" else None  # the target itself
+        info = SpDEngine(mode, session, None, settings, draft=draft).generate(prompts)
         out[mode] = [g.tolist() for g in info.generated_ids]
         if mode != "baseline":
             assert info.perf_metrics.mean_num_accepted_tokens > 1.0  # it did speculate
-    assert out["pld"] == out["baseline"] and out["multiproj"] == out["baseline"]
+    assert out["pld"] == out["baseline"] and out["multiproj"] == out["baseline"] and out["draft"] == out["baseline"]
 
 
 def test_tied_weights_stay_shared_and_load_session_switch(tmp_path):

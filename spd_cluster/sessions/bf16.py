@@ -26,13 +26,13 @@ Two sets of tiles compute the same sums, picked at run time by the CPU (``isa()`
   the AVX2 kernel's bit for bit, except where an input, a product or a partial sum is subnormal
   (below 2^-126, which ``vdpbf16ps`` flushes to zero). Float32 activations keep the AVX2 tiles.
 
-A prefill needs neither: no decode step has to match its bits, and its calls are wide, where a
-kernel that reads each weight once per 8 rows is compute-bound and oneDNN's blocked GEMM is not.
+A prefill needs neither batch invariance nor few-row speed: no decode step has to match its
+bits, and its calls are wide, where a kernel that reads each weight once per 8 rows is
+compute-bound and oneDNN's blocked GEMM is not.
 Where the tiles are AVX512-BF16 (the CPU has native bfloat16, which oneDNN uses too), a session's
 prefill calls run inside ``library_linears()``, and the Bf16Linear modules take PyTorch's own
-``F.linear`` there (about half the kernel's prefill time on Qwen2.5-Coder-1.5B,
-docs/cpu-kernel.md). On AVX2 tiles they keep the kernel: PyTorch's bfloat16 GEMM without native
-bfloat16 costs three times as much.
+``F.linear`` there (docs/cpu-kernel.md, "Prefill"). On AVX2 tiles they keep the kernel:
+PyTorch's bfloat16 GEMM without native bfloat16 is slower than the tiles even at a prefill's width.
 
 The choice of tiles is made once per process, never per call, so a decode step and a verify on one machine
 always run the same instructions; ``SPD_BF16_ISA=avx2`` in the environment (or ``set_isa``) keeps

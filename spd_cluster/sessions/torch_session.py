@@ -237,8 +237,8 @@ class TorchSession:
     def _prefill_on_library(self, x, width: int) -> bool:
         """A prefill chunk (one logit kept per row, wider than any call row-wise attention computes
         row by row) on the bfloat16 kernel, where prefills take PyTorch's own linears
-        (``bf16.library_prefill``): no decode step has to reproduce its bits, and oneDNN's GEMM
-        with native bfloat16 computes wide calls at about twice the kernel's speed. A verify keeps
+        (``bf16.library_prefill``): no decode step has to reproduce its bits, and oneDNN's blocked GEMM
+        with native bfloat16 computes wide calls faster than the kernel. A verify keeps
         every position's logits, so it stays on the kernel at any width."""
         return (self.packed == "avx2-bf16" and x.num_logits == 1 and width > rowwise.MAX_ROWS
                 and bf16.library_prefill())
